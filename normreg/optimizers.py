@@ -1,0 +1,141 @@
+"""Ready-made optimizers for normalized networks, in the style of ``optax.adamw``.
+
+- :func:`sgd_l2`: the paper's baseline, SGD (with heavy-ball momentum) on the
+  data loss plus the coupled penalty ``lam * ||w||^2`` on the scale-invariant
+  weights.
+- :func:`spherical_sgd`, :func:`spherical_adam`: the paper's fix. The grouped
+  weights are kept at unit norm per unit (or per tensor), so the effective
+  learning rate is the learning rate itself and ``lam`` is gone.
+
+In all three, parameters outside the groups (norm scales and shifts, biases,
+the last layer) get the plain base optimizer, unregularized, as in the paper.
+Every learning rate may be a float or an optax schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import optax
+
+from normreg import _checks
+from normreg import groups as groups_lib
+from normreg import penalty
+from normreg import rescale
+from normreg import sphere
+
+
+def _check_lr(learning_rate: Any, caller: str) -> None:
+  _checks.positive("learning_rate", learning_rate, caller)
+
+
+def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib.GroupsOrFn,
+           momentum: float = 0.0, nesterov: bool = False) -> optax.GradientTransformationExtraArgs:
+  """SGD with coupled L2 on the scale-invariant weights (the paper's baseline).
+
+  .. math::
+
+    g_i = \\nabla_{w_i} L + 2 \\lambda w_i \\ (\\text{grouped } w_i), \\quad
+    m \\leftarrow \\mu m + g, \\quad w \\leftarrow w - \\eta m,
+
+  with ``lam`` the coefficient of the penalty ``lam * ||w||^2`` (gradient
+  ``2 lam w``), ``mu`` the momentum and ``eta`` the learning rate. At
+  equilibrium each unit turns by about ``sqrt(4 eta lam / (1 + mu))`` radians
+  per step (:mod:`normreg.metrics`, DESIGN.md sec. 1).
+
+  Chain: ``add_l2_penalty`` (grouped leaves only), then ``optax.sgd``.
+
+  Args:
+    learning_rate: ``eta > 0``, float or schedule.
+    lam: penalty coefficient ``>= 0``.
+    groups: groups pytree, or a callable ``params -> groups``.
+    momentum: heavy-ball momentum ``mu`` (0 for plain SGD).
+    nesterov: Nesterov momentum.
+
+  Example:
+
+    >>> import jax.numpy as jnp, normreg
+    >>> params = {"kernel": jnp.ones((3, 2)), "scale": jnp.ones(2)}
+    >>> tx = normreg.sgd_l2(0.1, 5e-4, {"kernel": normreg.UNIT, "scale": None}, momentum=0.9)
+    >>> state = tx.init(params)
+
+  References:
+    van Laarhoven, 2017 (arXiv 1706.05350).
+  """
+  _check_lr(learning_rate, "sgd_l2")
+  return optax.chain(
+      penalty.add_l2_penalty(lam, groups),
+      optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
+  )
+
+
+def spherical_sgd(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
+                  momentum: float = 0.0, nesterov: bool = False
+                  ) -> optax.GradientTransformationExtraArgs:
+  """SGD on the unit sphere for the grouped weights; plain SGD for the rest.
+
+  Per grouped unit ``w`` (``||w|| = 1`` after the first step):
+
+  .. math::
+
+    g = \\|w\\|\\, \\nabla L(w) = \\nabla L(w / \\|w\\|), \\quad
+    m \\leftarrow \\mu m + g, \\quad
+    w \\leftarrow \\frac{\\hat w - \\eta m}{\\|\\hat w - \\eta m\\|},
+    \\quad \\hat w = \\frac{w}{\\|w\\|}.
+
+  The effective learning rate of every grouped unit is ``eta`` itself. The
+  first two factors make training exactly independent of the initial scale of
+  the grouped weights, momentum included: the gradient, the momentum buffer
+  and the point stepped from are those at ``w/||w||`` from the very first step
+  (a naive ``chain(sgd, project)`` would take its first step from ``a w`` with
+  gradient ``grad L(w)/a``).
+
+  Chain: ``scale_by_weight_norm(power=1)`` (gradient at ``w/||w||``),
+  ``optax.trace`` (momentum), ``optax.scale_by_learning_rate``,
+  ``project_to_sphere(radius=1)`` (last).
+
+  Args:
+    learning_rate: ``eta > 0``, float or schedule.
+    groups: groups pytree, or a callable ``params -> groups``.
+    momentum: heavy-ball momentum ``mu``.
+    nesterov: Nesterov momentum.
+
+  References:
+    van Laarhoven, 2017 (arXiv 1706.05350), sec. 4.
+  """
+  _check_lr(learning_rate, "spherical_sgd")
+  return optax.chain(
+      rescale.scale_by_weight_norm(groups, power=1),
+      optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
+      optax.scale_by_learning_rate(learning_rate),
+      sphere.project_to_sphere(groups, radius=1.0),
+  )
+
+
+def spherical_adam(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   eps_root: float = 0.0, mu_dtype: Optional[Any] = None
+                   ) -> optax.GradientTransformationExtraArgs:
+  """Adam on the unit sphere for the grouped weights; plain Adam for the rest.
+
+  As :func:`spherical_sgd`, with ``optax.scale_by_adam`` in place of the
+  momentum: the moments are built from ``grad L(w/||w||)``, the step is taken
+  from ``w/||w||`` and the result is projected back to ``||w|| = 1``. The
+  effective learning rate (step of the direction) is ``eta``, whereas with
+  plain Adam it is ``eta/||w||`` (van Laarhoven 2017, sec. 3.3).
+
+  Args:
+    learning_rate: ``eta > 0``, float or schedule.
+    groups: groups pytree, or a callable ``params -> groups``.
+    b1, b2, eps, eps_root, mu_dtype: as in ``optax.adam``.
+
+  References:
+    van Laarhoven, 2017; Kingma & Ba, 2015; Heo et al., *AdamP*, 2021.
+  """
+  _check_lr(learning_rate, "spherical_adam")
+  return optax.chain(
+      rescale.scale_by_weight_norm(groups, power=1),
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+      optax.scale_by_learning_rate(learning_rate),
+      sphere.project_to_sphere(groups, radius=1.0),
+  )
