@@ -32,3 +32,9 @@ def positive(name: str, value: Any, caller: str) -> None:
   v = concrete(value)
   if v is not None and not v > 0:
     raise ValueError(f"{caller}: {name} must be > 0, got {value!r}.")
+
+
+def require_params(params: Any, caller: str) -> None:
+  if params is None:
+    raise ValueError(f"{caller} needs the current params: call "
+                     "tx.update(updates, state, params).")

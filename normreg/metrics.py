@@ -38,7 +38,7 @@ _TINY = 1e-30
 
 def compute_dtype(dtype: Any) -> Any:
   """float32 for low-precision params (bf16, f16): norms are summed in float32."""
-  return jnp.promote_types(dtype, jnp.float32)
+  return jnp.dtype(dtype) if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
 def group_norm(group: groups_lib.Invariance, x: jax.Array, keepdims: bool = True) -> jax.Array:

@@ -29,6 +29,13 @@ def _check_lr(learning_rate: Any, caller: str) -> None:
   _checks.positive("learning_rate", learning_rate, caller)
 
 
+def _momentum(momentum: Any, nesterov: bool) -> optax.GradientTransformation:
+  """``optax.trace``, or nothing for a literal 0 (an injected array keeps the trace)."""
+  if isinstance(momentum, (int, float)) and momentum == 0:
+    return optax.identity()
+  return optax.trace(decay=momentum, nesterov=nesterov)
+
+
 def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib.GroupsOrFn,
            momentum: float = 0.0, nesterov: bool = False) -> optax.GradientTransformationExtraArgs:
   """SGD with coupled L2 on the scale-invariant weights (the paper's baseline).
@@ -43,7 +50,8 @@ def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib
   equilibrium each unit turns by about ``sqrt(4 eta lam / (1 + mu))`` radians
   per step (:mod:`normreg.metrics`, DESIGN.md sec. 1).
 
-  Chain: ``add_l2_penalty`` (grouped leaves only), then ``optax.sgd``.
+  Chain: ``add_l2_penalty`` (grouped leaves only), ``optax.trace`` (momentum),
+  ``optax.scale_by_learning_rate``: ``optax.sgd`` with the penalty in front.
 
   Args:
     learning_rate: ``eta > 0``, float or schedule.
@@ -65,7 +73,8 @@ def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib
   _check_lr(learning_rate, "sgd_l2")
   return optax.chain(
       penalty.add_l2_penalty(lam, groups),
-      optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
+      _momentum(momentum, nesterov),
+      optax.scale_by_learning_rate(learning_rate),
   )
 
 
@@ -106,7 +115,7 @@ def spherical_sgd(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Grou
   _check_lr(learning_rate, "spherical_sgd")
   return optax.chain(
       rescale.scale_by_weight_norm(groups, power=1),
-      optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
+      _momentum(momentum, nesterov),
       optax.scale_by_learning_rate(learning_rate),
       sphere.project_to_sphere(groups, radius=1.0),
   )

@@ -75,8 +75,7 @@ def add_l2_penalty(lam: Any, groups: groups_lib.GroupsOrFn) -> optax.GradientTra
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+    _checks.require_params(params, "add_l2_penalty")
     g = groups_lib.resolve(groups, params, "add_l2_penalty")
     updates = groups_lib.map_grouped(
         lambda _, u, w: u + jnp.asarray(2 * lam, u.dtype) * w.astype(u.dtype), g, updates, params)

@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
+from normreg import _checks
 from normreg import groups as groups_lib
 from normreg import metrics
 
@@ -69,8 +70,7 @@ def scale_by_weight_norm(groups: groups_lib.GroupsOrFn,
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+    _checks.require_params(params, "scale_by_weight_norm")
     g = groups_lib.resolve(groups, params, "scale_by_weight_norm")
 
     def rescale(group, u, w):

@@ -98,8 +98,7 @@ def project_to_sphere(groups: groups_lib.GroupsOrFn,
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+    _checks.require_params(params, "project_to_sphere")
     g = groups_lib.resolve(groups, params, "project_to_sphere")
 
     def project(group, u, w, r):
@@ -155,8 +154,7 @@ def tangent_projection(groups: groups_lib.GroupsOrFn) -> optax.GradientTransform
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+    _checks.require_params(params, "tangent_projection")
     g = groups_lib.resolve(groups, params, "tangent_projection")
 
     def tangent(group, u, w):

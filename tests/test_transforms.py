@@ -1,0 +1,386 @@
+"""The transforms against independent references, and their invariances."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import normreg
+import toy
+
+KEY = jax.random.key(0)
+
+
+def _np_unit_norm(w, group):
+  w = np.asarray(w, np.float64)
+  axes = tuple(range(w.ndim - 1)) if group is normreg.UNIT else tuple(range(w.ndim))
+  return np.sqrt(np.sum(w ** 2, axis=axes, keepdims=True))
+
+
+def _run(tx, params, steps, key=KEY, loss=toy.loss):
+  """Trains ``steps`` steps with a jitted step; returns the params after each."""
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads = jax.grad(loss)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  history = []
+  for k in jax.random.split(key, steps):
+    params, state = step(params, state, *toy.batch(k))
+    history.append(params)
+  return history
+
+
+# ----------------------------------------------------------------- add_l2_penalty
+
+
+def test_add_l2_penalty_matches_hand_written_gradient():
+  params = toy.init(KEY)
+  x, y = toy.batch(KEY)
+  lam = 3e-3
+
+  def penalized(p):  # L + lam * ||w||^2 on w1 and w2 only, written out by hand.
+    return toy.loss(p, x, y) + lam * (jnp.sum(p["w1"] ** 2) + jnp.sum(p["w2"] ** 2))
+
+  tx = normreg.add_l2_penalty(lam, toy.GROUPS)
+  updates, _ = jax.jit(tx.update)(jax.grad(toy.loss)(params, x, y), tx.init(params), params)
+  chex.assert_trees_all_close(updates, jax.grad(penalized)(params), rtol=1e-6, atol=1e-7)
+  # BN scale/bias and the head are untouched: exactly the data gradient.
+  grads = jax.grad(toy.loss)(params, x, y)
+  chex.assert_trees_all_equal(updates["bn"], grads["bn"])
+  chex.assert_trees_all_equal(updates["head"], grads["head"])
+
+
+def test_sgd_l2_equals_sgd_on_penalized_loss():
+  params = toy.init(KEY)
+  lam, lr, mu = 1e-2, 0.1, 0.9
+
+  def penalized(p, x, y):
+    return toy.loss(p, x, y) + lam * (jnp.sum(p["w1"] ** 2) + jnp.sum(p["w2"] ** 2))
+
+  ours = _run(normreg.sgd_l2(lr, lam, toy.GROUPS, momentum=mu), params, 5)
+  ref = _run(optax.sgd(lr, momentum=mu), params, 5, loss=penalized)
+  chex.assert_trees_all_close(ours[-1], ref[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_decoupled_weight_decay_is_optax_with_our_mask():
+  # Documented relation: add_decayed_weights(wd) before SGD == coupled L2 with lam = wd/2.
+  params = toy.init(KEY)
+  wd = 4e-3
+  decoupled = optax.chain(
+      optax.add_decayed_weights(wd, mask=normreg.as_mask(toy.GROUPS)), optax.sgd(0.1))
+  coupled = normreg.sgd_l2(0.1, wd / 2, toy.GROUPS)
+  chex.assert_trees_all_close(_run(decoupled, params, 3)[-1], _run(coupled, params, 3)[-1],
+                              rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------- invariance
+
+
+SPHERICAL = {
+    "sgd": lambda: normreg.spherical_sgd(0.2, toy.GROUPS),
+    "sgd_momentum": lambda: normreg.spherical_sgd(0.2, toy.GROUPS, momentum=0.9),
+    "sgd_nesterov": lambda: normreg.spherical_sgd(0.2, toy.GROUPS, momentum=0.9, nesterov=True),
+    "adam": lambda: normreg.spherical_adam(0.01, toy.GROUPS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPHERICAL))
+def test_spherical_trajectory_is_independent_of_initial_scale(name):
+  params = toy.init(KEY)
+  a = jnp.array([0.3, 2.0, 7.0, 1.0, 0.05, 11.0])  # a different factor per unit
+  tx = SPHERICAL[name]()
+  base = _run(tx, params, 10)
+  scaled = _run(tx, toy.scale_grouped(params, a), 10)
+  x, _ = toy.batch(jax.random.key(1))
+  for p, q in zip(base, scaled):
+    chex.assert_trees_all_close(toy.apply(p, x), toy.apply(q, x), rtol=2e-4, atol=2e-5)
+  # The first step already agrees: the point stepped from is w/||w||.
+  chex.assert_trees_all_close(base[0]["w1"], scaled[0]["w1"], rtol=2e-5, atol=2e-6)
+
+
+def test_naive_chain_is_not_scale_invariant():
+  """The reason spherical_sgd is built as it is: sgd -> project alone is not."""
+  params = toy.init(KEY)
+  a = jnp.full((toy.HIDDEN,), 5.0)
+  naive = optax.chain(optax.sgd(0.2, momentum=0.9), normreg.project_to_sphere(toy.GROUPS))
+  base = _run(naive, params, 3)[-1]
+  scaled = _run(naive, toy.scale_grouped(params, a), 3)[-1]
+  assert not np.allclose(base["w1"], scaled["w1"], atol=1e-3)
+
+
+@pytest.mark.parametrize("make", ["spherical_sgd", "spherical_adam"])
+def test_spherical_keeps_unit_norm(make):
+  params = toy.init(KEY)
+  tx = getattr(normreg, make)(0.3, toy.GROUPS)
+  for p in _run(tx, params, 25)[::6]:
+    norms = normreg.unit_norms(p, toy.GROUPS)
+    np.testing.assert_allclose(norms["w1"], 1.0, atol=1e-5)
+    np.testing.assert_allclose(norms["w2"], 1.0, atol=1e-5)
+    assert norms["bn"]["scale"] is None
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_scale_by_weight_norm_makes_sgd_scale_equivariant(momentum):
+  params = toy.init(KEY)
+  a = 2.5
+  tx = optax.chain(normreg.scale_by_weight_norm(toy.GROUPS, power=2),
+                   optax.sgd(0.05, momentum=momentum or None))
+  base = _run(tx, params, 8)
+  scaled = _run(tx, toy.scale_grouped(params, jnp.full((toy.HIDDEN,), a)), 8)
+  for p, q in zip(base, scaled):
+    np.testing.assert_allclose(q["w1"], a * p["w1"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(q["w2"], a * p["w2"], rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(q["head"], p["head"], rtol=1e-4, atol=1e-5)
+
+
+def test_plain_sgd_is_not_scale_equivariant():
+  params = toy.init(KEY)
+  base = _run(optax.sgd(0.05), params, 3)[-1]
+  scaled = _run(optax.sgd(0.05), toy.scale_grouped(params, jnp.full((toy.HIDDEN,), 2.5)), 3)[-1]
+  assert not np.allclose(scaled["w1"], 2.5 * base["w1"], rtol=1e-3)
+
+
+# ------------------------------------------------------------ the single transforms
+
+
+def test_scale_by_weight_norm_against_numpy():
+  params = toy.init(KEY)
+  updates = jax.tree.map(jnp.ones_like, params)
+  tx = normreg.scale_by_weight_norm(toy.GROUPS, power=1.5)
+  out, _ = tx.update(updates, tx.init(params), params)
+  np.testing.assert_allclose(out["w1"], np.broadcast_to(
+      _np_unit_norm(params["w1"], normreg.UNIT) ** 1.5, (toy.IN, toy.HIDDEN)), rtol=1e-5)
+  np.testing.assert_allclose(out["w2"], np.full(
+      (toy.HIDDEN, toy.HIDDEN), _np_unit_norm(params["w2"], normreg.TENSOR).item() ** 1.5),
+                             rtol=1e-5)
+  chex.assert_trees_all_equal(out["head"], updates["head"])
+
+
+def test_tangent_projection_removes_radial_part():
+  params = toy.init(KEY)
+  updates = jax.tree.map(lambda x: jax.random.normal(KEY, x.shape), params)
+  tx = normreg.tangent_projection(toy.GROUPS)
+  out, _ = jax.jit(tx.update)(updates, tx.init(params), params)
+  w, u = np.asarray(params["w1"], np.float64), np.asarray(updates["w1"], np.float64)
+  expected = u - np.sum(u * w, 0) / np.sum(w * w, 0) * w
+  np.testing.assert_allclose(out["w1"], expected, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.sum(np.asarray(out["w1"]) * w, 0), 0.0, atol=1e-5)
+  assert abs(float(jnp.vdot(out["w2"], params["w2"]))) < 1e-4
+  chex.assert_trees_all_equal(out["bn"], updates["bn"])
+
+
+def test_project_to_sphere_radius_and_init():
+  params = toy.init(KEY)
+  updates = jax.tree.map(lambda x: 0.1 * jax.random.normal(KEY, x.shape), params)
+  for radius in (0.5, 3.0):
+    tx = normreg.project_to_sphere(toy.GROUPS, radius=radius)
+    new = optax.apply_updates(params, tx.update(updates, tx.init(params), params)[0])
+    np.testing.assert_allclose(normreg.unit_norms(new, toy.GROUPS)["w1"], radius, rtol=1e-5)
+    chex.assert_trees_all_close(new["head"], optax.apply_updates(params, updates)["head"])
+  tx = normreg.project_to_sphere(toy.GROUPS, radius="init")
+  state = tx.init(params)
+  new = optax.apply_updates(params, tx.update(updates, state, params)[0])
+  chex.assert_trees_all_close(normreg.unit_norms(new, toy.GROUPS),
+                              normreg.unit_norms(params, toy.GROUPS), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def test_metrics_against_numpy():
+  before = toy.init(KEY)
+  after = toy.init(jax.random.key(1))
+  norms = jax.jit(lambda p: normreg.unit_norms(p, toy.GROUPS))(before)
+  np.testing.assert_allclose(norms["w1"], _np_unit_norm(before["w1"], normreg.UNIT)[0],
+                             rtol=1e-6)
+  chex.assert_shape(norms["w1"], (toy.HIDDEN,))
+  chex.assert_shape(norms["w2"], ())
+  elr = normreg.effective_learning_rate(0.1, before, toy.GROUPS, power=2)
+  np.testing.assert_allclose(elr["w1"], 0.1 / np.asarray(norms["w1"]) ** 2, rtol=1e-6)
+  angles = jax.jit(lambda a, b: normreg.angular_update(a, b, toy.GROUPS))(before, after)
+  a, b = np.asarray(before["w1"], np.float64), np.asarray(after["w1"], np.float64)
+  cos = np.sum(a * b, 0) / np.linalg.norm(a, axis=0) / np.linalg.norm(b, axis=0)
+  np.testing.assert_allclose(angles["w1"], np.arccos(cos), rtol=1e-5)
+  assert angles["head"]["kernel"] is None
+
+
+def test_angular_update_is_accurate_for_tiny_angles():
+  w = jnp.array([[1.0], [0.0]])
+  theta = 1e-6
+  v = jnp.array([[np.cos(theta)], [np.sin(theta)]], jnp.float32)
+  got = normreg.angular_update({"w": w}, {"w": v}, {"w": normreg.UNIT})["w"]
+  np.testing.assert_allclose(got, [theta], rtol=1e-3)
+
+
+# ----------------------------------------------------- jit, vmap, masks, dtypes
+
+
+ALL_TRANSFORMS = {
+    "add_l2_penalty": lambda g: normreg.add_l2_penalty(1e-3, g),
+    "scale_by_weight_norm": lambda g: normreg.scale_by_weight_norm(g),
+    "project_to_sphere": lambda g: normreg.project_to_sphere(g),
+    "project_to_sphere_init": lambda g: normreg.project_to_sphere(g, radius="init"),
+    "tangent_projection": lambda g: normreg.tangent_projection(g),
+    "sgd_l2": lambda g: normreg.sgd_l2(0.1, 1e-3, g, momentum=0.9),
+    "spherical_sgd": lambda g: normreg.spherical_sgd(0.1, g, momentum=0.9),
+    "spherical_adam": lambda g: normreg.spherical_adam(0.01, g),
+}
+
+
+OPTIMIZERS = ("sgd_l2", "spherical_sgd", "spherical_adam")
+
+
+def _grads(params):
+  return jax.grad(toy.loss)(params, *toy.batch(KEY))
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TRANSFORMS))
+def test_jit_matches_eager_and_traces_once(name):
+  params = toy.init(KEY)
+  tx = ALL_TRANSFORMS[name](toy.GROUPS)
+  state = tx.init(params)
+  eager, _ = tx.update(_grads(params), state, params)
+  chex.clear_trace_counter()
+  update = chex.assert_max_traces(tx.update, n=1)
+  jitted = jax.jit(update)
+  out, state2 = jitted(_grads(params), state, params)
+  jitted(_grads(params), state2, params)  # second call: no retrace
+  chex.assert_trees_all_close(out, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TRANSFORMS))
+def test_vmap_over_independent_copies(name):
+  keys = jax.random.split(KEY, 3)
+  params = jax.vmap(toy.init)(keys)
+  grads = jax.vmap(_grads)(params)
+  tx = ALL_TRANSFORMS[name](toy.GROUPS)
+  out, _ = jax.vmap(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
+  for i in range(3):
+    p_i = jax.tree.map(lambda x: x[i], params)
+    g_i = jax.tree.map(lambda x: x[i], grads)
+    expected, _ = tx.update(g_i, tx.init(p_i), p_i)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], out), expected,
+                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TRANSFORMS))
+def test_callable_groups_equal_pytree_groups(name):
+  params = toy.init(KEY)
+  a = ALL_TRANSFORMS[name](toy.GROUPS)
+  b = ALL_TRANSFORMS[name](lambda p: toy.GROUPS)
+  out_a, _ = a.update(_grads(params), a.init(params), params)
+  out_b, _ = b.update(_grads(params), b.init(params), params)
+  chex.assert_trees_all_equal(out_a, out_b)
+
+
+@pytest.mark.parametrize("name", ["add_l2_penalty", "scale_by_weight_norm", "project_to_sphere",
+                                  "tangent_projection"])
+def test_inside_optax_masked_with_masked_nodes(name):
+  params = toy.init(KEY)
+  mask = {"w1": True, "bn": {"scale": False, "bias": False}, "w2": False,
+          "head": {"kernel": True, "bias": False}}
+  tx = optax.masked(ALL_TRANSFORMS[name](toy.GROUPS), mask)
+  grads = _grads(params)
+  out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  full = ALL_TRANSFORMS[name](toy.GROUPS)
+  expected, _ = full.update(grads, full.init(params), params)
+  chex.assert_trees_all_close(out["w1"], expected["w1"], rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_equal(out["w2"], grads["w2"])  # masked out: untouched
+
+
+@pytest.mark.parametrize("name", ["add_l2_penalty", "scale_by_weight_norm", "project_to_sphere",
+                                  "tangent_projection"])
+def test_none_leaves_pass_through(name):
+  params = toy.init(KEY)
+  grads = _grads(params)
+  grads["w2"] = None
+  grads["head"]["bias"] = None
+  tx = ALL_TRANSFORMS[name](toy.GROUPS)
+  out, _ = tx.update(grads, tx.init(params), params)
+  assert out["w2"] is None and out["head"]["bias"] is None
+  assert out["w1"].shape == params["w1"].shape
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TRANSFORMS))
+def test_bf16_params_stay_bf16(name):
+  params = toy.init(KEY, dtype=jnp.bfloat16)
+  tx = ALL_TRANSFORMS[name](toy.GROUPS)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _grads(params))
+  # Our own transforms never promote silently; optax's (adam, schedules) may.
+  promotion = "standard" if name in OPTIMIZERS else "strict"
+  with jax.numpy_dtype_promotion(promotion):
+    updates, _ = jax.jit(tx.update)(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  for leaf in jax.tree.leaves(new):
+    assert leaf.dtype == jnp.bfloat16
+    assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
+
+
+def test_inject_hyperparams_schedules_lam_and_learning_rate():
+  params = toy.init(KEY)
+  lam = optax.linear_schedule(1e-2, 0.0, 4)
+  tx = optax.inject_hyperparams(normreg.add_l2_penalty)(lam=lam, groups=toy.GROUPS)
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  step = jax.jit(tx.update)
+  for expected_lam in (1e-2, 7.5e-3, 5e-3):
+    out, state = step(zeros, state, params)
+    np.testing.assert_allclose(out["w1"], 2 * expected_lam * params["w1"], rtol=1e-5)
+  sph = optax.inject_hyperparams(normreg.spherical_sgd)(
+      learning_rate=optax.cosine_decay_schedule(0.1, 10), groups=toy.GROUPS)
+  s = sph.init(params)
+  for _ in range(3):
+    _, s = jax.jit(sph.update)(_grads(params), s, params)
+  np.testing.assert_allclose(s.hyperparams["learning_rate"],
+                             optax.cosine_decay_schedule(0.1, 10)(2), rtol=1e-6)
+  proj = optax.inject_hyperparams(normreg.project_to_sphere)(groups=toy.GROUPS, radius=2.0)
+  new = optax.apply_updates(params, proj.update(zeros, proj.init(params), params)[0])
+  np.testing.assert_allclose(normreg.unit_norms(new, toy.GROUPS)["w1"], 2.0, rtol=1e-5)
+
+
+# -------------------------------------------------------------------------- errors
+
+
+def test_negative_lam_is_an_error():
+  with pytest.raises(ValueError, match="lam must be >= 0"):
+    normreg.add_l2_penalty(-1e-4, toy.GROUPS)
+  with pytest.raises(ValueError, match="lam"):
+    normreg.sgd_l2(0.1, -1.0, toy.GROUPS)
+
+
+@pytest.mark.parametrize("radius", [0.0, -1.0, "unit"])
+def test_bad_radius_is_an_error(radius):
+  with pytest.raises(ValueError, match="radius"):
+    normreg.project_to_sphere(toy.GROUPS, radius=radius)
+
+
+@pytest.mark.parametrize("make", [
+    lambda lr: normreg.sgd_l2(lr, 1e-4, toy.GROUPS),
+    lambda lr: normreg.spherical_sgd(lr, toy.GROUPS),
+    lambda lr: normreg.spherical_adam(lr, toy.GROUPS)])
+def test_non_positive_learning_rate_is_an_error(make):
+  with pytest.raises(ValueError, match="learning_rate must be > 0"):
+    make(0.0)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TRANSFORMS))
+def test_groups_of_wrong_structure_is_an_error(name):
+  params = toy.init(KEY)
+  bad = {"w1": normreg.UNIT, "w2": normreg.TENSOR}
+  tx = ALL_TRANSFORMS[name](bad)
+  with pytest.raises(ValueError, match="does not match the params"):
+    tx.update(_grads(params), tx.init(params), params)
+
+
+def test_missing_params_is_an_error():
+  tx = normreg.scale_by_weight_norm(toy.GROUPS)
+  params = toy.init(KEY)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(_grads(params), tx.init(params))
