@@ -99,7 +99,7 @@ def test_spherical_trajectory_is_independent_of_initial_scale(name):
   scaled = _run(tx, toy.scale_grouped(params, a), 10)
   x, _ = toy.batch(jax.random.key(1))
   for p, q in zip(base, scaled):
-    chex.assert_trees_all_close(toy.apply(p, x), toy.apply(q, x), rtol=2e-4, atol=2e-5)
+    chex.assert_trees_all_close(toy.apply(p, x), toy.apply(q, x), rtol=1e-3, atol=1e-4)
   # The first step already agrees: the point stepped from is w/||w||.
   chex.assert_trees_all_close(base[0]["w1"], scaled[0]["w1"], rtol=2e-5, atol=2e-6)
 
