@@ -1,0 +1,107 @@
+"""Groups from path rules, paths of Linen dicts and NNX State, masks."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+import normreg
+import toy
+
+
+class _Net(nnx.Module):
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.layers = nnx.List([nnx.Linear(4, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)])
+
+
+RULES = [
+    (r"conv/kernel", normreg.UNIT),
+    (r"layers/0/kernel", normreg.TENSOR),
+    (r".*", None),
+]
+
+
+def test_paths_of_nnx_state_and_linen_dict_agree():
+  _, params, _ = nnx.split(_Net(nnx.Rngs(0)), nnx.Param, ...)
+  expected = ["bn/bias", "bn/scale", "conv/kernel", "layers/0/bias", "layers/0/kernel",
+              "layers/1/bias", "layers/1/kernel"]
+  assert normreg.param_paths(params) == expected
+  linen_like = nnx.to_pure_dict(params)
+  assert normreg.param_paths(linen_like) == expected
+
+
+def test_rules_first_match_wins_on_nnx_state():
+  _, params, _ = nnx.split(_Net(nnx.Rngs(0)), nnx.Param, ...)
+  groups = normreg.groups_from_rules(params, RULES)
+  flat = dict(zip(normreg.param_paths(params), jax.tree.leaves(groups)))
+  # The State keeps Param nodes with None values, so compare via the summary.
+  lines = dict(line.split() for line in normreg.groups.summary(groups).splitlines())
+  assert lines == {"bn/bias": "-", "bn/scale": "-", "conv/kernel": "unit",
+                   "layers/0/bias": "-", "layers/0/kernel": "tensor",
+                   "layers/1/bias": "-", "layers/1/kernel": "-"}
+  assert set(flat.values()) == {normreg.UNIT, normreg.TENSOR}
+  # An earlier, broader rule shadows a later one, which then matches nothing:
+  # that is reported, not silently ignored.
+  with pytest.raises(ValueError, match=r"\['layers/0/kernel'\] match no parameter"):
+    normreg.groups_from_rules(
+        params, [(r".*kernel", normreg.UNIT), (r"layers/0/kernel", normreg.TENSOR), (".*", None)])
+
+
+def test_groups_from_rules_drive_a_transform_on_nnx_state():
+  _, params, _ = nnx.split(_Net(nnx.Rngs(0)), nnx.Param, ...)
+  groups = normreg.groups_from_rules(params, RULES)
+  tx = normreg.project_to_sphere(groups, radius=2.0)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  new = optax.apply_updates(params, tx.update(zeros, tx.init(params), params)[0])
+  norms = normreg.unit_norms(new, groups)
+  assert jnp.allclose(norms["conv"]["kernel"].get_value(), 2.0, rtol=1e-5)
+  assert jnp.allclose(new["bn"]["scale"].get_value(), params["bn"]["scale"].get_value())
+
+
+def test_rule_matching_nothing_is_an_error_naming_it():
+  with pytest.raises(ValueError, match=r"\['encoder/\.\*'\] match no parameter"):
+    normreg.groups_from_rules(toy.init(jax.random.key(0)),
+                              [("encoder/.*", normreg.UNIT), (".*", None)])
+
+
+def test_parameter_without_rule_is_an_error_naming_it():
+  with pytest.raises(ValueError, match=r"no rule covers parameter\(s\) \['bn/bias'"):
+    normreg.groups_from_rules(toy.init(jax.random.key(0)),
+                              [("w.*", normreg.UNIT), ("head/.*", None), ("bn/scale", None)])
+
+
+def test_fullmatch_not_search():
+  # "w" alone would match "w1" under re.search; fullmatch makes it match nothing.
+  with pytest.raises(ValueError, match="match no parameter"):
+    normreg.groups_from_rules(toy.init(jax.random.key(0)), [("w", normreg.UNIT), (".*", None)])
+
+
+def test_bad_group_value_and_bad_regex_are_errors():
+  params = toy.init(jax.random.key(0))
+  with pytest.raises(ValueError, match="must be normreg.UNIT, normreg.TENSOR or None"):
+    normreg.groups_from_rules(params, [(".*", "per-unit")])
+  with pytest.raises(ValueError, match="not a valid regex"):
+    normreg.groups_from_rules(params, [("w[", normreg.UNIT)])
+
+
+def test_rules_reproduce_the_hand_written_groups():
+  params = toy.init(jax.random.key(0))
+  groups = normreg.groups_from_rules(
+      params, [("w1", normreg.UNIT), ("w2", normreg.TENSOR), (".*", None)])
+  assert groups == toy.GROUPS
+
+
+def test_as_mask_feeds_optax_add_decayed_weights():
+  params = toy.init(jax.random.key(0))
+  mask = normreg.as_mask(toy.GROUPS)
+  assert mask == {"w1": True, "w2": True, "bn": {"scale": False, "bias": False},
+                  "head": {"kernel": False, "bias": False}}
+  tx = optax.add_decayed_weights(0.5, mask=mask)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  out, _ = tx.update(zeros, tx.init(params), params)
+  assert jnp.allclose(out["w1"], 0.5 * params["w1"])
+  assert jnp.all(out["head"]["kernel"] == 0)
