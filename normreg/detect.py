@@ -54,8 +54,9 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   - ``normreg.TENSOR`` if only ``J_w w ~ 0`` (a kernel followed by LayerNorm or
     GroupNorm);
   - ``None`` otherwise, and for leaves that do not affect ``fn`` at all (a bias
-    just before BatchNorm: its gradient is zero, it is no scale group) or are
-    not floating point.
+    just before BatchNorm: its gradient is zero, it is no scale group; the JVP
+    along a random direction is below ``1e-5 * ||fn||``) or are not floating
+    point.
 
   "~ 0" means ``||J_w t|| <= rtol * ||J_w r||`` with ``r`` a random direction
   of the same norm as ``t``. Normalizations add ``eps`` to the variance, so the
@@ -139,14 +140,18 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
     return jax.vmap(one)(tangents)
 
   primals = [randomized[i] for i in float_idx]
+  # A leaf whose random-direction JVP is this small relative to the output has
+  # no effect on fn (float32 noise is ~1e-7): it is no scale group.
+  out_norm = float(jnp.sqrt(_sq_norm(fn(rebuild(primals), *args, **kwargs))))
+  negligible = 1e-5 * out_norm
   zeros = [jnp.zeros((3,) + x.shape, x.dtype) for x in primals]
   results = []
   for i, (path, w, ok) in enumerate(zip(paths, randomized, is_float)):
     if not ok:
       results.append(None)
       continue
-    c = jax.random.uniform(keys[3 * i + 1], (w.shape[-1],) if w.ndim else (), jnp.float32,
-                           0.5, 1.5)
+    unit_shape = (1,) * (w.ndim - 1) + w.shape[-1:]  # one factor per output unit
+    c = jax.random.uniform(keys[3 * i + 1], unit_shape, jnp.float32, 0.5, 1.5)
     w32 = w.astype(jnp.float32)
     direction = jax.random.normal(keys[3 * i + 2], w.shape, jnp.float32)
     direction = direction * jnp.linalg.norm(w32) / jnp.linalg.norm(direction)
@@ -154,7 +159,7 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
     tangents = list(zeros)
     tangents[float_idx.index(i)] = stack
     along_w, along_units, along_random = np.asarray(jvp_norms(primals, tangents))
-    if not along_random > 0 or not np.isfinite(along_random):
+    if not along_random > negligible or not np.isfinite(along_random):
       group = None  # The leaf does not affect fn (or fn is not differentiable there).
     elif along_units <= rtol * along_random:
       group = groups_lib.UNIT if w.ndim >= 2 else groups_lib.TENSOR
@@ -162,8 +167,10 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
       group = groups_lib.TENSOR
     else:
       group = None
-    logging.info("find_scale_invariant: %-40s %-7s |J w|/|J r| = %.2e, |J wc|/|J r| = %.2e",
-                 path, group.value if group else "None", along_w / max(along_random, 1e-30),
-                 along_units / max(along_random, 1e-30))
+    logging.info(
+        "find_scale_invariant: %-40s %-7s |J r|/|f| = %.1e, |J w|/|J r| = %.1e, "
+        "|J wc|/|J r| = %.1e", path, group.value if group else "None",
+        along_random / max(out_norm, 1e-30), along_w / max(along_random, 1e-30),
+        along_units / max(along_random, 1e-30))
     results.append(group)
   return treedef.unflatten(results)
