@@ -1,0 +1,168 @@
+"""Closed-form predictions for scale-invariant weights under SGD, SGDW and AdamW.
+
+The model (van Laarhoven 2017; Wan et al. 2020; Kosson et al. 2024): one unit
+``w`` in ``R^D`` whose loss is scale-invariant, so its gradient is tangent
+(``<w, g> = 0``) and scales as ``||g|| = G / ||w||``, with ``G`` the gradient
+norm the unit would have at ``||w|| = 1``. Gradients of successive steps are
+taken as uncorrelated (the noise-dominated regime of late training). Symbols:
+
+- ``eta`` the learning rate, ``mu`` heavy-ball momentum (``optax.trace``),
+  ``beta1`` Adam's first-moment decay;
+- ``lam_wd`` the coefficient of ``w`` in the gradient for coupled L2: the
+  penalty ``lam*||w||^2`` gives ``lam_wd = 2*lam`` (``normreg.add_l2_penalty``
+  takes ``lam``); ``wd`` the decoupled decay (``optax.add_decayed_weights``),
+  applied as ``w <- w - eta*wd*w`` (AdamW, SGDW: multiplied by the learning
+  rate, not passed through the momentum).
+
+**Norm balance.** Write ``x = ||w||^2``. For coupled L2 with momentum, the
+decay enters the momentum, so per step it removes ``2 eta lam_wd x / (1-mu)``,
+while the tangent steps add ``eta^2 G^2 / ((1-mu)^2 x)`` (the momentum sum of
+uncorrelated gradients, including its correlation with ``w``). In continuous
+time ``y = x^2 = ||w||^4`` is linear:
+
+.. math::
+
+  \\frac{dy}{dt} = -\\frac{4\\eta\\lambda_{wd}}{1-\\mu}\\, y
+                 + \\frac{2\\eta^2 G^2}{(1-\\mu)^2}
+  \\;\\Rightarrow\\;
+  y(t) = y_\\infty + (y_0 - y_\\infty)\\, e^{-4\\eta\\lambda_{wd} t/(1-\\mu)},
+  \\quad y_\\infty = \\frac{\\eta G^2}{2\\lambda_{wd}(1-\\mu)} .
+
+Without decay (``lam_wd = 0``) ``y(t) = y_0 + 2 eta^2 G^2 t / (1-mu)^2``: the
+norm grows like ``t^(1/4)`` and the effective learning rate ``eta/||w||^2``
+decays like ``1/sqrt(t)``, from a start set by ``||w_0||``.
+
+**Angular update.** At equilibrium a unit turns per step by
+
+.. math::
+
+  \\theta_{\\mathrm{SGD+L2}} = \\sqrt{\\frac{2\\eta\\lambda_{wd}}{1+\\mu}},\\quad
+  \\theta_{\\mathrm{SGDW}} = \\sqrt{\\frac{2\\eta\\, wd\\,(1-\\mu)}{1+\\mu}},\\quad
+  \\theta_{\\mathrm{AdamW}} = \\sqrt{\\frac{2\\eta\\, wd\\,(1-\\beta_1)}{1+\\beta_1}},
+
+independent of ``G`` and of the initial norm: only the product ``eta*lam``
+matters, which is why ``lam`` alone has no regularizing effect (van Laarhoven
+2017, sec. 3; Wan et al. 2020, arXiv 2006.08419; Kosson et al. 2024, Table 1).
+
+References:
+  van Laarhoven, arXiv 1706.05350 (2017); Li & Arora, arXiv 1910.07454 (2019);
+  Wan et al., arXiv 2006.08419 (2020); Kosson et al., *Rotational equilibrium*,
+  arXiv 2305.17212 (2024).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _check(**values: float) -> None:
+  for name, value in values.items():
+    if name in ("lr", "grad_norm", "init_norm", "rtol") and not value > 0:
+      raise ValueError(f"{name} must be > 0, got {value}.")
+    if name in ("lam_wd", "wd") and not value >= 0:
+      raise ValueError(f"{name} must be >= 0, got {value}.")
+    if name in ("momentum", "b1") and not 0 <= value < 1:
+      raise ValueError(f"{name} must be in [0, 1), got {value}.")
+
+
+def equilibrium_angle_sgd(lr: float, lam_wd: float, momentum: float = 0.0) -> float:
+  """Radians per step at equilibrium, SGD with coupled L2: ``sqrt(2 eta lam_wd / (1+mu))``.
+
+  ``lam_wd`` is the coefficient of ``w`` in the gradient (``2*lam`` for the
+  penalty ``lam*||w||^2``).
+
+  >>> round(equilibrium_angle_sgd(0.1, 2 * 5e-4, momentum=0.9), 5)
+  0.01026
+  """
+  _check(lr=lr, lam_wd=lam_wd, momentum=momentum)
+  return math.sqrt(2 * lr * lam_wd / (1 + momentum))
+
+
+def equilibrium_angle_sgdw(lr: float, wd: float, momentum: float = 0.0) -> float:
+  """Radians per step at equilibrium, SGD with decoupled decay ``w <- w - eta*wd*w``.
+
+  The decay bypasses the momentum, so it is weaker by ``1-mu`` than coupled L2
+  with ``lam_wd = wd``: ``sqrt(2 eta wd (1-mu) / (1+mu))``.
+  """
+  _check(lr=lr, wd=wd, momentum=momentum)
+  return math.sqrt(2 * lr * wd * (1 - momentum) / (1 + momentum))
+
+
+def equilibrium_angle_adamw(lr: float, wd: float, b1: float = 0.9) -> float:
+  """Radians per step at equilibrium, AdamW (decay multiplied by the learning rate).
+
+  ``sqrt(2 eta wd (1-beta1) / (1+beta1))`` (Kosson et al. 2024).
+  """
+  _check(lr=lr, wd=wd, b1=b1)
+  return math.sqrt(2 * lr * wd * (1 - b1) / (1 + b1))
+
+
+def equilibrium_norm_sgd(lr: float, lam_wd: float, grad_norm: float,
+                         momentum: float = 0.0) -> float:
+  """``||w||`` at equilibrium, SGD + coupled L2: ``(eta G^2 / (2 lam_wd (1-mu)))^(1/4)``.
+
+  ``grad_norm`` is ``G``, the gradient norm at ``||w|| = 1``.
+  """
+  _check(lr=lr, lam_wd=lam_wd, grad_norm=grad_norm, momentum=momentum)
+  if lam_wd == 0:
+    return math.inf
+  return (lr * grad_norm ** 2 / (2 * lam_wd * (1 - momentum))) ** 0.25
+
+
+def equilibrium_elr_sgd(lr: float, lam_wd: float, grad_norm: float,
+                        momentum: float = 0.0) -> float:
+  """Effective learning rate ``eta / ||w||^2`` at equilibrium, SGD + coupled L2.
+
+  Equals ``sqrt(2 eta lam_wd (1-mu)) / G``.
+  """
+  return lr / equilibrium_norm_sgd(lr, lam_wd, grad_norm, momentum) ** 2
+
+
+def norm_trajectory_sgd(step: float, lr: float, lam_wd: float, grad_norm: float,
+                        init_norm: float, momentum: float = 0.0) -> float:
+  """``||w_t||`` for SGD + coupled L2 (``lam_wd = 0``: no decay), closed form.
+
+  ``||w_t||^4 = y_inf + (||w_0||^4 - y_inf) exp(-4 eta lam_wd t / (1-mu))``, and
+  ``||w_t||^4 = ||w_0||^4 + 2 eta^2 G^2 t / (1-mu)^2`` without decay.
+  """
+  _check(lr=lr, lam_wd=lam_wd, grad_norm=grad_norm, init_norm=init_norm, momentum=momentum)
+  y0 = init_norm ** 4
+  if lam_wd == 0:
+    return (y0 + 2 * lr ** 2 * grad_norm ** 2 * step / (1 - momentum) ** 2) ** 0.25
+  y_inf = equilibrium_norm_sgd(lr, lam_wd, grad_norm, momentum) ** 4
+  rate = 4 * lr * lam_wd / (1 - momentum)
+  return (y_inf + (y0 - y_inf) * math.exp(-rate * step)) ** 0.25
+
+
+def steps_to_equilibrium(lr: float, lam_wd: float, grad_norm: float, init_norm: float,
+                         momentum: float = 0.0, rtol: float = 0.05) -> float:
+  """Steps until ``||w||^4`` is within ``rtol`` of its equilibrium (SGD + coupled L2).
+
+  From the closed form: ``t = (1-mu) ln(|y_0 - y_inf| / (rtol y_inf)) / (4 eta lam_wd)``;
+  0 if it starts there. The time constant ``(1-mu)/(4 eta lam_wd)`` is set by
+  ``eta*lam`` alone.
+  """
+  _check(lr=lr, lam_wd=lam_wd, grad_norm=grad_norm, init_norm=init_norm,
+         momentum=momentum, rtol=rtol)
+  if lam_wd == 0:
+    return math.inf
+  y_inf = equilibrium_norm_sgd(lr, lam_wd, grad_norm, momentum) ** 4
+  gap = abs(init_norm ** 4 - y_inf) / (rtol * y_inf)
+  return 0.0 if gap <= 1 else (1 - momentum) * math.log(gap) / (4 * lr * lam_wd)
+
+
+def spherical_learning_rate(lr: float, lam_wd: float, grad_norm: float,
+                            momentum: float = 0.0) -> float:
+  """The learning rate of spherical SGD that matches an SGD + L2 recipe at equilibrium.
+
+  On the unit sphere the effective learning rate is the learning rate itself,
+  so the match is the equilibrium ``eta/||w||^2`` of the L2 recipe,
+  ``sqrt(2 eta lam_wd (1-mu)) / G``: two hyperparameters (``eta``, ``lam``)
+  become one (van Laarhoven 2017, sec. 4). With the same momentum, both then
+  turn each unit by ``sqrt(2 eta lam_wd / (1+mu))`` per step.
+
+  >>> eta_s = spherical_learning_rate(0.1, 1e-3, grad_norm=2.0, momentum=0.9)
+  >>> round(eta_s, 6)
+  0.002236
+  """
+  return equilibrium_elr_sgd(lr, lam_wd, grad_norm, momentum)

@@ -1,0 +1,131 @@
+"""normreg.theory against simulation of a scale-invariant toy problem.
+
+The toy: 128 units of dimension 64 (one UNIT kernel), each with a random
+gradient tangent to it of norm ``G/||w||``, fresh every step: exactly the model
+the theory assumes. The optimizers are the real ones (normreg and optax
+transforms), run with ``jax.lax.scan``. Tolerance: 10% (the formulas are
+small-angle, continuous-time approximations; the angles here are 0.01-0.05).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import normreg
+from normreg import theory
+
+D, UNITS, G = 64, 128, 2.0
+GROUPS = {"w": normreg.UNIT}
+RTOL = 0.10
+
+
+def _simulate(tx, steps, init_norm=1.0, seed=0):
+  """Runs ``tx`` on the toy; returns per-step mean unit norm and mean angle."""
+  key = jax.random.key(seed)
+  w0 = jax.random.normal(key, (D, UNITS))
+  w0 = w0 / jnp.linalg.norm(w0, axis=0, keepdims=True) * init_norm
+  params = {"w": w0}
+
+  def step(carry, k):
+    params, state = carry
+    w = params["w"]
+    noise = jax.random.normal(k, w.shape)
+    norms = jnp.linalg.norm(w, axis=0, keepdims=True)
+    tangent = noise - jnp.sum(noise * w, 0, keepdims=True) / norms ** 2 * w
+    g = tangent / jnp.linalg.norm(tangent, axis=0, keepdims=True) * G / norms
+    updates, state = tx.update({"w": g}, state, params)
+    new = optax.apply_updates(params, updates)
+    angle = normreg.angular_update(params, new, GROUPS)["w"]
+    return (new, state), (jnp.mean(jnp.linalg.norm(new["w"], axis=0)), jnp.mean(angle))
+
+  keys = jax.random.split(jax.random.fold_in(key, 1), steps)
+  _, (norms, angles) = jax.jit(lambda c, ks: jax.lax.scan(step, c, ks))(
+      (params, tx.init(params)), keys)
+  return np.asarray(norms), np.asarray(angles)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_l2_equilibrium_angle_norm_and_elr(momentum):
+  lr, lam = 0.1, 5e-3  # lam_wd = 2 * lam = 1e-2
+  steps = 3000 if momentum else 4000
+  norms, angles = _simulate(normreg.sgd_l2(lr, lam, GROUPS, momentum=momentum), steps)
+  tail = slice(-1000, None)
+  assert np.mean(angles[tail]) == pytest.approx(
+      theory.equilibrium_angle_sgd(lr, 2 * lam, momentum), rel=RTOL)
+  assert np.mean(norms[tail]) == pytest.approx(
+      theory.equilibrium_norm_sgd(lr, 2 * lam, G, momentum), rel=RTOL)
+  assert np.mean(lr / norms[tail] ** 2) == pytest.approx(
+      theory.equilibrium_elr_sgd(lr, 2 * lam, G, momentum), rel=2 * RTOL)
+
+
+def test_equilibrium_angle_depends_on_lr_times_lam_only():
+  # Same eta*lam, different lam: same angle; that is "no regularizing effect".
+  a = _simulate(normreg.sgd_l2(0.2, 2.5e-3, GROUPS), 4000)[1][-1000:].mean()
+  b = _simulate(normreg.sgd_l2(0.05, 1e-2, GROUPS), 4000)[1][-1000:].mean()
+  assert a == pytest.approx(b, rel=RTOL)
+  assert a == pytest.approx(theory.equilibrium_angle_sgd(0.2, 5e-3), rel=RTOL)
+
+
+def test_sgdw_equilibrium_angle():
+  lr, wd, mu = 0.1, 1e-2, 0.9
+  tx = optax.chain(optax.trace(mu), optax.add_decayed_weights(wd, mask=normreg.as_mask(GROUPS)),
+                   optax.scale_by_learning_rate(lr))
+  # The decay is applied before the learning rate: w <- w - lr*(m + wd*w).
+  angles = _simulate(tx, 4000)[1]
+  assert angles[-1000:].mean() == pytest.approx(
+      theory.equilibrium_angle_sgdw(lr, wd, mu), rel=RTOL)
+
+
+def test_adamw_equilibrium_angle():
+  lr, wd = 1e-3, 0.5
+  angles = _simulate(optax.adamw(lr, b1=0.9, weight_decay=wd), 6000)[1]
+  assert angles[-1500:].mean() == pytest.approx(theory.equilibrium_angle_adamw(lr, wd, 0.9),
+                                                rel=RTOL)
+
+
+@pytest.mark.parametrize("init_norm", [0.5, 4.0])
+def test_norm_trajectory_and_steps_to_equilibrium(init_norm):
+  lr, lam_wd = 0.1, 4e-3
+  norms, _ = _simulate(normreg.sgd_l2(lr, lam_wd / 2, GROUPS), 3000, init_norm=init_norm)
+  for t in (100, 500, 1500, 2999):
+    assert norms[t] == pytest.approx(
+        theory.norm_trajectory_sgd(t + 1, lr, lam_wd, G, init_norm), rel=RTOL / 2)
+  eq = theory.equilibrium_norm_sgd(lr, lam_wd, G)
+  t_eq = theory.steps_to_equilibrium(lr, lam_wd, G, init_norm, rtol=0.1)
+  within = np.abs(norms ** 4 - eq ** 4) <= 0.1 * eq ** 4
+  assert within.any() and t_eq < len(norms)
+  reached = np.argmax(within)
+  assert reached == pytest.approx(t_eq, rel=0.25)
+
+
+def test_without_decay_norm_grows_and_elr_decays_by_initial_scale():
+  lr = 0.01
+  runs = {s: _simulate(optax.sgd(lr), 2000, init_norm=s)[0] for s in (0.5, 2.0)}
+  for s, norms in runs.items():
+    assert np.all(np.diff(norms) > 0)  # tangent steps only lengthen w
+    for t in (10, 1999):
+      assert norms[t] == pytest.approx(theory.norm_trajectory_sgd(t + 1, lr, 0.0, G, s),
+                                       rel=RTOL / 2)
+  # The effective learning rate at step 2000 still depends on where it started.
+  assert lr / runs[0.5][-1] ** 2 > 1.5 * lr / runs[2.0][-1] ** 2
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_spherical_sgd_at_mapped_lr_matches_l2_equilibrium(momentum):
+  lr, lam = 0.1, 5e-3
+  eta_s = theory.spherical_learning_rate(lr, 2 * lam, G, momentum)
+  norms, angles = _simulate(normreg.spherical_sgd(eta_s, GROUPS, momentum=momentum), 1000)
+  np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+  assert angles[-500:].mean() == pytest.approx(
+      theory.equilibrium_angle_sgd(lr, 2 * lam, momentum), rel=RTOL)
+
+
+def test_bad_arguments_are_errors():
+  with pytest.raises(ValueError, match="lr must be > 0"):
+    theory.equilibrium_angle_sgd(0.0, 1e-3)
+  with pytest.raises(ValueError, match="momentum"):
+    theory.equilibrium_norm_sgd(0.1, 1e-3, 1.0, momentum=1.0)
+  with pytest.raises(ValueError, match="lam_wd must be >= 0"):
+    theory.steps_to_equilibrium(0.1, -1e-3, 1.0, 1.0)
