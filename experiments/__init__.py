@@ -1,0 +1,1 @@
+"""Experiments with normreg: data, models, training loop and launcher (not part of the library)."""
