@@ -36,11 +36,11 @@ def _sq_norm(tree: Any) -> jax.Array:
   return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0))
 
 
-def _randomize(leaf: jax.Array, key: jax.Array) -> jax.Array:
-  rms = float(np.sqrt(np.mean(np.square(np.asarray(leaf, np.float32))))) if leaf.size else 0.0
+def _randomize(leaf: jax.Array, rng: np.random.Generator) -> jax.Array:
+  x = np.asarray(leaf, np.float32)
+  rms = float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0
   scale = 0.5 * (rms if rms > 0 else 1.0)
-  noise = jax.random.normal(key, leaf.shape, jnp.float32) * scale
-  return (leaf.astype(jnp.float32) + noise).astype(leaf.dtype)
+  return jnp.asarray(x + scale * rng.standard_normal(x.shape, np.float32), leaf.dtype)
 
 
 def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: int = 0,
@@ -116,10 +116,9 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   arrays = [x for _, x in leaves]
   is_float = [x is not None and jnp.issubdtype(jnp.result_type(x), jnp.floating)
               and np.size(x) > 0 for x in arrays]
-  keys = jax.random.split(jax.random.key(seed), 3 * len(arrays))
-  randomized = [
-      _randomize(jnp.asarray(x), keys[3 * i]) if ok else x
-      for i, (x, ok) in enumerate(zip(arrays, is_float))]
+  # numpy draws: no per-shape compilation of jax.random ops on the host.
+  rng = np.random.default_rng(seed)
+  randomized = [_randomize(x, rng) if ok else x for x, ok in zip(arrays, is_float)]
 
   float_idx = [i for i, ok in enumerate(is_float) if ok]
 
@@ -144,18 +143,18 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   # no effect on fn (float32 noise is ~1e-7): it is no scale group.
   out_norm = float(jnp.sqrt(_sq_norm(fn(rebuild(primals), *args, **kwargs))))
   negligible = 1e-5 * out_norm
-  zeros = [jnp.zeros((3,) + x.shape, x.dtype) for x in primals]
+  zeros = [np.zeros((3,) + x.shape, x.dtype) for x in primals]
   results = []
   for i, (path, w, ok) in enumerate(zip(paths, randomized, is_float)):
     if not ok:
       results.append(None)
       continue
     unit_shape = (1,) * (w.ndim - 1) + w.shape[-1:]  # one factor per output unit
-    c = jax.random.uniform(keys[3 * i + 1], unit_shape, jnp.float32, 0.5, 1.5)
-    w32 = w.astype(jnp.float32)
-    direction = jax.random.normal(keys[3 * i + 2], w.shape, jnp.float32)
-    direction = direction * jnp.linalg.norm(w32) / jnp.linalg.norm(direction)
-    stack = jnp.stack([w32, w32 * c, direction]).astype(w.dtype)
+    c = rng.uniform(0.5, 1.5, unit_shape).astype(np.float32)
+    w32 = np.asarray(w, np.float32)
+    direction = rng.standard_normal(w.shape, np.float32)
+    direction *= np.linalg.norm(w32) / np.linalg.norm(direction)
+    stack = jnp.asarray(np.stack([w32, w32 * c, direction]), w.dtype)
     tangents = list(zeros)
     tangents[float_idx.index(i)] = stack
     along_w, along_units, along_random = np.asarray(jvp_norms(primals, tangents))

@@ -1,0 +1,163 @@
+"""Settings of one training run: the absl flags and the checked Config they make.
+
+``Config`` is a frozen dataclass; ``validate()`` rejects bad settings before any
+data is read or any step is taken, with one line that names the flag and the
+fix. ``define_flags()`` declares one absl flag per field, so that the launcher
+and the sweep share them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional
+
+from absl import flags
+
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
+MODELS = ("cnn", "resnet20")
+NORMS = ("batch", "layer", "group", "weight", "none")
+METHODS = ("l2", "decoupled", "spherical", "elr_rescale", "tangent", "none")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "step")
+DTYPES = ("float32", "bfloat16")
+# Methods that take --lam, and its default there.
+LAM_METHODS = ("l2", "decoupled")
+DEFAULT_LAM = 5e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One run. Field docs are the flags' help texts (see ``define_flags``)."""
+
+  dataset: str = "cifar10"
+  data_dir: Optional[str] = None
+  train_size: Optional[int] = None
+  test_size: Optional[int] = None
+  model: str = "cnn"
+  norm: str = "batch"
+  width: Optional[int] = None
+  method: str = "l2"
+  optimizer: str = "sgd"
+  lr: float = 0.1
+  momentum: float = 0.9
+  lam: Optional[float] = None
+  schedule: str = "constant"
+  epochs: int = 10
+  batch_size: int = 128
+  seed: int = 0
+  group_rules: Optional[str] = None
+  log_every: int = 50
+  augment: bool = True
+  dtype: str = "float32"
+
+  @property
+  def lam_value(self) -> float:
+    """``lam`` with its default filled in for the methods that use it."""
+    if self.method not in LAM_METHODS:
+      return 0.0
+    return DEFAULT_LAM if self.lam is None else self.lam
+
+  def validate(self) -> "Config":
+    """Raises ``ValueError`` naming the flag at fault; returns ``self``."""
+
+    def choice(name, choices):
+      value = getattr(self, name)
+      if value not in choices:
+        raise ValueError(f"--{name}={value!r} is not one of {', '.join(choices)}.")
+
+    for name, choices in (("dataset", DATASETS), ("model", MODELS), ("norm", NORMS),
+                          ("method", METHODS), ("optimizer", OPTIMIZERS),
+                          ("schedule", SCHEDULES), ("dtype", DTYPES)):
+      choice(name, choices)
+    if self.dataset == "folder" and not self.data_dir:
+      raise ValueError("--dataset=folder needs --data_dir=DIR (a folder with train/<class>/ "
+                       "and test/<class>/ image subfolders).")
+    if not self.lr > 0:
+      raise ValueError(f"--lr must be > 0, got {self.lr}.")
+    if not self.batch_size > 0:
+      raise ValueError(f"--batch_size must be > 0, got {self.batch_size}.")
+    if not self.epochs > 0:
+      raise ValueError(f"--epochs must be > 0, got {self.epochs}.")
+    if not self.log_every > 0:
+      raise ValueError(f"--log_every must be > 0, got {self.log_every}.")
+    if not 0 <= self.momentum < 1:
+      raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}.")
+    for name in ("train_size", "test_size", "width"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ValueError(f"--{name} must be > 0, got {value}.")
+    if self.lam is not None:
+      if self.method not in LAM_METHODS:
+        raise ValueError(
+            f"--lam={self.lam} has no meaning with --method={self.method}: "
+            f"{self.method} keeps no L2 coefficient. Drop --lam, or use --method=l2 "
+            "or --method=decoupled.")
+      if not self.lam >= 0:
+        raise ValueError(f"--lam must be >= 0, got {self.lam}.")
+    return self
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "Config":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+      raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**values)
+
+
+_HELP = {
+    "dataset": f"Data set: one of {', '.join(DATASETS)} (catalog ones via tensorflow-datasets; "
+               "'folder' reads --data_dir).",
+    "data_dir": "Image folder (train/<class>/*, test/<class>/*) for --dataset=folder; tfds "
+                "data_dir for catalog data sets.",
+    "train_size": "Use a random subset of this many training images.",
+    "test_size": "Use a random subset of this many test images.",
+    "model": f"Network: one of {', '.join(MODELS)}.",
+    "norm": f"Normalization: one of {', '.join(NORMS)}.",
+    "width": "Base width (channels of the first stage); default: the model's own.",
+    "method": "What to do with the scale-invariant weights: l2 (coupled, loss + lam*||w||^2), "
+              "decoupled (optax add_decayed_weights, +lam*w), spherical (unit norm, no lam), "
+              "elr_rescale (update * ||w||^p), tangent (radial part of the update removed), "
+              "none.",
+    "optimizer": f"Base optimizer: one of {', '.join(OPTIMIZERS)}.",
+    "lr": "Peak learning rate (> 0).",
+    "momentum": "Heavy-ball momentum for SGD (Adam uses its own b1).",
+    "lam": f"L2 coefficient for --method=l2 (lam*||w||^2) or decay for decoupled (+lam*w); "
+           f"default {DEFAULT_LAM}.",
+    "schedule": "Learning-rate schedule: constant, cosine (to 0), step (x0.1 at 50% and 75%).",
+    "epochs": "Epochs to train.",
+    "batch_size": "Global batch size.",
+    "seed": "Random seed (init, data order, augmentation).",
+    "group_rules": "Scale-invariance groups as ordered REGEX=unit|tensor|none rules, "
+                   "comma-separated (first match wins); default: found by autodiff.",
+    "log_every": "Log train metrics every this many steps.",
+    "augment": "Random crop and flip (CIFAR-style) inside the jitted step.",
+    "dtype": "Compute dtype of the network (params and optimizer state stay float32).",
+}
+
+
+def define_flags() -> None:
+  """Declares one absl flag per Config field (idempotent)."""
+  if "method" in flags.FLAGS:
+    return
+  for field in dataclasses.fields(Config):
+    default, help_ = field.default, _HELP[field.name]
+    kind = field.type if isinstance(field.type, str) else str(field.type)
+    if "bool" in kind:
+      flags.DEFINE_bool(field.name, default, help_)
+    elif "int" in kind:
+      flags.DEFINE_integer(field.name, default, help_)
+    elif "float" in kind:
+      flags.DEFINE_float(field.name, default, help_)
+    else:
+      flags.DEFINE_string(field.name, default, help_)
+
+
+def from_flags() -> Config:
+  """The Config of the parsed absl flags, validated."""
+  return Config(**{f.name: getattr(flags.FLAGS, f.name)
+                   for f in dataclasses.fields(Config)}).validate()

@@ -1,0 +1,33 @@
+"""Launcher: ``python -m experiments.train --workdir=DIR [flags]``.
+
+Parses the absl flags into a checked ``Config`` and calls
+``experiments.trainer.train_and_evaluate(config, workdir)``. Run with
+``--helpfull`` for every flag. Examples in the README.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from experiments import config as config_lib
+
+config_lib.define_flags()
+flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl and checkpoints; "
+                    "a run restarted on the same folder resumes.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    config = config_lib.from_flags()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  logging.info("config:\n%s", config.to_json())
+  trainer.train_and_evaluate(config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

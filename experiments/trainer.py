@@ -1,0 +1,395 @@
+"""Training library: small testable functions and ``train_and_evaluate``.
+
+Follows the flax examples (examples/imagenet/train.py): a launcher parses
+flags and calls :func:`train_and_evaluate`; everything else is a function of
+explicit arguments.
+
+Design:
+
+- The NNX model is split once into ``graphdef`` and two ``State``s, ``params``
+  (``nnx.Param``) and ``rest`` (BatchNorm statistics); the jitted step is a
+  pure function of ``TrainState`` and is traced once (a test counts traces).
+- Data lives on the device as uint8; each epoch is a ``jax.random``
+  permutation; crop, flip and normalization run inside the jitted step.
+- The scale-invariance groups are found by ``normreg.find_scale_invariant`` on
+  a training batch, or given as ``--group_rules``.
+- Per logged step, ``metrics.jsonl`` gets loss, accuracy, learning rate and per
+  grouped layer the mean unit norm, effective learning rate and angular update;
+  per epoch, test loss and accuracy. Orbax checkpoints every epoch; a run
+  restarted on the same workdir resumes from the last one, exactly.
+- A NaN/inf loss stops the run, naming the first step where it appeared: the
+  step is recorded on the device and read at the next log step (no host sync
+  per step).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+import normreg
+from experiments import checkpoint as ckpt_lib
+from experiments import data as data_lib
+from experiments.config import Config
+
+
+class TrainState(NamedTuple):
+  """Everything a step reads and writes; a pytree, checkpointed whole."""
+
+  step: jax.Array  # int32 scalar
+  params: Any  # nnx.State of nnx.Param
+  rest: Any  # nnx.State of the other variables (BatchNorm statistics)
+  opt_state: Any
+  first_bad_step: jax.Array  # int32, -1 until a non-finite loss is seen
+
+
+# ----------------------------------------------------------------- model & groups
+
+
+def create_model(config: Config, num_classes: int, in_channels: int) -> nnx.Module:
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else None
+  return normreg.models.create(config.model, num_classes=num_classes, norm=config.norm,
+                               width=config.width, in_channels=in_channels, dtype=dtype,
+                               rngs=nnx.Rngs(config.seed))
+
+
+def parse_group_rules(text: str) -> list[tuple[str, Optional[normreg.Invariance]]]:
+  """``"convs/.*/kernel=unit,.*=none"`` -> ``[("convs/.*/kernel", UNIT), (".*", None)]``."""
+  kinds = {"unit": normreg.UNIT, "tensor": normreg.TENSOR, "none": None}
+  rules = []
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    pattern, sep, kind = item.rpartition("=")
+    if not sep or kind not in kinds:
+      raise ValueError(f"--group_rules: {item!r} is not REGEX=unit|tensor|none.")
+    rules.append((pattern, kinds[kind]))
+  return rules
+
+
+def find_groups(config: Config, graphdef, params, rest, images: jax.Array) -> Any:
+  """The groups pytree: from ``--group_rules`` or found by autodiff on ``images``."""
+  if config.group_rules:
+    try:
+      return normreg.groups_from_rules(params, parse_group_rules(config.group_rules))
+    except ValueError as e:
+      raise ValueError(f"--group_rules: {e}") from e
+  fn = lambda p, x: nnx.merge(graphdef, p, rest, copy=True)(x)
+  return normreg.find_scale_invariant(fn, params, images, seed=config.seed)
+
+
+def grouped_paths(groups) -> list[str]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(groups, is_leaf=lambda g: g is None)
+  return [normreg.groups.path_str(p) for p, g in leaves if g is not None]
+
+
+# ---------------------------------------------------------------------- optimizer
+
+
+def make_schedule(config: Config, total_steps: int) -> optax.Schedule:
+  if config.schedule == "constant":
+    return optax.constant_schedule(config.lr)
+  if config.schedule == "cosine":
+    return optax.cosine_decay_schedule(config.lr, max(total_steps, 1))
+  return optax.piecewise_constant_schedule(
+      config.lr, {int(total_steps * 0.5): 0.1, int(total_steps * 0.75): 0.1})
+
+
+def elr_power(config: Config) -> int:
+  """Exponent of ``eta/||w||^p``: 2 for SGD, 1 for Adam."""
+  return 2 if config.optimizer == "sgd" else 1
+
+
+def make_optimizer(config: Config, groups, schedule: optax.Schedule
+                   ) -> optax.GradientTransformation:
+  """The optax chain of ``--method`` on top of ``--optimizer``. Order, commented:"""
+  sgd = config.optimizer == "sgd"
+  mu = config.momentum
+  mask = normreg.as_mask(groups)
+
+  def base():
+    if sgd:
+      return optax.sgd(schedule, momentum=mu or None)
+    return optax.adam(schedule)
+
+  if config.method == "none":
+    return base()
+  if config.method == "l2":
+    # Coupled: the gradient of lam*||w||^2 joins the data gradient before the optimizer.
+    return optax.chain(normreg.add_l2_penalty(config.lam_value, groups), base())
+  if config.method == "decoupled":
+    if sgd:
+      # SGDW: momentum on the gradient only, then + lam*w, then the learning rate.
+      return optax.chain(optax.trace(mu) if mu else optax.identity(),
+                         optax.add_decayed_weights(config.lam_value, mask=mask),
+                         optax.scale_by_learning_rate(schedule))
+    return optax.adamw(schedule, weight_decay=config.lam_value, mask=mask)
+  if config.method == "spherical":
+    if sgd:
+      return normreg.spherical_sgd(schedule, groups, momentum=mu)
+    return normreg.spherical_adam(schedule, groups)
+  if config.method == "elr_rescale":
+    # SGD: rescale the raw gradient by ||w||^2; Adam: rescale Adam's step by ||w||.
+    if sgd:
+      return optax.chain(normreg.scale_by_weight_norm(groups, power=2), base())
+    return optax.chain(base(), normreg.scale_by_weight_norm(groups, power=1))
+  if config.method == "tangent":
+    # The base step with its radial part removed (AdamP-style projection).
+    return optax.chain(base(), normreg.tangent_projection(groups))
+  raise ValueError(f"--method={config.method!r} is unknown.")
+
+
+# ------------------------------------------------------------------------ steps
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         labels).mean()
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, mean, std, *,
+                    augment: bool, key: jax.Array) -> Callable:
+  """``step(state, images, labels, idx) -> (state, metrics)``, pure, to be jitted.
+
+  ``images`` (uint8) and ``labels`` are the whole training set on the device;
+  ``idx`` the batch's indices, gathered inside the step (no per-step copy).
+  """
+
+  def step(state: TrainState, all_images, all_labels, idx):
+    x, labels = all_images[idx], all_labels[idx]
+    if augment:
+      x = data_lib.augment(jax.random.fold_in(key, state.step), x)
+    x = data_lib.normalize(x, mean, std)
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.rest, copy=True)
+      logits = model(x)
+      new_rest = nnx.split(model, nnx.Param, ...)[2]
+      return cross_entropy(logits, labels), (logits, new_rest)
+
+    (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    bad = (state.first_bad_step < 0) & ~jnp.isfinite(loss)
+    first_bad = jnp.where(bad, state.step, state.first_bad_step)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    new_state = TrainState(state.step + 1, params, rest, opt_state, first_bad)
+    return new_state, {"loss": loss, "accuracy": accuracy}
+
+  return step
+
+
+def make_eval_step(eval_graphdef, mean, std) -> Callable:
+  """``eval_step(params, rest, images, labels, weights) -> (sum loss, sum correct)``."""
+
+  def eval_step(params, rest, images, labels, weights):
+    logits = nnx.merge(eval_graphdef, params, rest)(data_lib.normalize(images, mean, std))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(correct * weights)
+
+  return eval_step
+
+
+def layer_metrics(before, after, groups, learning_rate, power: int, rescaled: bool):
+  """Per grouped layer: mean unit norm, effective learning rate, angular update.
+
+  The effective learning rate is ``eta/||w||^power`` (van Laarhoven 2017,
+  eq. 12); under ``elr_rescale`` the update is multiplied by ``||w||^power``,
+  so it is ``eta`` itself. The angle is what the step actually did.
+  """
+  norms = normreg.unit_norms(after, groups)
+  angles = normreg.angular_update(before, after, groups)
+  flat_norms = jax.tree_util.tree_flatten_with_path(norms)[0]
+  flat_angles = dict((normreg.groups.path_str(p), a)
+                     for p, a in jax.tree_util.tree_flatten_with_path(angles)[0])
+  out = {}
+  for path, n in flat_norms:
+    name = normreg.groups.path_str(path)
+    elr = learning_rate if rescaled else learning_rate / n ** power
+    out[name] = {"norm": jnp.mean(n), "elr": jnp.mean(elr), "angle": jnp.mean(flat_angles[name])}
+  return out
+
+
+def evaluate(eval_step, params, rest, images, labels, batch_size: int) -> dict[str, float]:
+  """Test loss and accuracy over the whole set; the last batch is padded and masked."""
+  n = images.shape[0]
+  total_loss = total_correct = 0.0
+  for start in range(0, n, batch_size):
+    x, y = images[start:start + batch_size], labels[start:start + batch_size]
+    k = x.shape[0]
+    w = jnp.ones((k,), jnp.float32)
+    if k < batch_size:  # pad to one shape: no retrace for the last batch
+      pad = batch_size - k
+      x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+      y = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+      w = jnp.concatenate([w, jnp.zeros((pad,), jnp.float32)])
+    loss, correct = eval_step(params, rest, x, y, w)
+    total_loss += float(loss)
+    total_correct += float(correct)
+  return {"loss": total_loss / n, "accuracy": total_correct / n}
+
+
+# ------------------------------------------------------------------- the run
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or inf; the message says at which step."""
+
+
+def _append(path: str, record: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Drops records past the checkpoint we resume from, so none is duplicated."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
+  with open(path, "w") as f:
+    f.writelines(lines)
+
+
+def _check_workdir_config(workdir: str, config: Config) -> None:
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != json.loads(config.to_json()):
+      diff = {k: (old.get(k), v) for k, v in json.loads(config.to_json()).items()
+              if old.get(k) != v}
+      raise ValueError(f"--workdir={workdir} holds a run with other settings {diff} "
+                       "(old, new); resume with the same flags or use a new --workdir.")
+  with open(path, "w") as f:
+    f.write(config.to_json())
+
+
+def _to_float(tree):
+  return jax.tree.map(float, jax.device_get(tree))
+
+
+def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] = None,
+                       interrupt_after_step: Optional[int] = None,
+                       progress: bool = True) -> TrainState:
+  """Trains ``config`` and writes metrics, config and checkpoints into ``workdir``.
+
+  Args:
+    config: the run's settings (validated here).
+    workdir: folder for config.json, metrics.jsonl and checkpoints/.
+    dataset: an already loaded ``experiments.data.Dataset`` (tests, sweeps);
+      default: loaded from ``config``.
+    interrupt_after_step: stop (as if killed) right after this step, without
+      saving: for tests of resumption.
+    progress: show a progress bar.
+
+  Returns:
+    The final ``TrainState``.
+  """
+  config.validate()
+  os.makedirs(workdir, exist_ok=True)
+  _check_workdir_config(workdir, config)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+  ds = dataset if dataset is not None else data_lib.load(
+      config.dataset, data_dir=config.data_dir, train_size=config.train_size,
+      test_size=config.test_size, seed=config.seed)
+  n_train = ds.train_images.shape[0]
+  if config.batch_size > n_train:
+    raise ValueError(f"--batch_size={config.batch_size} is larger than the training set "
+                     f"({n_train} images); lower --batch_size or raise --train_size.")
+  steps_per_epoch = n_train // config.batch_size
+  total_steps = steps_per_epoch * config.epochs
+  mean, std = (jnp.asarray(a) for a in data_lib.channel_stats(ds.train_images))
+  train_images = jax.device_put(ds.train_images)
+  train_labels = jax.device_put(ds.train_labels)
+  test_images = jax.device_put(ds.test_images)
+  test_labels = jax.device_put(ds.test_labels)
+
+  model = create_model(config, ds.num_classes, ds.train_images.shape[-1])
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  probe = data_lib.normalize(train_images[:min(64, n_train)], mean, std)
+  groups = find_groups(config, graphdef, params, rest, probe)
+  layers = grouped_paths(groups)
+  logging.info("scale-invariant groups:\n%s", normreg.groups.summary(groups))
+  model.eval()
+  eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
+
+  schedule = make_schedule(config, total_steps)
+  tx = make_optimizer(config, groups, schedule)
+  state = TrainState(jnp.int32(0), params, rest, tx.init(params), jnp.int32(-1))
+
+  manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"))
+  restored = manager.restore_latest(state)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from step %d", int(state.step))
+  _truncate_metrics(metrics_path, int(state.step))
+  start_epoch = int(state.step) // steps_per_epoch
+
+  key = jax.random.key(config.seed)
+  train_step = jax.jit(make_train_step(graphdef, tx, mean, std, augment=config.augment,
+                                       key=jax.random.fold_in(key, 1)),
+                       donate_argnums=() if jax.default_backend() == "cpu" else 0)
+  eval_step = jax.jit(make_eval_step(eval_graphdef, mean, std))
+  metrics_fn = jax.jit(functools.partial(
+      layer_metrics, groups=groups, power=elr_power(config),
+      rescaled=config.method in ("elr_rescale", "spherical")))
+
+  bar = _progress(total_steps, int(state.step), progress)
+  for epoch in range(start_epoch, config.epochs):
+    order = data_lib.epoch_permutation(jax.random.fold_in(key, 1000 + epoch), n_train,
+                                       config.batch_size)
+    t0, images_seen = time.perf_counter(), 0
+    for i in range(steps_per_epoch):
+      idx = order[i]
+      step = int(state.step)
+      log_now = (step + 1) % config.log_every == 0 or i == steps_per_epoch - 1
+      # The step may donate its input: keep a copy of the params to measure the turn.
+      before = jax.tree.map(jnp.copy, state.params) if log_now else None
+      state, m = train_step(state, train_images, train_labels, idx)
+      images_seen += config.batch_size
+      if log_now:
+        bad = int(state.first_bad_step)
+        if bad >= 0:
+          raise NonFiniteLossError(
+              f"the training loss became non-finite at step {bad} (epoch {epoch}); "
+              f"lower --lr (now {config.lr}) or check the data.")
+        lr = float(schedule(step))
+        record = {"kind": "train", "step": step + 1,
+                  "epoch": round((step + 1) / steps_per_epoch, 4), **_to_float(m),
+                  "learning_rate": lr,
+                  "layers": _to_float(metrics_fn(before, state.params, learning_rate=lr))}
+        _append(metrics_path, record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
+      bar.update(1)
+      if interrupt_after_step is not None and int(state.step) >= interrupt_after_step:
+        bar.close()
+        return state
+    jax.block_until_ready(state.params)
+    seconds = time.perf_counter() - t0
+    test = evaluate(eval_step, state.params, state.rest, test_images, test_labels,
+                    config.batch_size)
+    _append(metrics_path, {"kind": "test", "step": int(state.step), "epoch": epoch + 1,
+                           **test, "images_per_sec": images_seen / seconds})
+    logging.info("epoch %d: test loss %.4f, accuracy %.4f, %.0f images/s", epoch + 1,
+                 test["loss"], test["accuracy"], images_seen / seconds)
+    manager.save(int(state.step), state)
+  bar.close()
+  manager.close()
+  return state
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+                   dynamic_ncols=True)

@@ -1,0 +1,216 @@
+"""End-to-end runs of the experiment stack, CPU-sized.
+
+A short run under ``tfds.testing.mock_data`` and one on a few hundred real
+CIFAR-10 images (path from NORMREG_CIFAR10_DIR, skipped when unset) write
+well-formed metrics, config, checkpoints and figures; resumption is exact; bad
+input is refused before training.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+from flax import nnx
+
+from experiments import data as data_lib
+from experiments import plot
+from experiments import trainer
+from experiments.config import Config
+
+SMALL = dict(model="cnn", width=4, epochs=2, batch_size=16, log_every=2, lr=0.05)
+CIFAR_DIR = os.environ.get("NORMREG_CIFAR10_DIR")
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _tiny_dataset(n_train=64, n_test=32, size=8, classes=4, seed=0):
+  rng = np.random.default_rng(seed)
+  return data_lib.Dataset(
+      train_images=rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8),
+      train_labels=rng.integers(0, classes, n_train).astype(np.int32),
+      test_images=rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8),
+      test_labels=rng.integers(0, classes, n_test).astype(np.int32),
+      num_classes=classes, class_names=tuple(map(str, range(classes))), name="tiny")
+
+
+def _check_run(workdir, config, steps_per_epoch):
+  records = _read_metrics(workdir)
+  train = [r for r in records if r["kind"] == "train"]
+  test = [r for r in records if r["kind"] == "test"]
+  assert [r["epoch"] for r in test] == list(range(1, config.epochs + 1))
+  assert train[-1]["step"] == steps_per_epoch * config.epochs
+  for r in train:
+    assert np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 and r["learning_rate"] > 0
+    assert r["layers"], "a BatchNorm network has grouped layers"
+    for name, layer in r["layers"].items():
+      assert layer["norm"] > 0 and layer["elr"] > 0 and layer["angle"] >= 0, name
+  for r in test:
+    assert 0 <= r["accuracy"] <= 1 and r["images_per_sec"] > 0
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f) == dataclasses.asdict(config)
+  assert os.listdir(os.path.join(workdir, "checkpoints"))
+  figures = plot.plot_runs([plot.read_run(workdir)], os.path.join(workdir, "figures"))
+  assert len(figures) == 5
+  for path in figures:
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  return train, test
+
+
+@pytest.mark.slow
+def test_end_to_end_under_tfds_mock_data(tmp_path):
+  config = Config(dataset="cifar10", method="l2", **SMALL)
+  with tfds.testing.mock_data(num_examples=64):
+    trainer.train_and_evaluate(config, str(tmp_path), progress=False)
+  train, _ = _check_run(str(tmp_path), config, steps_per_epoch=64 // 16)
+  # The conv kernels before BatchNorm are found and measured; the head is not.
+  assert set(train[0]["layers"]) == {f"convs/{i}/kernel" for i in range(6)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR_DIR, reason="set NORMREG_CIFAR10_DIR to the extracted "
+                    "CIFAR-10 copy (../shared/data/cifar10-jpeg.tar.gz) to run this test")
+def test_end_to_end_on_real_cifar10_images(tmp_path):
+  config = Config(dataset="folder", data_dir=CIFAR_DIR, train_size=320, test_size=160,
+                  method="spherical", model="cnn", width=4, epochs=2, batch_size=32,
+                  log_every=5, lr=0.1)
+  trainer.train_and_evaluate(config, str(tmp_path), progress=False)
+  train, _ = _check_run(str(tmp_path), config, steps_per_epoch=10)
+  for layer in train[-1]["layers"].values():  # spherical: unit norms throughout
+    assert abs(layer["norm"] - 1) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["l2", "spherical"])
+def test_interrupted_run_resumes_exactly(tmp_path, method):
+  ds = _tiny_dataset()
+  config = Config(dataset="cifar10", method=method, **{**SMALL, "epochs": 3})
+  full = trainer.train_and_evaluate(config, str(tmp_path / "full"), dataset=ds, progress=False)
+  # Killed in the middle of the second epoch (after its checkpoint of epoch 1)...
+  trainer.train_and_evaluate(config, str(tmp_path / "cut"), dataset=ds, progress=False,
+                             interrupt_after_step=6)
+  # ...and started again with the same command.
+  resumed = trainer.train_and_evaluate(config, str(tmp_path / "cut"), dataset=ds,
+                                       progress=False)
+  chex.assert_trees_all_close(resumed.params, full.params, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(resumed.opt_state, full.opt_state, rtol=1e-6, atol=1e-7)
+  # No record is duplicated by the replay.
+  steps = [(r["kind"], r["step"]) for r in _read_metrics(str(tmp_path / "cut"))]
+  assert len(steps) == len(set(steps))
+  assert steps == [(r["kind"], r["step"]) for r in _read_metrics(str(tmp_path / "full"))]
+
+
+def test_train_step_traces_once():
+  ds = _tiny_dataset()
+  config = Config(dataset="cifar10", method="spherical", **SMALL)
+  model = trainer.create_model(config, ds.num_classes, 3)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  images = jnp.asarray(ds.train_images)
+  mean, std = (jnp.asarray(a) for a in data_lib.channel_stats(ds.train_images))
+  groups = trainer.find_groups(config, graphdef, params, rest,
+                               data_lib.normalize(images[:16], mean, std))
+  tx = trainer.make_optimizer(config, groups, optax.constant_schedule(0.1))
+  chex.clear_trace_counter()
+  step = jax.jit(chex.assert_max_traces(
+      trainer.make_train_step(graphdef, tx, mean, std, augment=True, key=jax.random.key(0)),
+      n=1))
+  state = trainer.TrainState(jnp.int32(0), params, rest, tx.init(params), jnp.int32(-1))
+  labels = jnp.asarray(ds.train_labels)
+  for i in range(4):
+    state, metrics = step(state, images, labels, jnp.arange(16) + 16 * i)
+  assert int(state.step) == 4 and np.isfinite(float(metrics["loss"]))
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+  config = Config(dataset="cifar10", method="none", norm="none", optimizer="sgd",
+                  **{**SMALL, "lr": 1e30, "momentum": 0.0})
+  with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite at step \d+"):
+    trainer.train_and_evaluate(config, str(tmp_path), dataset=_tiny_dataset(), progress=False)
+
+
+@pytest.mark.parametrize("method", ["l2", "decoupled", "spherical", "elr_rescale", "tangent",
+                                    "none"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_every_method_takes_finite_steps(method, optimizer):
+  config = Config(dataset="cifar10", method=method, optimizer=optimizer,
+                  **{**SMALL, "lr": 0.01})
+  ds = _tiny_dataset(n_train=32)
+  model = trainer.create_model(config, ds.num_classes, 3)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  groups = trainer.find_groups(
+      config, graphdef, params, rest, jnp.asarray(ds.train_images[:16], jnp.float32) / 255)
+  tx = trainer.make_optimizer(config, groups, optax.constant_schedule(0.01))
+  step = jax.jit(trainer.make_train_step(graphdef, tx, jnp.zeros(3), jnp.ones(3),
+                                         augment=False, key=jax.random.key(0)))
+  state = trainer.TrainState(jnp.int32(0), params, rest, tx.init(params), jnp.int32(-1))
+  new, m = step(state, jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels),
+                jnp.arange(16))
+  assert np.isfinite(float(m["loss"]))
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new.params)
+  assert all(jax.tree.leaves(moved)), "every parameter takes a step"
+
+
+# ----------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    (dict(dataset="imagenet"), "--dataset"),
+    (dict(model="vgg19"), "--model"),
+    (dict(norm="instance"), "--norm"),
+    (dict(method="adamw"), "--method"),
+    (dict(method="spherical", lam=1e-4), "--lam"),
+    (dict(lr=0.0), "--lr"),
+    (dict(lr=-0.1), "--lr"),
+    (dict(batch_size=0), "--batch_size"),
+    (dict(dataset="folder"), "--data_dir"),
+])
+def test_bad_config_is_refused_naming_the_flag(overrides, flag):
+  with pytest.raises(ValueError, match=flag):
+    Config(**{**SMALL, **overrides}).validate()
+
+
+def test_batch_larger_than_data_is_refused(tmp_path):
+  config = Config(dataset="cifar10", **{**SMALL, "batch_size": 128})
+  with pytest.raises(ValueError, match="--batch_size=128 is larger than the training set"):
+    trainer.train_and_evaluate(config, str(tmp_path), dataset=_tiny_dataset(), progress=False)
+
+
+def test_missing_and_empty_data_folders_are_refused(tmp_path):
+  missing = Config(dataset="folder", data_dir=str(tmp_path / "nope"), **SMALL)
+  with pytest.raises((ValueError, FileNotFoundError), match="nope"):
+    trainer.train_and_evaluate(missing, str(tmp_path / "w1"), progress=False)
+  (tmp_path / "empty" / "train").mkdir(parents=True)
+  (tmp_path / "empty" / "test").mkdir(parents=True)
+  empty = Config(dataset="folder", data_dir=str(tmp_path / "empty"), **SMALL)
+  with pytest.raises((ValueError, FileNotFoundError), match="empty|no class|no image"):
+    trainer.train_and_evaluate(empty, str(tmp_path / "w2"), progress=False)
+
+
+def test_launcher_prints_one_clear_line_for_bad_flags(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}",
+       "--method=spherical", "--lam=1e-4"],
+      capture_output=True, text=True, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode != 0
+  assert "--lam=0.0001 has no meaning with --method=spherical" in result.stderr
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_group_rules_flag(tmp_path):
+  rules = trainer.parse_group_rules(r"convs/\d+/kernel=unit, .*=none")
+  assert rules == [(r"convs/\d+/kernel", trainer.normreg.UNIT), (".*", None)]
+  with pytest.raises(ValueError, match="--group_rules"):
+    trainer.parse_group_rules("convs=per-unit")
