@@ -384,3 +384,28 @@ def test_missing_params_is_an_error():
   params = toy.init(KEY)
   with pytest.raises(ValueError, match="params"):
     tx.update(_grads(params), tx.init(params))
+
+
+INJECTABLE = {
+    "add_l2_penalty": dict(lam=1e-3),
+    "scale_by_weight_norm": dict(power=2.0),
+    "project_to_sphere": dict(radius=1.5),
+    "tangent_projection": dict(),
+    "sgd_l2": dict(learning_rate=0.1, lam=1e-3, momentum=0.9),
+    "spherical_sgd": dict(learning_rate=0.1, momentum=0.9),
+    "spherical_adam": dict(learning_rate=0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INJECTABLE))
+def test_inject_hyperparams_equals_plain_transform(name):
+  params = toy.init(KEY)
+  factory = getattr(normreg, name)
+  plain = factory(groups=toy.GROUPS, **INJECTABLE[name])
+  injected = optax.inject_hyperparams(factory)(groups=toy.GROUPS, **INJECTABLE[name])
+  s_plain, s_inj = plain.init(params), injected.init(params)
+  for _ in range(2):
+    u_plain, s_plain = plain.update(_grads(params), s_plain, params)
+    u_inj, s_inj = jax.jit(injected.update)(_grads(params), s_inj, params)
+    chex.assert_trees_all_close(u_inj, u_plain, rtol=1e-5, atol=1e-7)
+    params = optax.apply_updates(params, u_plain)
