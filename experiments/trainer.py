@@ -32,7 +32,6 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -84,11 +83,6 @@ def find_groups(config: Config, graphdef, params, rest, images: jax.Array) -> An
       raise ValueError(f"--group_rules: {e}") from e
   fn = lambda p, x: nnx.merge(graphdef, p, rest, copy=True)(x)
   return normreg.find_scale_invariant(fn, params, images, seed=config.seed)
-
-
-def grouped_paths(groups) -> list[str]:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(groups, is_leaf=lambda g: g is None)
-  return [normreg.groups.path_str(p) for p, g in leaves if g is not None]
 
 
 # ---------------------------------------------------------------------- optimizer
@@ -319,7 +313,6 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   probe = data_lib.normalize(train_images[:min(64, n_train)], mean, std)
   groups = find_groups(config, graphdef, params, rest, probe)
-  layers = grouped_paths(groups)
   logging.info("scale-invariant groups:\n%s", normreg.groups.summary(groups))
   model.eval()
   eval_graphdef = nnx.split(model, nnx.Param, ...)[0]

@@ -32,7 +32,10 @@ import re
 from typing import Any, Callable, Sequence, Tuple, Union
 
 import jax
+import optax
 from absl import logging
+
+from normreg import _checks
 
 
 class Invariance(str, enum.Enum):
@@ -222,6 +225,21 @@ def map_grouped(fn: Callable[..., Any], groups: Groups, tree: Any, *rest: Any) -
     return fn(group, leaf, *others)
 
   return jax.tree.map(f, groups, tree, *rest, is_leaf=_is_none)
+
+
+def stateless_on_groups(caller: str, groups: GroupsOrFn,
+                        fn: Callable[..., Any]) -> optax.GradientTransformationExtraArgs:
+  """A stateless transform applying ``fn(group, update, param)`` to grouped leaves.
+
+  Builds on ``optax.stateless`` (empty state, ``update(updates, state, params)``)
+  with ``optax.with_extra_args_support``; adds the params check, the groups
+  resolution and :func:`map_grouped`.
+  """
+  def f(updates, params):
+    _checks.require_params(params, caller)
+    return map_grouped(fn, resolve(groups, params, caller), updates, params)
+
+  return optax.with_extra_args_support(optax.stateless(f))
 
 
 def reduction_axes(group: Invariance, ndim: int) -> tuple[int, ...]:

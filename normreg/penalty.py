@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -69,16 +68,6 @@ def add_l2_penalty(lam: Any, groups: groups_lib.GroupsOrFn) -> optax.GradientTra
   """
   _checks.non_negative("lam", lam, "add_l2_penalty")
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    _checks.require_params(params, "add_l2_penalty")
-    g = groups_lib.resolve(groups, params, "add_l2_penalty")
-    updates = groups_lib.map_grouped(
-        lambda _, u, w: u + jnp.asarray(2 * lam, u.dtype) * w.astype(u.dtype), g, updates, params)
-    return updates, state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return groups_lib.stateless_on_groups(
+      "add_l2_penalty", groups,
+      lambda _, u, w: u + jnp.asarray(2 * lam, u.dtype) * w.astype(u.dtype))

@@ -10,12 +10,10 @@ equivariant to the scale of the weights (``w0 -> a w0`` gives ``w_t -> a w_t``).
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax.numpy as jnp
 import optax
 
-from normreg import _checks
 from normreg import groups as groups_lib
 from normreg import metrics
 
@@ -64,19 +62,8 @@ def scale_by_weight_norm(groups: groups_lib.GroupsOrFn,
     van Laarhoven, 2017 (arXiv 1706.05350), sec. 3; Hoffer et al., 2018.
   """
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
+  def rescale(group, u, w):
+    n = metrics.group_norm(group, w)
+    return (u.astype(n.dtype) * n ** jnp.asarray(power, n.dtype)).astype(u.dtype)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    _checks.require_params(params, "scale_by_weight_norm")
-    g = groups_lib.resolve(groups, params, "scale_by_weight_norm")
-
-    def rescale(group, u, w):
-      n = metrics.group_norm(group, w)
-      return (u.astype(n.dtype) * n ** jnp.asarray(power, n.dtype)).astype(u.dtype)
-
-    return groups_lib.map_grouped(rescale, g, updates, params), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return groups_lib.stateless_on_groups("scale_by_weight_norm", groups, rescale)

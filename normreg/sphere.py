@@ -148,21 +148,10 @@ def tangent_projection(groups: groups_lib.GroupsOrFn) -> optax.GradientTransform
     Heo et al., *AdamP*, 2021 (arXiv 2006.08217); van Laarhoven, 2017.
   """
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
+  def tangent(group, u, w):
+    dtype = metrics.compute_dtype(w.dtype)
+    w32 = w.astype(dtype)
+    coef = metrics.group_dot(group, u, w32) / jnp.square(metrics.group_norm(group, w32))
+    return (u.astype(dtype) - coef * w32).astype(u.dtype)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    _checks.require_params(params, "tangent_projection")
-    g = groups_lib.resolve(groups, params, "tangent_projection")
-
-    def tangent(group, u, w):
-      dtype = metrics.compute_dtype(w.dtype)
-      w32 = w.astype(dtype)
-      coef = metrics.group_dot(group, u, w32) / jnp.square(metrics.group_norm(group, w32))
-      return (u.astype(dtype) - coef * w32).astype(u.dtype)
-
-    return groups_lib.map_grouped(tangent, g, updates, params), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return groups_lib.stateless_on_groups("tangent_projection", groups, tangent)
