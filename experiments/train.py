@@ -14,6 +14,8 @@ from experiments import config as config_lib
 config_lib.define_flags()
 flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl and checkpoints; "
                     "a run restarted on the same folder resumes.")
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() "
+                  "(the environment, e.g. a TPU pod or SLURM, provides the coordinator).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -24,6 +26,9 @@ def main(argv):
     config = config_lib.from_flags()
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  if flags.FLAGS.distributed:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
   from experiments import trainer  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", config.to_json())
   trainer.train_and_evaluate(config, flags.FLAGS.workdir)

@@ -28,10 +28,11 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -150,15 +151,22 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, mean, std, *,
-                    augment: bool, key: jax.Array) -> Callable:
+                    augment: bool, key: jax.Array,
+                    batch_sharding: Optional[jax.sharding.Sharding] = None) -> Callable:
   """``step(state, images, labels, idx) -> (state, metrics)``, pure, to be jitted.
 
   ``images`` (uint8) and ``labels`` are the whole training set on the device;
   ``idx`` the batch's indices, gathered inside the step (no per-step copy).
+  With ``batch_sharding`` (data parallelism) the gathered batch is split over
+  the devices; everything reduced over the batch (the loss, BatchNorm's batch
+  statistics) is then reduced over the global batch by XLA.
   """
 
   def step(state: TrainState, all_images, all_labels, idx):
     x, labels = all_images[idx], all_labels[idx]
+    if batch_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, batch_sharding)
+      labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
     if augment:
       x = data_lib.augment(jax.random.fold_in(key, state.step), x)
     x = data_lib.normalize(x, mean, std)
@@ -272,9 +280,25 @@ def _to_float(tree):
   return jax.tree.map(float, jax.device_get(tree))
 
 
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+  """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all devices, all hosts)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.sharding.Mesh(np.asarray(devices), ("data",))
+
+
+def shard_batch_indices(idx: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """The global batch indices as an array split over the data axis.
+
+  Every host computes the same ``idx`` (same seed), so each fills in its own
+  devices' part; this works on one device, many devices and many hosts alike.
+  """
+  return jax.make_array_from_callback(idx.shape, sharding, lambda index: idx[index])
+
+
 def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] = None,
                        interrupt_after_step: Optional[int] = None,
-                       progress: bool = True) -> TrainState:
+                       progress: bool = True,
+                       devices: Optional[Sequence[jax.Device]] = None) -> TrainState:
   """Trains ``config`` and writes metrics, config and checkpoints into ``workdir``.
 
   Args:
@@ -285,6 +309,9 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
     interrupt_after_step: stop (as if killed) right after this step, without
       saving: for tests of resumption.
     progress: show a progress bar.
+    devices: devices to train on, data-parallel (batch split, params
+      replicated); default all of them. Multi-host: call
+      ``jax.distributed.initialize()`` first (``--distributed``).
 
   Returns:
     The final ``TrainState``.
@@ -301,13 +328,19 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   if config.batch_size > n_train:
     raise ValueError(f"--batch_size={config.batch_size} is larger than the training set "
                      f"({n_train} images); lower --batch_size or raise --train_size.")
+  devices = list(jax.devices() if devices is None else devices)
+  if config.batch_size % len(devices):
+    raise ValueError(f"--batch_size={config.batch_size} must be divisible by the number of "
+                     f"devices ({len(devices)}) for data parallelism.")
+  mesh = make_mesh(devices)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   steps_per_epoch = n_train // config.batch_size
   total_steps = steps_per_epoch * config.epochs
-  mean, std = (jnp.asarray(a) for a in data_lib.channel_stats(ds.train_images))
-  train_images = jax.device_put(ds.train_images)
-  train_labels = jax.device_put(ds.train_labels)
-  test_images = jax.device_put(ds.test_images)
-  test_labels = jax.device_put(ds.test_labels)
+  mean, std = (jax.device_put(a, replicated) for a in data_lib.channel_stats(ds.train_images))
+  # The whole (small) data set on every device, as uint8; batches are gathered in the step.
+  train_images, train_labels, test_images, test_labels = jax.device_put(
+      (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels), replicated)
 
   model = create_model(config, ds.num_classes, ds.train_images.shape[-1])
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -319,37 +352,42 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
 
   schedule = make_schedule(config, total_steps)
   tx = make_optimizer(config, groups, schedule)
-  state = TrainState(jnp.int32(0), params, rest, tx.init(params), jnp.int32(-1))
+  state = jax.device_put(
+      TrainState(jnp.int32(0), params, rest, tx.init(params), jnp.int32(-1)), replicated)
 
   manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"))
   restored = manager.restore_latest(state)
   if restored is not None:
     state = restored
     logging.info("resumed from step %d", int(state.step))
-  _truncate_metrics(metrics_path, int(state.step))
-  start_epoch = int(state.step) // steps_per_epoch
+  step = int(state.step)  # the host's copy: no device sync per step
+  _truncate_metrics(metrics_path, step)
+  start_epoch = step // steps_per_epoch
 
   key = jax.random.key(config.seed)
-  train_step = jax.jit(make_train_step(graphdef, tx, mean, std, augment=config.augment,
-                                       key=jax.random.fold_in(key, 1)),
-                       donate_argnums=() if jax.default_backend() == "cpu" else 0)
+  train_step = jax.jit(
+      make_train_step(graphdef, tx, mean, std, augment=config.augment,
+                      key=jax.random.fold_in(key, 1), batch_sharding=batch_sharding),
+      in_shardings=(replicated, replicated, replicated, batch_sharding),
+      out_shardings=(replicated, replicated),
+      donate_argnums=() if jax.default_backend() == "cpu" else 0)
   eval_step = jax.jit(make_eval_step(eval_graphdef, mean, std))
   metrics_fn = jax.jit(functools.partial(
       layer_metrics, groups=groups, power=elr_power(config),
       rescaled=config.method in ("elr_rescale", "spherical")))
 
-  bar = _progress(total_steps, int(state.step), progress)
+  bar = _progress(total_steps, step, progress)
   for epoch in range(start_epoch, config.epochs):
-    order = data_lib.epoch_permutation(jax.random.fold_in(key, 1000 + epoch), n_train,
-                                       config.batch_size)
+    order = np.asarray(data_lib.epoch_permutation(jax.random.fold_in(key, 1000 + epoch),
+                                                  n_train, config.batch_size))
     t0, images_seen = time.perf_counter(), 0
     for i in range(steps_per_epoch):
-      idx = order[i]
-      step = int(state.step)
+      idx = shard_batch_indices(order[i], batch_sharding)
       log_now = (step + 1) % config.log_every == 0 or i == steps_per_epoch - 1
       # The step may donate its input: keep a copy of the params to measure the turn.
       before = jax.tree.map(jnp.copy, state.params) if log_now else None
       state, m = train_step(state, train_images, train_labels, idx)
+      step += 1
       images_seen += config.batch_size
       if log_now:
         bad = int(state.first_bad_step)
@@ -357,26 +395,26 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
           raise NonFiniteLossError(
               f"the training loss became non-finite at step {bad} (epoch {epoch}); "
               f"lower --lr (now {config.lr}) or check the data.")
-        lr = float(schedule(step))
-        record = {"kind": "train", "step": step + 1,
-                  "epoch": round((step + 1) / steps_per_epoch, 4), **_to_float(m),
+        lr = float(schedule(step - 1))  # the rate this step used
+        record = {"kind": "train", "step": step,
+                  "epoch": round(step / steps_per_epoch, 4), **_to_float(m),
                   "learning_rate": lr,
                   "layers": _to_float(metrics_fn(before, state.params, learning_rate=lr))}
         _append(metrics_path, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
       bar.update(1)
-      if interrupt_after_step is not None and int(state.step) >= interrupt_after_step:
+      if interrupt_after_step is not None and step >= interrupt_after_step:
         bar.close()
         return state
     jax.block_until_ready(state.params)
     seconds = time.perf_counter() - t0
     test = evaluate(eval_step, state.params, state.rest, test_images, test_labels,
                     config.batch_size)
-    _append(metrics_path, {"kind": "test", "step": int(state.step), "epoch": epoch + 1,
+    _append(metrics_path, {"kind": "test", "step": step, "epoch": epoch + 1,
                            **test, "images_per_sec": images_seen / seconds})
     logging.info("epoch %d: test loss %.4f, accuracy %.4f, %.0f images/s", epoch + 1,
                  test["loss"], test["accuracy"], images_seen / seconds)
-    manager.save(int(state.step), state)
+    manager.save(step, state)
   bar.close()
   manager.close()
   return state
