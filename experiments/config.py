@@ -50,6 +50,7 @@ class Config:
   log_every: int = 50
   augment: bool = True
   dtype: str = "float32"
+  init_scale: float = 1.0
 
   @property
   def lam_value(self) -> float:
@@ -83,6 +84,8 @@ class Config:
       raise ValueError(f"--log_every must be > 0, got {self.log_every}.")
     if not 0 <= self.momentum < 1:
       raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}.")
+    if not self.init_scale > 0:
+      raise ValueError(f"--init_scale must be > 0, got {self.init_scale}.")
     for name in ("train_size", "test_size", "width"):
       value = getattr(self, name)
       if value is not None and not value > 0:
@@ -137,6 +140,8 @@ _HELP = {
     "log_every": "Log train metrics every this many steps.",
     "augment": "Random crop and flip (CIFAR-style) inside the jitted step.",
     "dtype": "Compute dtype of the network (params and optimizer state stay float32).",
+    "init_scale": "Multiply the scale-invariant weights by this factor at init (the "
+                  "function is unchanged; only the norms, hence the effective lr, change).",
 }
 
 

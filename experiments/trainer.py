@@ -347,6 +347,9 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   probe = data_lib.normalize(train_images[:min(64, n_train)], mean, std)
   groups = find_groups(config, graphdef, params, rest, probe)
   logging.info("scale-invariant groups:\n%s", normreg.groups.summary(groups))
+  if config.init_scale != 1.0:
+    params = normreg.groups.map_grouped(lambda _, w: w * jnp.asarray(config.init_scale, w.dtype),
+                                        groups, params)
   model.eval()
   eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
 
