@@ -408,6 +408,7 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
       bar.update(1)
       if interrupt_after_step is not None and step >= interrupt_after_step:
         bar.close()
+        manager.close()
         return state
     jax.block_until_ready(state.params)
     seconds = time.perf_counter() - t0
