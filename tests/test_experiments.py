@@ -26,27 +26,14 @@ from experiments import plot
 from experiments import trainer
 from experiments.config import Config
 
+import runs
+
 SMALL = dict(model="cnn", width=4, epochs=2, batch_size=16, log_every=2, lr=0.05)
 CIFAR_DIR = os.environ.get("NORMREG_CIFAR10_DIR")
 
 
-def _read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _tiny_dataset(n_train=64, n_test=32, size=8, classes=4, seed=0):
-  rng = np.random.default_rng(seed)
-  return data_lib.Dataset(
-      train_images=rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8),
-      train_labels=rng.integers(0, classes, n_train).astype(np.int32),
-      test_images=rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8),
-      test_labels=rng.integers(0, classes, n_test).astype(np.int32),
-      num_classes=classes, class_names=tuple(map(str, range(classes))), name="tiny")
-
-
 def _check_run(workdir, config, steps_per_epoch):
-  records = _read_metrics(workdir)
+  records = runs.read_metrics(workdir)
   train = [r for r in records if r["kind"] == "train"]
   test = [r for r in records if r["kind"] == "test"]
   assert [r["epoch"] for r in test] == list(range(1, config.epochs + 1))
@@ -95,7 +82,7 @@ def test_end_to_end_on_real_cifar10_images(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["l2", "spherical"])
 def test_interrupted_run_resumes_exactly(tmp_path, method):
-  ds = _tiny_dataset()
+  ds = runs.tiny_dataset()
   config = Config(dataset="cifar10", method=method, **{**SMALL, "epochs": 3})
   full = trainer.train_and_evaluate(config, str(tmp_path / "full"), dataset=ds, progress=False)
   # Killed in the middle of the second epoch (after its checkpoint of epoch 1)...
@@ -107,13 +94,13 @@ def test_interrupted_run_resumes_exactly(tmp_path, method):
   chex.assert_trees_all_close(resumed.params, full.params, rtol=1e-6, atol=1e-7)
   chex.assert_trees_all_close(resumed.opt_state, full.opt_state, rtol=1e-6, atol=1e-7)
   # No record is duplicated by the replay.
-  steps = [(r["kind"], r["step"]) for r in _read_metrics(str(tmp_path / "cut"))]
+  steps = [(r["kind"], r["step"]) for r in runs.read_metrics(str(tmp_path / "cut"))]
   assert len(steps) == len(set(steps))
-  assert steps == [(r["kind"], r["step"]) for r in _read_metrics(str(tmp_path / "full"))]
+  assert steps == [(r["kind"], r["step"]) for r in runs.read_metrics(str(tmp_path / "full"))]
 
 
 def test_train_step_traces_once():
-  ds = _tiny_dataset()
+  ds = runs.tiny_dataset()
   config = Config(dataset="cifar10", method="spherical", **SMALL)
   model = trainer.create_model(config, ds.num_classes, 3)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -137,7 +124,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
   config = Config(dataset="cifar10", method="none", norm="none", optimizer="sgd",
                   **{**SMALL, "lr": 1e30, "momentum": 0.0})
   with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite at step \d+"):
-    trainer.train_and_evaluate(config, str(tmp_path), dataset=_tiny_dataset(), progress=False)
+    trainer.train_and_evaluate(config, str(tmp_path), dataset=runs.tiny_dataset(), progress=False)
 
 
 @pytest.mark.parametrize("method", ["l2", "decoupled", "spherical", "elr_rescale", "tangent",
@@ -146,7 +133,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
 def test_every_method_takes_finite_steps(method, optimizer):
   config = Config(dataset="cifar10", method=method, optimizer=optimizer,
                   **{**SMALL, "lr": 0.01})
-  ds = _tiny_dataset(n_train=32)
+  ds = runs.tiny_dataset(n_train=32)
   model = trainer.create_model(config, ds.num_classes, 3)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   groups = trainer.find_groups(
@@ -184,7 +171,7 @@ def test_bad_config_is_refused_naming_the_flag(overrides, flag):
 def test_batch_larger_than_data_is_refused(tmp_path):
   config = Config(dataset="cifar10", **{**SMALL, "batch_size": 128})
   with pytest.raises(ValueError, match="--batch_size=128 is larger than the training set"):
-    trainer.train_and_evaluate(config, str(tmp_path), dataset=_tiny_dataset(), progress=False)
+    trainer.train_and_evaluate(config, str(tmp_path), dataset=runs.tiny_dataset(), progress=False)
 
 
 def test_missing_and_empty_data_folders_are_refused(tmp_path):

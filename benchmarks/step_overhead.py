@@ -1,0 +1,289 @@
+"""How much a normreg recipe costs per training step: ``python -m benchmarks.step_overhead``.
+
+Prints three tables, measured in one process on the default JAX device:
+
+1. *Step overhead*: the median time of the jitted train step
+   (``experiments.trainer.make_train_step``, augmentation on) of the base
+   optimizer alone (``--method=none``: ``optax.sgd``, momentum 0.9) and of each
+   normreg recipe (l2, decoupled, spherical, elr_rescale, tangent) on the same
+   model and data, and ``ratio = recipe / base``. Targets: ratio <= 1.02 on
+   GPU, <= 1.05 on CPU.
+2. *Throughput*: training images per second (batch / median step time) of the
+   paper's CNN (width 64) and ResNet-20 (width 16) at ``--throughput_batch``.
+3. *Grid*: one step of a grid of ``--grid_size`` recipes trained together by
+   ``experiments.sweep`` (one ``jax.vmap``-ed, jitted step over optimizer states
+   that hold each run's lr and lam via ``optax.inject_hyperparams``) against
+   the trainer's single-run ``l2`` step (the one table 1 times) applied to
+   as many states one after another.
+
+Methodology: every step function is called ``--warmup`` times before timing
+(the first call compiles); then the recipes are interleaved in rounds (one timed step of
+each per round, the order rotated every round), so that drift of the machine
+(clock, other work) spreads over all of them alike; every timed step ends with
+``jax.block_until_ready``; the median over the rounds is reported, with the
+interquartile range. Data: random uint8 32x32x3 images, 10 classes, on the
+device; BatchNorm.
+
+The defaults fit a small CPU (a few minutes); the full version::
+
+  python -m benchmarks.step_overhead --batch_sizes=128,512 --steps=50 --throughput_steps=20 \\
+      --grid_rounds=10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+
+from experiments import data as data_lib
+from experiments import sweep
+from experiments import trainer
+from experiments.config import Config
+
+RECIPES = ("l2", "decoupled", "spherical", "elr_rescale", "tangent")
+BASE = "none"
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+TARGETS = {"gpu": 1.02, "tpu": 1.02, "cpu": 1.05}
+DEFAULT_WIDTH = {"cnn": 64, "resnet20": 16}
+
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["128"], "Batch sizes of the overhead table.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (rounds) per recipe and batch size.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls of each step before timing (the "
+                               "first one compiles).")
+_MODEL = flags.DEFINE_enum("model", "resnet20", ["resnet20", "cnn"],
+                           "Model of the overhead and grid tables.")
+_WIDTH = flags.DEFINE_integer("width", None, "Model width; default the model's (16 for "
+                              "resnet20, 64 for the cnn).")
+_THROUGHPUT_BATCH = flags.DEFINE_integer("throughput_batch", 128, "Batch of the throughput "
+                                         "table.")
+_THROUGHPUT_STEPS = flags.DEFINE_integer("throughput_steps", 3, "Timed steps per model of the "
+                                         "throughput table.")
+_GRID_SIZE = flags.DEFINE_integer("grid_size", 8, "Recipes in the grid table (lr x lam of l2).")
+_GRID_ROUNDS = flags.DEFINE_integer("grid_rounds", 2, "Timed rounds of the grid table.")
+_TABLES = flags.DEFINE_list("tables", ["overhead", "throughput", "grid"], "Tables to print.")
+
+
+# ---------------------------------------------------------------------- building
+
+
+def random_dataset(n: int, seed: int = 0) -> data_lib.Dataset:
+  """``n`` random uint8 images (train and test) with random labels."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (n,) + IMAGE_SHAPE, dtype=np.uint8)
+  labels = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+  return data_lib.Dataset(images, labels, images[:8], labels[:8], NUM_CLASSES,
+                          tuple(map(str, range(NUM_CLASSES))), "random")
+
+
+def base_config(model: str, width, batch_size: int, method: str = BASE) -> Config:
+  return Config(dataset="cifar10", model=model, width=width, norm="batch", method=method,
+                optimizer="sgd", momentum=0.9, lr=0.1, batch_size=batch_size, augment=True)
+
+
+@dataclasses.dataclass
+class Timed:
+  """A step function, its state, and its inputs; ``run()`` takes one step."""
+  name: str
+  step: Callable
+  state: Any
+  args: tuple
+  times: list = dataclasses.field(default_factory=list)
+
+  def run(self) -> None:
+    self.state, _ = self.step(self.state, *self.args)
+    jax.block_until_ready(self.state)
+
+  def timed(self) -> None:
+    t0 = time.perf_counter()
+    self.run()
+    self.times.append(time.perf_counter() - t0)
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.times)
+
+  @property
+  def iqr(self) -> float:
+    if len(self.times) < 2:
+      return 0.0
+    q = statistics.quantiles(self.times, n=4)
+    return q[2] - q[0]
+
+
+def single_run(config: Config, ds: data_lib.Dataset, device_data: tuple) -> Timed:
+  """``trainer.make_train_step`` of ``config``'s recipe, jitted as the trainer jits it."""
+  images, labels, mean, std = device_data
+  model = trainer.create_model(config, ds.num_classes, IMAGE_SHAPE[-1])
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  groups = trainer.find_groups(config, graphdef, params, rest,
+                               data_lib.normalize(images[:64], mean, std))
+  tx = trainer.make_optimizer(config, groups, trainer.make_schedule(config, 10_000))
+  step = jax.jit(trainer.make_train_step(graphdef, tx, mean, std, augment=config.augment,
+                                         key=jax.random.key(1)),
+                 donate_argnums=() if jax.default_backend() == "cpu" else 0)
+  state = trainer.TrainState(jnp.int32(0), params, rest, tx.init(params), jnp.int32(-1))
+  idx = jnp.arange(config.batch_size, dtype=jnp.int32)
+  return Timed(config.method, step, state, (images, labels, idx))
+
+
+_BUILT: dict = {}
+
+
+def built(model: str, width, batch: int, method: str) -> Timed:
+  """The :func:`single_run` of a recipe, built once per process (tables share it)."""
+  width = width or DEFAULT_WIDTH[model]
+  key = (model, width, batch, method)
+  if key not in _BUILT:
+    ds = random_dataset(max(batch, 64))
+    _BUILT[key] = single_run(base_config(model, width, batch, method), ds, device_data(ds))
+  return _BUILT[key]
+
+
+def device_data(ds: data_lib.Dataset) -> tuple:
+  mean, std = data_lib.channel_stats(ds.train_images)
+  return jax.device_put((ds.train_images, ds.train_labels, mean, std))
+
+
+def warm_up(timed: Sequence[Timed], steps: int) -> None:
+  for t in timed:
+    for _ in range(max(steps, 1)):  # the first call compiles
+      t.run()
+
+
+def interleave(timed: Sequence[Timed], rounds: int) -> None:
+  """``rounds`` rounds of one timed step each, the order rotated every round."""
+  for r in range(rounds):
+    for i in range(len(timed)):
+      timed[(i + r) % len(timed)].timed()
+
+
+# ------------------------------------------------------------------------ tables
+
+
+def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+  cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+  print(f"\n{title}")
+  for j, row in enumerate(cells):
+    print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    if j == 0:
+      print("  ".join("-" * w for w in widths))
+  sys.stdout.flush()
+
+
+def overhead_table(model: str, width, batch_sizes: Sequence[int], steps: int,
+                   warmup: int) -> None:
+  target = TARGETS.get(jax.default_backend(), 1.05)
+  rows = []
+  for batch in batch_sizes:
+    timed = [built(model, width, batch, m) for m in (BASE,) + RECIPES]
+    warm_up(timed, warmup)
+    interleave(timed, steps)
+    base = timed[0].median
+    for t in timed:
+      ratio = t.median / base
+      rows.append([t.name if t.name != BASE else "none (base: optax.sgd, momentum 0.9)",
+                   batch, f"{1e3 * t.median:.2f}", f"{1e3 * t.iqr:.2f}", f"{ratio:.3f}",
+                   "-" if t.name == BASE else ("ok" if ratio <= target else "over")])
+  _print_table(f"1. step overhead: {model} (width {width or DEFAULT_WIDTH[model]}), BatchNorm, "
+               f"augmentation on, median of {steps} interleaved steps; target ratio <= {target}"
+               f" on {jax.default_backend()} (<= 1.02 on GPU, <= 1.05 on CPU)",
+               ["recipe", "batch", "median ms", "IQR ms", "ratio", "target"], rows)
+
+
+def throughput_table(batch: int, steps: int, warmup: int) -> None:
+  models = (("cnn", 64), ("resnet20", 16))
+  timed = {(m, w, r): built(m, w, batch, r) for m, w in models for r in (BASE, "l2")}
+  fresh = [t for t in timed.values() if len(t.times) < steps]
+  warm_up(fresh, warmup)
+  interleave(fresh, steps)
+  rows = [[f"{m} w{w}", r, batch, len(t.times), f"{1e3 * t.median:.1f}",
+           f"{batch / t.median:.0f}"] for (m, w, r), t in timed.items()]
+  _print_table(f"2. training throughput at batch {batch}",
+               ["model", "recipe", "batch", "steps", "median ms", "images/s"], rows)
+
+
+def grid_table(model: str, width, batch: int, size: int, rounds: int, warmup: int) -> None:
+  ds = random_dataset(max(batch, 64))
+  lrs = [0.025 * 2 ** i for i in range((size + 1) // 2)]
+  configs = sweep.grid(base_config(model, width, batch, "l2"), lrs=lrs, lams=[1e-4, 5e-4])[:size]
+  program = sweep.make_program(configs, [ds] * len(configs))
+  images, labels, mean, std = device_data(ds)
+  idx = jnp.tile(jnp.arange(batch, dtype=jnp.int32), (len(configs), 1))
+  keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 1) for c in configs])
+  states = [sweep.init_state(program, c, ds) for c in configs]
+  vmapped = Timed("vmapped", program.jitted("train_step", False), sweep.stack(states),
+                  (images, labels, idx, keys, mean, std))
+  # One run at a time: the trainer's own l2 step (as table 1 times it), on 8 states.
+  single = built(model, width, batch, "l2")
+  sequential = [Timed(f"run {i}", single.step, jax.tree.map(jnp.copy, single.state),
+                      single.args) for i in range(len(configs))]
+  warm_up([vmapped, single], warmup)
+  seq_times = []
+  for _ in range(rounds):
+    vmapped.timed()
+    t0 = time.perf_counter()
+    for t in sequential:
+      t.state, _ = t.step(t.state, *t.args)
+    jax.block_until_ready([t.state for t in sequential])
+    seq_times.append(time.perf_counter() - t0)
+  seq = statistics.median(seq_times)
+  rows = [[f"{len(configs)} runs vmapped (experiments.sweep)", f"{1e3 * vmapped.median:.1f}",
+           f"{1e3 * vmapped.median / len(configs):.1f}", f"{seq / vmapped.median:.2f}"],
+          [f"{len(configs)} runs one after another", f"{1e3 * seq:.1f}",
+           f"{1e3 * seq / len(configs):.1f}", "1.00"]]
+  _print_table(f"3. a grid of {len(configs)} l2 recipes (lr x lam), {model}, batch {batch}: "
+               f"one step of every run (median of {rounds} rounds)",
+               ["how", "ms per grid step", "ms per run-step", "speed-up"], rows)
+
+
+def header() -> None:
+  print(f"normreg step overhead benchmark   jax {jax.__version__}   "
+        f"platform {jax.default_backend()}   devices {jax.devices()}")
+  print(f"host: {platform.platform()}, python {platform.python_version()}, "
+        f"{os.cpu_count()} CPU cores")
+  sys.stdout.flush()
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+  except ValueError:
+    raise app.UsageError(f"--batch_sizes: {_BATCH_SIZES.value} are not integers") from None
+  if not batch_sizes or min(batch_sizes) <= 0 or _STEPS.value <= 0:
+    raise app.UsageError("--batch_sizes and --steps must be positive")
+  unknown = set(_TABLES.value) - {"overhead", "throughput", "grid"}
+  if unknown:
+    raise app.UsageError(f"--tables: unknown {sorted(unknown)}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # the tables only (-v 0 for the groups found)
+  header()
+  t0 = time.perf_counter()
+  if "overhead" in _TABLES.value:
+    overhead_table(_MODEL.value, _WIDTH.value, batch_sizes, _STEPS.value, _WARMUP.value)
+  if "throughput" in _TABLES.value:
+    throughput_table(_THROUGHPUT_BATCH.value, _THROUGHPUT_STEPS.value, _WARMUP.value)
+  if "grid" in _TABLES.value:
+    grid_table(_MODEL.value, _WIDTH.value, batch_sizes[0], _GRID_SIZE.value,
+               _GRID_ROUNDS.value, _WARMUP.value)
+  print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s (compilation included)")
+
+
+if __name__ == "__main__":
+  app.run(main)
