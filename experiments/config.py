@@ -51,6 +51,7 @@ class Config:
   augment: bool = True
   dtype: str = "float32"
   init_scale: float = 1.0
+  ungrouped_lr: Optional[float] = None
 
   @property
   def lam_value(self) -> float:
@@ -86,6 +87,13 @@ class Config:
       raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}.")
     if not self.init_scale > 0:
       raise ValueError(f"--init_scale must be > 0, got {self.init_scale}.")
+    if self.ungrouped_lr is not None:
+      if self.method != "spherical":
+        raise ValueError(f"--ungrouped_lr has no meaning with --method={self.method}: there "
+                         "--lr is the rate of every parameter. Drop it, or use "
+                         "--method=spherical.")
+      if not self.ungrouped_lr > 0:
+        raise ValueError(f"--ungrouped_lr must be > 0, got {self.ungrouped_lr}.")
     for name in ("train_size", "test_size", "width"):
       value = getattr(self, name)
       if value is not None and not value > 0:
@@ -142,6 +150,9 @@ _HELP = {
     "dtype": "Compute dtype of the network (params and optimizer state stay float32).",
     "init_scale": "Multiply the scale-invariant weights by this factor at init (the "
                   "function is unchanged; only the norms, hence the effective lr, change).",
+    "ungrouped_lr": "With --method=spherical: peak learning rate of the parameters outside the "
+                    "groups (norm scales and shifts, biases, the last layer), on the same "
+                    "schedule; default --lr. On the sphere --lr is an angle rate.",
 }
 
 

@@ -128,9 +128,12 @@ def make_optimizer(config: Config, groups, schedule: optax.Schedule
                          optax.scale_by_learning_rate(schedule))
     return optax.adamw(schedule, weight_decay=config.lam_value, mask=mask)
   if config.method == "spherical":
+    # --ungrouped_lr: the same schedule, scaled to its own peak.
+    other = None if config.ungrouped_lr is None else (
+        lambda t: schedule(t) * (config.ungrouped_lr / config.lr))
     if sgd:
-      return normreg.spherical_sgd(schedule, groups, momentum=mu)
-    return normreg.spherical_adam(schedule, groups)
+      return normreg.spherical_sgd(schedule, groups, momentum=mu, ungrouped_learning_rate=other)
+    return normreg.spherical_adam(schedule, groups, ungrouped_learning_rate=other)
   if config.method == "elr_rescale":
     # SGD: rescale the raw gradient by ||w||^2; Adam: rescale Adam's step by ||w||.
     if sgd:

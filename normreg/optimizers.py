@@ -14,8 +14,10 @@ Every learning rate may be a float or an optax schedule.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
+import jax
 import optax
 
 from normreg import _checks
@@ -27,6 +29,32 @@ from normreg import sphere
 
 def _check_lr(learning_rate: Any, caller: str) -> None:
   _checks.positive("learning_rate", learning_rate, caller)
+
+
+def _scale_by_learning_rates(learning_rate: optax.ScalarOrSchedule,
+                             ungrouped_learning_rate: Optional[optax.ScalarOrSchedule],
+                             groups: groups_lib.GroupsOrFn, caller: str
+                             ) -> optax.GradientTransformation:
+  """``optax.scale_by_learning_rate``; with ``ungrouped_learning_rate``, two of them under
+  ``optax.masked``: ``learning_rate`` on the grouped leaves, the other on the rest."""
+  _check_lr(learning_rate, caller)
+  if ungrouped_learning_rate is None:
+    return optax.scale_by_learning_rate(learning_rate)
+  _checks.positive("ungrouped_learning_rate", ungrouped_learning_rate, caller)
+
+  if callable(groups) and not hasattr(groups, "items"):  # optax.masked calls it on the updates
+    def grouped(tree):
+      return groups_lib.as_mask(groups_lib.resolve(groups, tree, caller))
+
+    def ungrouped(tree):
+      return jax.tree.map(operator.not_, grouped(tree))
+  else:
+    grouped = groups_lib.as_mask(groups)
+    ungrouped = jax.tree.map(operator.not_, grouped)
+
+  return optax.chain(optax.masked(optax.scale_by_learning_rate(learning_rate), grouped),
+                     optax.masked(optax.scale_by_learning_rate(ungrouped_learning_rate),
+                                  ungrouped))
 
 
 def _momentum(momentum: Any, nesterov: bool) -> optax.GradientTransformation:
@@ -79,7 +107,8 @@ def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib
 
 
 def spherical_sgd(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
-                  momentum: float = 0.0, nesterov: bool = False
+                  momentum: float = 0.0, nesterov: bool = False,
+                  ungrouped_learning_rate: Optional[optax.ScalarOrSchedule] = None
                   ) -> optax.GradientTransformationExtraArgs:
   """SGD on the unit sphere for the grouped weights; plain SGD for the rest.
 
@@ -108,22 +137,30 @@ def spherical_sgd(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Grou
     groups: groups pytree, or a callable ``params -> groups``.
     momentum: heavy-ball momentum ``mu``.
     nesterov: Nesterov momentum.
+    ungrouped_learning_rate: learning rate of the parameters outside the
+      groups (norm scales and shifts, biases, the last layer); default
+      ``learning_rate``. On the sphere ``eta`` is an angle per unit gradient,
+      not the step size of an ordinary parameter, so the two are tuned apart:
+      switching from ``sgd_l2`` at ``eta`` to ``spherical_sgd`` at the mapped
+      ``eta_s`` (:func:`normreg.theory.spherical_learning_rate`) changes
+      nothing else with ``ungrouped_learning_rate=eta``.
 
   References:
     van Laarhoven, 2017 (arXiv 1706.05350), sec. 4.
   """
-  _check_lr(learning_rate, "spherical_sgd")
   return optax.chain(
       rescale.scale_by_weight_norm(groups, power=1),
       _momentum(momentum, nesterov),
-      optax.scale_by_learning_rate(learning_rate),
+      _scale_by_learning_rates(learning_rate, ungrouped_learning_rate, groups,
+                               "spherical_sgd"),
       sphere.project_to_sphere(groups, radius=1.0),
   )
 
 
 def spherical_adam(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   eps_root: float = 0.0, mu_dtype: Optional[Any] = None
+                   eps_root: float = 0.0, mu_dtype: Optional[Any] = None,
+                   ungrouped_learning_rate: Optional[optax.ScalarOrSchedule] = None
                    ) -> optax.GradientTransformationExtraArgs:
   """Adam on the unit sphere for the grouped weights; plain Adam for the rest.
 
@@ -137,14 +174,15 @@ def spherical_adam(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Gro
     learning_rate: ``eta > 0``, float or schedule.
     groups: groups pytree, or a callable ``params -> groups``.
     b1, b2, eps, eps_root, mu_dtype: as in ``optax.adam``.
+    ungrouped_learning_rate: as in :func:`spherical_sgd`.
 
   References:
     van Laarhoven, 2017; Kingma & Ba, 2015; Heo et al., *AdamP*, 2021.
   """
-  _check_lr(learning_rate, "spherical_adam")
   return optax.chain(
       rescale.scale_by_weight_norm(groups, power=1),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
-      optax.scale_by_learning_rate(learning_rate),
+      _scale_by_learning_rates(learning_rate, ungrouped_learning_rate, groups,
+                               "spherical_adam"),
       sphere.project_to_sphere(groups, radius=1.0),
   )

@@ -21,6 +21,7 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
+import normreg
 from experiments import data as data_lib
 from experiments import plot
 from experiments import trainer
@@ -162,10 +163,27 @@ def test_every_method_takes_finite_steps(method, optimizer):
     (dict(lr=-0.1), "--lr"),
     (dict(batch_size=0), "--batch_size"),
     (dict(dataset="folder"), "--data_dir"),
+    (dict(method="l2", ungrouped_lr=0.1), "--ungrouped_lr has no meaning with --method=l2"),
+    (dict(method="spherical", ungrouped_lr=0.0), "--ungrouped_lr must be > 0"),
 ])
 def test_bad_config_is_refused_naming_the_flag(overrides, flag):
   with pytest.raises(ValueError, match=flag):
     Config(**{**SMALL, **overrides}).validate()
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_spherical_ungrouped_lr_follows_the_schedule_at_its_own_peak(schedule):
+  config = Config(method="spherical", momentum=0.0, lr=0.2, ungrouped_lr=0.05,
+                  schedule=schedule, **{k: v for k, v in SMALL.items() if k != "lr"})
+  params = {"kernel": jnp.eye(3), "bias": jnp.ones(3)}
+  groups = {"kernel": normreg.UNIT, "bias": None}
+  tx = trainer.make_optimizer(config, groups, trainer.make_schedule(config, 10))
+  state = tx.init(params)
+  grads = {"kernel": jnp.zeros((3, 3)), "bias": jnp.full(3, 2.0)}
+  for t in range(3):
+    updates, state = tx.update(grads, state, params)
+    peak_fraction = 1.0 if schedule == "constant" else (1 + np.cos(np.pi * t / 10)) / 2
+    np.testing.assert_allclose(updates["bias"], -0.05 * 2.0 * peak_fraction, rtol=1e-6)
 
 
 def test_batch_larger_than_data_is_refused(tmp_path):

@@ -125,6 +125,28 @@ def test_spherical_keeps_unit_norm(make):
     assert norms["bn"]["scale"] is None
 
 
+@pytest.mark.parametrize("make, lr", [("spherical_sgd", 0.2), ("spherical_adam", 0.01)])
+@pytest.mark.parametrize("groups_as", ["pytree", "callable"])
+def test_ungrouped_learning_rate_scales_only_the_ungrouped_steps(make, lr, groups_as):
+  params = toy.init(KEY)
+  groups = toy.GROUPS if groups_as == "pytree" else (lambda _: toy.GROUPS)
+  same = getattr(normreg, make)(lr, groups)
+  apart = getattr(normreg, make)(lr, groups, ungrouped_learning_rate=lr / 4)
+  s_same, s_apart = same.init(params), apart.init(params)
+  for k in jax.random.split(KEY, 3):  # the same gradients into both, three steps
+    grads = jax.grad(toy.loss)(params, *toy.batch(k))
+    u_same, s_same = same.update(grads, s_same, params)
+    u_apart, s_apart = apart.update(grads, s_apart, params)
+    for name in ("w1", "w2"):  # grouped: unchanged
+      chex.assert_trees_all_close(u_apart[name], u_same[name], rtol=1e-6, atol=1e-7)
+    for name in ("bn", "head"):  # ungrouped: a quarter of the step
+      chex.assert_trees_all_close(u_apart[name], jax.tree.map(lambda u: u / 4, u_same[name]),
+                                  rtol=1e-6, atol=1e-8)
+    assert float(jnp.abs(u_same["head"]["kernel"]).max()) > 0
+  with pytest.raises(ValueError, match="ungrouped_learning_rate must be > 0"):
+    getattr(normreg, make)(lr, groups, ungrouped_learning_rate=0.0)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_scale_by_weight_norm_makes_sgd_scale_equivariant(momentum):
   params = toy.init(KEY)
