@@ -18,7 +18,8 @@ Claims, one section each:
 4. without L2 the norm grows and the effective learning rate decays, from a
    start set by the initial scale;
 5. the fix: spherical SGD at the learning rate mapped from the best SGD+L2
-   recipe reaches the same accuracy with no ``lam``;
+   recipe (the ungrouped parameters keep that recipe's rate, ``--ungrouped_lr``)
+   reaches the same accuracy with no ``lam``;
 6. the same on the WeightNorm network;
 7. BatchNorm's gamma and beta: scaling an inner layer's pair leaves the output
    unchanged (ReLU and a normalized layer follow), the last one's does not;
@@ -95,6 +96,11 @@ class Runner:
 
   def train(self, name: str, config: Config) -> plot_lib.Run:
     workdir = os.path.join(self.workdir, name)
+    if _stale(workdir, config):
+      # The reproduction's recipe for this name changed: keep the old run aside, train anew.
+      aside = f"{workdir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+      logging.warning("reproduce: %s holds other settings; moved to %s", workdir, aside)
+      os.rename(workdir, aside)
     if not _complete(workdir, config):
       logging.info("reproduce: training %s", name)
       state = trainer.train_and_evaluate(config, workdir, dataset=self.dataset,
@@ -115,6 +121,15 @@ class Runner:
       leaves = [jnp.asarray(f[f"{i:05d}"]) for i in range(len(f.files))]
     params = jax.tree.unflatten(jax.tree.structure(params), leaves)
     return graphdef, params, rest
+
+
+def _stale(workdir: str, config: Config) -> bool:
+  """Whether ``workdir`` holds a run with other settings than ``config``."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return json.load(f) != json.loads(config.to_json())
+  except OSError:
+    return False
 
 
 def _complete(workdir: str, config: Config) -> bool:
@@ -225,8 +240,7 @@ def claim_growth_without_l2(runner: Runner) -> dict[str, Any]:
   return out
 
 
-def claim_spherical(runner: Runner, l2: dict[str, Any], norm: str = "batch",
-                    l2_runs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def claim_spherical(runner: Runner, l2: dict[str, Any], norm: str = "batch") -> dict[str, Any]:
   """Spherical SGD at eta_s = the equilibrium eta/||w||^2 of the best L2 recipe."""
   best_key = max(l2, key=lambda k: l2[k]["acc"])
   best = l2[best_key]
@@ -234,9 +248,12 @@ def claim_spherical(runner: Runner, l2: dict[str, Any], norm: str = "batch",
   # estimated from the run's equilibrium norm it is the measured effective lr.
   grad_norm = best["norm"] ** 2 * math.sqrt(2 * 2 * best["lam"] * (1 - MOMENTUM) / best["lr"])
   eta_s = theory.spherical_learning_rate(best["lr"], 2 * best["lam"], grad_norm, MOMENTUM)
-  runs = runner.seeds_of(f"spherical_{norm}", method="spherical", lr=round(eta_s, 5), norm=norm)
+  # The parameters outside the groups keep the L2 recipe's rate: only the grouped weights change.
+  overrides = dict(method="spherical", lr=round(eta_s, 5), norm=norm, ungrouped_lr=best["lr"])
+  runs = runner.seeds_of(f"spherical_{norm}", **overrides)
   mean, std = _acc(runs)
-  return {"best_l2": best_key, "best_l2_acc": best["acc"], "best_l2_acc_std": best["acc_std"],
+  return {"overrides": overrides, "best_l2": best_key, "best_l2_acc": best["acc"],
+          "best_l2_acc_std": best["acc_std"],
           "eta_s": eta_s, "spherical_acc": mean, "spherical_acc_std": std,
           "spherical_norm": _tail(runs[0], "norm"), "spherical_angle": _tail(runs[0], "angle"),
           "predicted_angle": theory.equilibrium_angle_sgd(best["lr"], 2 * best["lam"], MOMENTUM)}
@@ -310,9 +327,8 @@ def run(size: str, workdir: str, out: str, data_dir: Optional[str] = None) -> di
   lr, lam = BASE
   bn_run = runner.seeds_of(f"l2_lr{lr}_lam{lam}", method="l2", lr=lr, lam=lam)[0]
   trained = {"batch": bn_run,
-             "weight": runner.seeds_of("spherical_weight", method="spherical",
-                                       lr=round(results["6_weight_norm"]["spherical"]["eta_s"], 5),
-                                       norm="weight")[0]}
+             "weight": runner.train("spherical_weight_s0", runner.config(
+                 seed=0, **results["6_weight_norm"]["spherical"]["overrides"]))}
   for norm in ("layer", "group"):
     trained[norm] = runner.train(f"l2_{norm}", runner.config(method="l2", lr=lr, lam=lam,
                                                              norm=norm))
@@ -513,7 +529,8 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
     lines += [title, "",
               f"Best SGD+L2 recipe: {sph['best_l2']}, test acc {sph['best_l2_acc']:.3f} "
               f"({sph['best_l2_acc_std']:.3f}). Spherical SGD at the mapped learning rate "
-              f"eta_s = {sph['eta_s']:.4g} (`normreg.theory.spherical_learning_rate`): "
+              f"eta_s = {sph['eta_s']:.4g} (`normreg.theory.spherical_learning_rate`; the "
+              f"ungrouped parameters keep lr {sph['overrides']['ungrouped_lr']}): "
               f"test acc {sph['spherical_acc']:.3f} ({sph['spherical_acc_std']:.3f}); unit "
               f"norm {sph['spherical_norm']:.5f}; angle per step {_fmt(sph['spherical_angle'])} "
               f"(predicted {_fmt(sph['predicted_angle'])}).", ""]

@@ -13,6 +13,8 @@ import pytest
 from experiments import reproduce
 from normreg import theory
 
+import runs
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
@@ -48,6 +50,9 @@ def test_spherical_runs_stay_on_the_sphere_with_the_mapped_lr(smoke):
   for sph in (results["5_spherical"], results["6_weight_norm"]["spherical"]):
     assert abs(sph["spherical_norm"] - 1.0) < 1e-4
     assert sph["eta_s"] > 0
+    # Only the grouped weights change recipe: the rest keep the best L2 recipe's rate.
+    best_lr = float(sph["best_l2"].split(",")[0].removeprefix("lr="))
+    assert sph["overrides"]["ungrouped_lr"] == best_lr
 
 
 @pytest.mark.slow
@@ -83,6 +88,19 @@ def test_report_and_figures_are_written(smoke):
   for figure in figures:
     with open(out / figure, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_a_cached_run_with_other_settings_is_moved_aside_and_retrained(tmp_path):
+  runner = reproduce.Runner("smoke", str(tmp_path), runs.tiny_dataset(), data_dir=None)
+  first = runner.train("r", runner.config(method="none", lr=0.1, epochs=1))
+  assert runner.train("r", runner.config(method="none", lr=0.1, epochs=1)).test == first.test
+  second = runner.train("r", runner.config(method="none", lr=0.05, epochs=1))
+  assert second.config["lr"] == 0.05
+  aside = [p for p in os.listdir(tmp_path) if p.startswith("r.stale-")]
+  assert len(aside) == 1
+  with open(tmp_path / aside[0] / "config.json") as f:
+    assert json.load(f)["lr"] == 0.1
 
 
 def test_full_size_needs_the_data(tmp_path):
