@@ -53,6 +53,10 @@ def test_spherical_runs_stay_on_the_sphere_with_the_mapped_lr(smoke):
     # Only the grouped weights change recipe: the rest keep the best L2 recipe's rate.
     best_lr = float(sph["best_l2"].split(",")[0].removeprefix("lr="))
     assert sph["overrides"]["ungrouped_lr"] == best_lr
+    # One hyperparameter, tuned: the mapped rate and lower ones; the best is reported.
+    lrs = sorted(float(lr) for lr in sph["lr_grid"])
+    assert len(lrs) == 3 and lrs[-1] == pytest.approx(sph["eta_s"], rel=1e-3)
+    assert sph["best_acc"] == max(g["acc"] for g in sph["lr_grid"].values())
 
 
 @pytest.mark.slow
