@@ -11,10 +11,11 @@ Prints three tables, measured in one process on the default JAX device:
 2. *Throughput*: training images per second (batch / median step time) of the
    paper's CNN (width 64) and ResNet-20 (width 16) at ``--throughput_batch``.
 3. *Grid*: one step of a grid of ``--grid_size`` recipes trained together by
-   ``experiments.sweep`` (one ``jax.vmap``-ed, jitted step over optimizer states
-   that hold each run's lr and lam via ``optax.inject_hyperparams``) against
-   the trainer's single-run ``l2`` step (the one table 1 times) applied to
-   as many states one after another.
+   ``experiments.sweep`` (one jitted step over optimizer states that hold each
+   run's lr and lam via ``optax.inject_hyperparams``; the runs all ``jax.vmap``-ed,
+   or looped by ``jax.lax.map`` inside the program) against the trainer's
+   single-run ``l2`` step (the one table 1 times) applied to as many states
+   one after another from Python.
 
 Methodology: every step function is called ``--warmup`` times before timing
 (the first call compiles); then the recipes are interleaved in rounds (one timed step of
@@ -221,32 +222,37 @@ def grid_table(model: str, width, batch: int, size: int, rounds: int, warmup: in
   ds = random_dataset(max(batch, 64))
   lrs = [0.025 * 2 ** i for i in range((size + 1) // 2)]
   configs = sweep.grid(base_config(model, width, batch, "l2"), lrs=lrs, lams=[1e-4, 5e-4])[:size]
-  program = sweep.make_program(configs, [ds] * len(configs))
+  n = len(configs)
   images, labels, mean, std = device_data(ds)
-  idx = jnp.tile(jnp.arange(batch, dtype=jnp.int32), (len(configs), 1))
+  idx = jnp.tile(jnp.arange(batch, dtype=jnp.int32), (n, 1))
   keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 1) for c in configs])
-  states = [sweep.init_state(program, c, ds) for c in configs]
-  vmapped = Timed("vmapped", program.jitted("train_step", False), sweep.stack(states),
-                  (images, labels, idx, keys, mean, std))
-  # One run at a time: the trainer's own l2 step (as table 1 times it), on 8 states.
+  swept = []
+  for vmap_size, how in ((None, f"{n} runs vmapped (--vmap_size=0)"),
+                         (1, f"{n} runs by lax.map (--vmap_size=1)")):
+    program = sweep.make_program(configs, [ds] * n, vmap_size=vmap_size)
+    states = [sweep.init_state(program, c, ds) for c in configs]
+    swept.append(Timed(how, program.jitted("train_step", False), sweep.stack(states),
+                       (images, labels, idx, keys, mean, std)))
+  # One run at a time from Python: the trainer's own l2 step (as table 1 times it), n states.
   single = built(model, width, batch, "l2")
   sequential = [Timed(f"run {i}", single.step, jax.tree.map(jnp.copy, single.state),
-                      single.args) for i in range(len(configs))]
-  warm_up([vmapped, single], warmup)
+                      single.args) for i in range(n)]
+  warm_up(swept + [single], warmup)
   seq_times = []
   for _ in range(rounds):
-    vmapped.timed()
+    for t in swept:
+      t.timed()
     t0 = time.perf_counter()
     for t in sequential:
       t.state, _ = t.step(t.state, *t.args)
     jax.block_until_ready([t.state for t in sequential])
     seq_times.append(time.perf_counter() - t0)
   seq = statistics.median(seq_times)
-  rows = [[f"{len(configs)} runs vmapped (experiments.sweep)", f"{1e3 * vmapped.median:.1f}",
-           f"{1e3 * vmapped.median / len(configs):.1f}", f"{seq / vmapped.median:.2f}"],
-          [f"{len(configs)} runs one after another", f"{1e3 * seq:.1f}",
-           f"{1e3 * seq / len(configs):.1f}", "1.00"]]
-  _print_table(f"3. a grid of {len(configs)} l2 recipes (lr x lam), {model}, batch {batch}: "
+  rows = [[t.name, f"{1e3 * t.median:.1f}", f"{1e3 * t.median / n:.1f}",
+           f"{seq / t.median:.2f}"] for t in swept]
+  rows.append([f"{n} runs one after another (Python loop)", f"{1e3 * seq:.1f}",
+               f"{1e3 * seq / n:.1f}", "1.00"])
+  _print_table(f"3. a grid of {n} l2 recipes (lr x lam), {model}, batch {batch}: "
                f"one step of every run (median of {rounds} rounds)",
                ["how", "ms per grid step", "ms per run-step", "speed-up"], rows)
 

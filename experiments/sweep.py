@@ -32,6 +32,12 @@ How it builds on the single-run trainer (``experiments.trainer``):
   ``trainer.make_eval_step``, both vmapped), so ``python -m experiments.plot``
   draws them. ``images_per_sec`` is per run (the sweep as a whole processes the
   chunk size times that). No checkpoints are written.
+- Inside the step the runs are vectorized by ``jax.vmap``, all at once by
+  default, or ``--vmap_size`` at a time with the groups looped by
+  ``jax.lax.map`` in the same program (:func:`over_runs`). On a 2-core CPU both
+  are slower per run than separate runs (README, "Performance": XLA compiles
+  a vmapped convolution with per-run kernels to a grouped convolution); the
+  vmapped grid is meant for accelerators.
 - A grid too big for the device is split into chunks of at most
   ``--max_runs_per_chunk`` runs, trained one after another. Where the device
   reports its free memory (GPU, TPU), the chunk is also shrunk until XLA's
@@ -227,6 +233,8 @@ class Program:
   n_train: int
   steps_per_epoch: int
   total_steps: int
+  # Runs vectorized together by jax.vmap inside a step; None: all of the chunk.
+  vmap_size: Optional[int] = None
   # (seed, id(dataset)) -> the seed's initial (params, rest).
   initial: dict = dataclasses.field(default_factory=dict, repr=False)
   _jitted: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -253,7 +261,8 @@ def _same_groups(a: Any, b: Any) -> bool:
           and jax.tree.leaves(a, is_leaf=is_none) == jax.tree.leaves(b, is_leaf=is_none))
 
 
-def make_program(configs: Sequence[Config], datasets: Sequence[data_lib.Dataset]) -> Program:
+def make_program(configs: Sequence[Config], datasets: Sequence[data_lib.Dataset],
+                 vmap_size: Optional[int] = None) -> Program:
   """The shared program of ``configs`` (one ``program_key``), ``datasets[i]`` run i's data.
 
   Per distinct seed, the model is built (``trainer.create_model``, kept as the
@@ -289,7 +298,8 @@ def make_program(configs: Sequence[Config], datasets: Sequence[data_lib.Dataset]
   return Program(config=config, graphdef=graphdefs[0], eval_graphdef=graphdefs[1],
                  groups=groups, tx=recipe_for(config, groups, total_steps),
                  num_classes=dataset.num_classes, in_channels=in_channels, n_train=n_train,
-                 steps_per_epoch=steps_per_epoch, total_steps=total_steps, initial=initial)
+                 steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                 vmap_size=vmap_size, initial=initial)
 
 
 def init_state(program: Program, config: Config,
@@ -314,10 +324,38 @@ def unstack(tree: Any, n: int) -> list[Any]:
   return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
+def over_runs(fn: Callable, in_axes: Sequence[Optional[int]],
+              vmap_size: Optional[int]) -> Callable:
+  """``fn`` over a leading run axis of the arguments whose ``in_axes`` is 0.
+
+  ``vmap_size=None``: ``jax.vmap(fn, in_axes)``, every run at once. Otherwise
+  ``jax.lax.map`` over the runs, ``vmap_size`` of them vectorized at a time
+  (1: a loop, one run after another inside the same compiled program). Same
+  numbers either way; the choice is speed and memory: XLA turns a vmapped
+  convolution with per-run kernels into a grouped convolution, fast on GPUs
+  and TPUs, several times slower than separate convolutions on CPUs
+  (``python -m benchmarks.step_overhead --tables=grid``; on a 2-core CPU the
+  ``lax.map`` loop measured slower still than the vmapped step).
+  """
+  if vmap_size is None:
+    return jax.vmap(fn, in_axes=tuple(in_axes))
+
+  def mapped(*args):
+    per_run = tuple(a for a, axis in zip(args, in_axes) if axis == 0)
+
+    def one(xs):
+      it = iter(xs)
+      return fn(*(next(it) if axis == 0 else a for a, axis in zip(args, in_axes)))
+
+    return jax.lax.map(one, per_run, batch_size=None if vmap_size == 1 else vmap_size)
+
+  return mapped
+
+
 def make_vmapped_step(program: Program, *, per_run_data: bool = False) -> Callable:
   """``step(states, images, labels, idx, keys, mean, std) -> (states, metrics)``, to jit.
 
-  ``jax.vmap`` of ``trainer.make_train_step`` over the runs: ``states``,
+  ``trainer.make_train_step`` over the runs (:func:`over_runs`): ``states``,
   ``idx`` (``(runs, batch)``) and ``keys`` (each run's ``fold_in(key(seed), 1)``)
   carry a leading run axis; the data (``images``, ``labels``, ``mean``, ``std``)
   is shared, or per run with ``per_run_data`` (subsets drawn per seed).
@@ -330,18 +368,18 @@ def make_vmapped_step(program: Program, *, per_run_data: bool = False) -> Callab
     return step(state, images, labels, idx)
 
   data = 0 if per_run_data else None
-  return jax.vmap(one, in_axes=(0, data, data, 0, 0, data, data))
+  return over_runs(one, (0, data, data, 0, 0, data, data), program.vmap_size)
 
 
 def make_vmapped_eval_step(program: Program, *, per_run_data: bool = False) -> Callable:
-  """``jax.vmap`` of ``trainer.make_eval_step``: per-run sums of loss and of correct."""
+  """``trainer.make_eval_step`` over the runs: per-run sums of loss and of correct."""
 
   def one(params, rest, images, labels, weights, mean, std):
     return trainer.make_eval_step(program.eval_graphdef, mean, std)(params, rest, images,
                                                                     labels, weights)
 
   data = 0 if per_run_data else None
-  return jax.vmap(one, in_axes=(0, 0, data, data, None, data, data))
+  return over_runs(one, (0, 0, data, data, None, data, data), program.vmap_size)
 
 
 def make_vmapped_layer_metrics(program: Program) -> Callable:
@@ -354,6 +392,14 @@ def make_vmapped_layer_metrics(program: Program) -> Callable:
 
 
 # ------------------------------------------------------------------------ chunking
+
+
+def check_chunking(max_runs_per_chunk: Optional[int], vmap_size: Optional[int]) -> None:
+  """Raises ``ValueError`` naming ``--max_runs_per_chunk`` or ``--vmap_size`` if out of range."""
+  if max_runs_per_chunk is not None and not max_runs_per_chunk > 0:
+    raise ValueError(f"--max_runs_per_chunk must be > 0, got {max_runs_per_chunk}.")
+  if vmap_size is not None and vmap_size < 0:
+    raise ValueError(f"--vmap_size must be >= 0 (0: every run of a chunk), got {vmap_size}.")
 
 
 def device_free_bytes(device: Optional[jax.Device] = None) -> Optional[int]:
@@ -634,6 +680,7 @@ def _chunk_size(program: Program, configs, datasets, max_runs: Optional[int]) ->
 def train_grid(configs: Sequence[Config], workdir: str, *,
                dataset: Optional[data_lib.Dataset] = None,
                max_runs_per_chunk: Optional[int] = None,
+               vmap_size: Optional[int] = None,
                progress: bool = True) -> list[Optional[trainer.TrainState]]:
   """Trains every config, vmapped per program, each into ``workdir/<run name>``.
 
@@ -647,6 +694,9 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
       per run as ``trainer.train_and_evaluate`` does (once per seed for subsets).
     max_runs_per_chunk: most runs trained at once; default: as many as fit the
       device's free memory, or 16 where that is unknown (CPU).
+    vmap_size: runs vectorized together by ``jax.vmap`` inside a step, the
+      others looped by ``jax.lax.map`` in the same program (:func:`over_runs`);
+      0 or ``None`` (default): every run of a chunk.
     progress: show a progress bar per chunk.
 
   Returns:
@@ -661,8 +711,7 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
   configs = [c.validate() for c in configs]
   if not configs:
     raise ValueError("the grid is empty: give at least one value per axis.")
-  if max_runs_per_chunk is not None and not max_runs_per_chunk > 0:
-    raise ValueError(f"--max_runs_per_chunk must be > 0, got {max_runs_per_chunk}.")
+  check_chunking(max_runs_per_chunk, vmap_size)
   names = run_names(configs)
   for name in names:
     if names.count(name) > 1:
@@ -698,7 +747,7 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
   for members in programs.values():
     p_configs = [configs[i] for i in members]
     p_datasets = [datasets[i] for i in members]
-    program = make_program(p_configs, p_datasets)
+    program = make_program(p_configs, p_datasets, vmap_size=vmap_size or None)
     size = _chunk_size(program, p_configs, p_datasets, max_runs_per_chunk)
     chunks = plan_chunks(len(members), size)
     logging.info("%s: %d runs in %d chunk(s) of %d", program.config.method, len(members),
@@ -739,6 +788,10 @@ def define_flags() -> None:
     flags.DEFINE_list(name, None if default is None else str(default),
                       f"Comma-separated list, one run per value. {help_}")
   flags.DEFINE_string("workdir", None, "Folder of the sweep; one subfolder per run.")
+  flags.DEFINE_integer("vmap_size", None,
+                       "Runs vectorized by jax.vmap at a time inside the one jitted step (the "
+                       "others are looped by jax.lax.map in the same program); 0: every run "
+                       "of a chunk (default).")
   flags.DEFINE_integer("max_runs_per_chunk", None,
                        "Most runs trained at once; default: what fits the device's free "
                        f"memory, or {DEFAULT_MAX_RUNS_PER_CHUNK} where it is unknown (CPU).")
@@ -760,13 +813,12 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     configs = configs_from_flags()
-    if flags.FLAGS.max_runs_per_chunk is not None and not flags.FLAGS.max_runs_per_chunk > 0:
-      raise ValueError(
-          f"--max_runs_per_chunk must be > 0, got {flags.FLAGS.max_runs_per_chunk}.")
+    check_chunking(flags.FLAGS.max_runs_per_chunk, flags.FLAGS.vmap_size)
   except ValueError as e:
     sys.exit(f"experiments.sweep: {e}")  # one line naming the flag, exit status 1
   logging.info("%d runs:\n%s", len(configs), "\n".join(run_names(configs)))
-  train_grid(configs, flags.FLAGS.workdir, max_runs_per_chunk=flags.FLAGS.max_runs_per_chunk)
+  train_grid(configs, flags.FLAGS.workdir, max_runs_per_chunk=flags.FLAGS.max_runs_per_chunk,
+             vmap_size=flags.FLAGS.vmap_size)
 
 
 if __name__ == "__main__":

@@ -62,11 +62,11 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def l2_sweep(tmp_path_factory, dataset):
-  """2 lrs x 2 lams of coupled L2 with SGD momentum 0.9, one program."""
+  """2 lrs x 2 lams of coupled L2 with SGD momentum 0.9, one program, all runs vmapped (the default)."""
   configs = sweep.grid(Config(method="l2", optimizer="sgd", momentum=0.9, **SMALL),
                        lrs=[0.05, 0.1], lams=[1e-4, 5e-4], seeds=[0])
   workdir = str(tmp_path_factory.mktemp("l2_sweep"))
-  states = sweep.train_grid(configs, workdir, dataset=dataset, progress=False)
+  states = sweep.train_grid(configs, workdir, dataset=dataset, vmap_size=0, progress=False)
   return configs, workdir, states
 
 
@@ -93,11 +93,16 @@ def test_every_vmapped_run_equals_the_run_alone(l2_sweep, dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_chunks_equal_one_program(l2_sweep, dataset, tmp_path):
+@pytest.mark.parametrize("max_runs, vmap_size", [(2, 0), (3, 1), (4, 2)])
+def test_chunks_and_lax_map_equal_one_vmapped_program(l2_sweep, dataset, tmp_path, max_runs,
+                                                      vmap_size):
+  # (2, 0): two chunks of 2, vmapped; (3, 1): at most 3 a chunk gives two of 2, each
+  # looped one run at a time by lax.map; (4, 2): one chunk, lax.map over
+  # two vmapped pairs.
   configs, _, states = l2_sweep
-  chunked = sweep.train_grid(configs[:3], str(tmp_path), dataset=dataset,
-                             max_runs_per_chunk=2, progress=False)
-  for state, expected in zip(chunked, states[:3]):
+  chunked = sweep.train_grid(configs, str(tmp_path), dataset=dataset,
+                             max_runs_per_chunk=max_runs, vmap_size=vmap_size, progress=False)
+  for state, expected in zip(chunked, states):
     chex.assert_trees_all_close(state.params, expected.params, **TOL)
     chex.assert_trees_all_close(state.rest, expected.rest, **TOL)
 
@@ -151,6 +156,8 @@ def test_bad_runs_are_refused_before_training(dataset, tmp_path):
     sweep.train_grid(big, str(tmp_path), dataset=dataset, progress=False)
   with pytest.raises(ValueError, match="--max_runs_per_chunk must be > 0"):
     sweep.train_grid(big, str(tmp_path), dataset=dataset, max_runs_per_chunk=0)
+  with pytest.raises(ValueError, match="--vmap_size must be >= 0"):
+    sweep.train_grid(big, str(tmp_path), dataset=dataset, vmap_size=-1)
   with pytest.raises(ValueError, match="empty"):
     sweep.train_grid([], str(tmp_path), dataset=dataset)
   assert not os.listdir(tmp_path)
