@@ -19,17 +19,19 @@ import numpy as np
 from experiments import trainer
 from experiments.config import Config
 
+import runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = textwrap.dedent("""
     import sys, tempfile
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
-    from test_experiments import _tiny_dataset
+    from runs import tiny_dataset
     from experiments import trainer
     from experiments.config import Config
     assert jax.device_count() == 8, jax.devices()
-    ds = _tiny_dataset()
+    ds = tiny_dataset()
     out = {{}}
     for method in ("l2", "spherical"):
       config = Config(dataset="cifar10", method=method, model="cnn", width=4, epochs=2,
@@ -61,11 +63,10 @@ def test_eight_devices_give_the_same_parameters_as_one():
 
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path):
-  from test_experiments import _tiny_dataset  # pylint: disable=g-import-not-at-top
   config = Config(dataset="cifar10", model="cnn", width=4, epochs=1, batch_size=15)
   fake_devices = [jax.devices()[0]] * 2
   try:
-    trainer.train_and_evaluate(config, str(tmp_path), dataset=_tiny_dataset(),
+    trainer.train_and_evaluate(config, str(tmp_path), dataset=runs.tiny_dataset(),
                                progress=False, devices=fake_devices)
   except ValueError as e:
     assert "--batch_size=15 must be divisible by the number of devices (2)" in str(e)
@@ -74,10 +75,9 @@ def test_batch_not_divisible_by_devices_is_refused(tmp_path):
 
 
 def test_bfloat16_compute_keeps_float32_params_and_state(tmp_path):
-  from test_experiments import _tiny_dataset  # pylint: disable=g-import-not-at-top
   config = Config(dataset="cifar10", method="spherical", model="cnn", width=4, epochs=1,
                   batch_size=16, log_every=2, lr=0.05, dtype="bfloat16")
-  state = trainer.train_and_evaluate(config, str(tmp_path), dataset=_tiny_dataset(),
+  state = trainer.train_and_evaluate(config, str(tmp_path), dataset=runs.tiny_dataset(),
                                      progress=False)
   for leaf in jax.tree.leaves((state.params, state.opt_state)):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
