@@ -47,7 +47,6 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
-from flax import nnx
 
 from experiments import data as data_lib
 from experiments import sweep
@@ -128,15 +127,13 @@ class Timed:
 def single_run(config: Config, ds: data_lib.Dataset, device_data: tuple) -> Timed:
   """``trainer.make_train_step`` of ``config``'s recipe, jitted as the trainer jits it."""
   images, labels, mean, std = device_data
-  model = trainer.create_model(config, ds.num_classes, IMAGE_SHAPE[-1])
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  groups = trainer.find_groups(config, graphdef, params, rest,
-                               data_lib.normalize(images[:64], mean, std))
-  tx = trainer.make_optimizer(config, groups, trainer.make_schedule(config, 10_000))
-  step = jax.jit(trainer.make_train_step(graphdef, tx, mean, std, augment=config.augment,
+  model = trainer.init_model(config, ds.num_classes, images, mean, std)
+  tx = trainer.make_optimizer(config, model.groups, trainer.make_schedule(config, 10_000))
+  step = jax.jit(trainer.make_train_step(model.graphdef, tx, mean, std, augment=config.augment,
                                          key=jax.random.key(1)),
                  donate_argnums=() if jax.default_backend() == "cpu" else 0)
-  state = trainer.TrainState(jnp.int32(0), params, rest, tx.init(params), jnp.int32(-1))
+  state = trainer.TrainState(jnp.int32(0), model.params, model.rest, tx.init(model.params),
+                             jnp.int32(-1))
   idx = jnp.arange(config.batch_size, dtype=jnp.int32)
   return Timed(config.method, step, state, (images, labels, idx))
 

@@ -79,7 +79,6 @@ import optax
 from absl import app
 from absl import flags
 from absl import logging
-from flax import nnx
 
 import normreg
 
@@ -228,8 +227,6 @@ class Program:
   eval_graphdef: Any
   groups: Any
   tx: optax.GradientTransformation
-  num_classes: int
-  in_channels: int
   n_train: int
   steps_per_epoch: int
   total_steps: int
@@ -265,39 +262,33 @@ def make_program(configs: Sequence[Config], datasets: Sequence[data_lib.Dataset]
                  vmap_size: Optional[int] = None) -> Program:
   """The shared program of ``configs`` (one ``program_key``), ``datasets[i]`` run i's data.
 
-  Per distinct seed, the model is built (``trainer.create_model``, kept as the
-  seed's initial variables) and its groups found by ``trainer.find_groups`` on
-  the probe batch ``train_and_evaluate`` uses (the first 64 normalized training
-  images). The groups decide the optimizer's structure, so they must agree
+  Per distinct seed, the model is built by ``trainer.init_model``, as
+  ``train_and_evaluate`` builds it (groups found on the first 64 normalized
+  training images, ``--init_scale`` applied), and kept as the seed's initial
+  variables. The groups decide the optimizer's structure, so they must agree
   across seeds; they do for the models here, invariance being a property of
   the architecture.
   """
   config, dataset = configs[0], datasets[0]
-  in_channels = dataset.train_images.shape[-1]
   n_train = dataset.train_images.shape[0]
   steps_per_epoch = n_train // config.batch_size
   total_steps = steps_per_epoch * config.epochs
-  groups, initial, graphdefs = None, {}, None
+  first, initial = None, {}
   for c, ds in zip(configs, datasets):
     if (c.seed, id(ds)) in initial:
       continue
-    model = trainer.create_model(c, ds.num_classes, in_channels)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    mean, std = (jnp.asarray(a) for a in data_lib.channel_stats(ds.train_images))
-    probe = data_lib.normalize(jnp.asarray(ds.train_images[:min(64, n_train)]), mean, std)
-    found = trainer.find_groups(c, graphdef, params, rest, probe)
-    if groups is None:
-      groups = found
-      model.eval()
-      graphdefs = graphdef, nnx.split(model, nnx.Param, ...)[0]
-    elif not _same_groups(found, groups):
+    model = trainer.init_model(c, ds.num_classes, ds.train_images,
+                               *data_lib.channel_stats(ds.train_images))
+    if first is None:
+      first = model
+    elif not _same_groups(model.groups, first.groups):
       raise ValueError(f"--seed={c.seed} finds other scale-invariant groups than "
                        f"--seed={config.seed}; give them with --group_rules.")
-    initial[(c.seed, id(ds))] = (params, rest)
+    initial[(c.seed, id(ds))] = (model.params, model.rest)
+  groups = first.groups
   logging.info("scale-invariant groups:\n%s", normreg.groups.summary(groups))
-  return Program(config=config, graphdef=graphdefs[0], eval_graphdef=graphdefs[1],
-                 groups=groups, tx=recipe_for(config, groups, total_steps),
-                 num_classes=dataset.num_classes, in_channels=in_channels, n_train=n_train,
+  return Program(config=config, graphdef=first.graphdef, eval_graphdef=first.eval_graphdef,
+                 groups=groups, tx=recipe_for(config, groups, total_steps), n_train=n_train,
                  steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                  vmap_size=vmap_size, initial=initial)
 
@@ -305,12 +296,9 @@ def make_program(configs: Sequence[Config], datasets: Sequence[data_lib.Dataset]
 def init_state(program: Program, config: Config,
                dataset: data_lib.Dataset) -> trainer.TrainState:
   """Run ``config``'s initial state: its seed's params and BatchNorm statistics (built
-  by :func:`make_program`), and the injected chain's ``init`` (lr and lam in the state)."""
-  key = (config.seed, id(dataset))
-  if key not in program.initial:
-    model = trainer.create_model(config, program.num_classes, program.in_channels)
-    program.initial[key] = nnx.split(model, nnx.Param, ...)[1:]
-  params, rest = program.initial[key]
+  by :func:`make_program` from the program's configs and datasets), and the injected
+  chain's ``init`` (lr and lam in the state)."""
+  params, rest = program.initial[(config.seed, id(dataset))]
   opt_state = recipe_for(config, program.groups, program.total_steps).init(params)
   return trainer.TrainState(jnp.int32(0), params, rest, opt_state, jnp.int32(-1))
 

@@ -86,6 +86,37 @@ def find_groups(config: Config, graphdef, params, rest, images: jax.Array) -> An
   return normreg.find_scale_invariant(fn, params, images, seed=config.seed)
 
 
+class Model(NamedTuple):
+  """A model at init, split (``nnx.split(model, nnx.Param, ...)``), with its groups."""
+
+  graphdef: Any  # training mode: BatchNorm on batch statistics
+  eval_graphdef: Any  # evaluation mode: BatchNorm on its running statistics
+  params: Any
+  rest: Any
+  groups: Any
+
+
+def init_model(config: Config, num_classes: int, train_images, mean, std) -> Model:
+  """``config``'s model at init, split, with its scale-invariance groups.
+
+  The groups come from :func:`find_groups` on a probe batch, the first 64
+  ``train_images`` (uint8, ``(N, H, W, C)``) normalized by ``mean`` and ``std``.
+  Then ``--init_scale`` multiplies the grouped weights: the network's function
+  is unchanged, only the norms (hence the effective learning rate) change.
+  Shared by :func:`train_and_evaluate`, ``experiments.sweep`` and the benchmarks,
+  so every run of a recipe starts from the same point.
+  """
+  model = create_model(config, num_classes, train_images.shape[-1])
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  probe = data_lib.normalize(jnp.asarray(train_images[:64]), mean, std)
+  groups = find_groups(config, graphdef, params, rest, probe)
+  if config.init_scale != 1.0:
+    params = normreg.groups.map_grouped(lambda _, w: w * jnp.asarray(config.init_scale, w.dtype),
+                                        groups, params)
+  model.eval()
+  return Model(graphdef, nnx.split(model, nnx.Param, ...)[0], params, rest, groups)
+
+
 # ---------------------------------------------------------------------- optimizer
 
 
@@ -345,16 +376,9 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   train_images, train_labels, test_images, test_labels = jax.device_put(
       (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels), replicated)
 
-  model = create_model(config, ds.num_classes, ds.train_images.shape[-1])
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  probe = data_lib.normalize(train_images[:min(64, n_train)], mean, std)
-  groups = find_groups(config, graphdef, params, rest, probe)
+  graphdef, eval_graphdef, params, rest, groups = init_model(config, ds.num_classes,
+                                                            train_images, mean, std)
   logging.info("scale-invariant groups:\n%s", normreg.groups.summary(groups))
-  if config.init_scale != 1.0:
-    params = normreg.groups.map_grouped(lambda _, w: w * jnp.asarray(config.init_scale, w.dtype),
-                                        groups, params)
-  model.eval()
-  eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
 
   schedule = make_schedule(config, total_steps)
   tx = make_optimizer(config, groups, schedule)

@@ -199,3 +199,16 @@ def test_command_line_writes_run_folders_and_survives_a_diverged_run(image_folde
   assert run.config["lr"] == 0.05 and run.config["lam"] == 0.0001
   with open(workdir / bad / "diverged.txt") as f:
     assert "non-finite at step" in f.read()
+
+
+@pytest.mark.slow
+def test_init_scale_is_applied_as_in_the_run_alone(dataset, tmp_path):
+  # --init_scale multiplies the grouped weights at init: a sweep's run starts there too.
+  configs = sweep.grid(Config(method="l2", init_scale=4.0, **{**SMALL, "epochs": 1}),
+                       lrs=[0.1], lams=[5e-4])
+  swept = sweep.train_grid(configs, str(tmp_path / "sweep"), dataset=dataset, progress=False)
+  alone = trainer.train_and_evaluate(configs[0], str(tmp_path / "alone"), dataset=dataset,
+                                     progress=False)
+  chex.assert_trees_all_close(swept[0].params, alone.params, **TOL)
+  _assert_same_records(runs.read_metrics(str(tmp_path / "sweep" / sweep.run_names(configs)[0])),
+                       runs.read_metrics(str(tmp_path / "alone")))
