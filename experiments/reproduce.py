@@ -97,7 +97,7 @@ class Runner:
 
   def train(self, name: str, config: Config) -> plot_lib.Run:
     workdir = os.path.join(self.workdir, name)
-    if _stale(workdir, config):
+    if trainer.changed_settings(workdir, config):
       # The reproduction's recipe for this name changed: keep the old run aside, train anew.
       aside = f"{workdir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
       logging.warning("reproduce: %s holds other settings; moved to %s", workdir, aside)
@@ -124,23 +124,14 @@ class Runner:
     return graphdef, params, rest
 
 
-def _stale(workdir: str, config: Config) -> bool:
-  """Whether ``workdir`` holds a run with other settings than ``config``."""
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      return json.load(f) != json.loads(config.to_json())
-  except OSError:
-    return False
-
-
 def _complete(workdir: str, config: Config) -> bool:
+  """Whether ``workdir`` (its settings already checked by ``Runner.train``) holds the whole
+  run: its config.json, every epoch's test record and the final params."""
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      same = json.load(f) == json.loads(config.to_json())
     run = plot_lib.read_run(workdir)
   except (OSError, ValueError):
     return False
-  return same and len(run.test) == config.epochs and os.path.exists(
+  return bool(run.config) and len(run.test) == config.epochs and os.path.exists(
       os.path.join(workdir, "final_params.npz"))
 
 

@@ -63,7 +63,6 @@ Library use::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import math
@@ -372,10 +371,7 @@ def make_vmapped_eval_step(program: Program, *, per_run_data: bool = False) -> C
 
 def make_vmapped_layer_metrics(program: Program) -> Callable:
   """``jax.vmap`` of ``trainer.layer_metrics``, ``learning_rate`` per run."""
-  config = program.config
-  metrics = functools.partial(trainer.layer_metrics, groups=program.groups,
-                              power=trainer.elr_power(config),
-                              rescaled=config.method in ("elr_rescale", "spherical"))
+  metrics = trainer.make_layer_metrics(program.config, program.groups)
   return jax.vmap(lambda before, after, lr: metrics(before, after, learning_rate=lr))
 
 
@@ -498,21 +494,10 @@ def _chunk_data(datasets: Sequence[data_lib.Dataset],
 # --------------------------------------------------------------------- the training
 
 
-def _append(path: str, record: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
-
-
 def _check_run_config(run_dir: str, config: Config) -> None:
   """Refuses a run folder whose ``config.json`` holds other settings (as the launcher)."""
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.exists(path):
-    return
-  new = json.loads(config.to_json())
-  with open(path) as f:
-    old = json.load(f)
-  if old != new:
-    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+  diff = trainer.changed_settings(run_dir, config)
+  if diff:
     raise ValueError(f"--workdir: {run_dir} holds a run with other settings {diff} "
                      "(old, new); sweep with the same flags or use a new --workdir.")
 
@@ -534,17 +519,7 @@ def _evaluate(eval_step, params, rest, data: _ChunkData, batch_size: int,
   axis = 1 if data.per_run else 0
   n = data.test_labels.shape[axis]
   loss, correct = [0.0] * n_runs, [0.0] * n_runs
-  for start in range(0, n, batch_size):
-    x = jax.lax.slice_in_dim(data.test_images, start, min(start + batch_size, n), axis=axis)
-    y = jax.lax.slice_in_dim(data.test_labels, start, min(start + batch_size, n), axis=axis)
-    k = x.shape[axis]
-    w = jnp.ones((k,), jnp.float32)
-    if k < batch_size:  # pad to one shape: no retrace for the last batch
-      pad = batch_size - k
-      x = jnp.concatenate([x, jnp.zeros(x.shape[:axis] + (pad,) + x.shape[axis + 1:], x.dtype)],
-                          axis=axis)
-      y = jnp.concatenate([y, jnp.zeros(y.shape[:axis] + (pad,), y.dtype)], axis=axis)
-      w = jnp.concatenate([w, jnp.zeros((pad,), jnp.float32)])
+  for x, y, w in trainer.eval_batches(data.test_images, data.test_labels, batch_size, axis):
     sums = jax.device_get(eval_step(params, rest, x, y, w, data.mean, data.std))
     for r in range(n_runs):
       loss[r] += float(sums[0][r])
@@ -592,7 +567,7 @@ def _train_chunk(program: Program, configs: Sequence[Config], datasets, run_dirs
   metrics_paths = [os.path.join(d, "metrics.jsonl") for d in run_dirs]
   alive = [True] * n_real
 
-  bar = _progress(program.total_steps, progress, n_real)
+  bar = trainer.progress_bar(program.total_steps, progress, desc=f"{n_real} runs")
   step = 0
   for epoch in range(config.epochs):
     order = np.stack([
@@ -618,36 +593,28 @@ def _train_chunk(program: Program, configs: Sequence[Config], datasets, run_dirs
             continue
           if bad[r] >= 0:
             alive[r] = False
-            message = (f"the training loss became non-finite at step {int(bad[r])} "
-                       f"(epoch {epoch}); lower --lr (now {configs[r].lr}) or check the data.")
+            message = trainer.non_finite_message(int(bad[r]), epoch, configs[r].lr)
             with open(os.path.join(run_dirs[r], DIVERGED), "w") as f:
               f.write(message + "\n")
             logging.warning("%s: %s", os.path.basename(run_dirs[r]), message)
             continue
-          record = {"kind": "train", "step": step,
-                    "epoch": round(step / program.steps_per_epoch, 4),
-                    **{k: float(v[r]) for k, v in m.items()}, "learning_rate": lrs[r],
-                    "layers": jax.tree.map(lambda a, r=r: float(a[r]), layers)}
-          _append(metrics_paths[r], record)
+          trainer.append_record(metrics_paths[r], trainer.train_record(
+              step, program.steps_per_epoch, {k: float(v[r]) for k, v in m.items()}, lrs[r],
+              jax.tree.map(lambda a, r=r: float(a[r]), layers)))
       bar.update(1)
     jax.block_until_ready(state.params)
     seconds = time.perf_counter() - t0
     tests = _evaluate(eval_step, state.params, state.rest, data, config.batch_size, n_real)
     for r in range(n_real):
       if alive[r]:
-        _append(metrics_paths[r], {"kind": "test", "step": step, "epoch": epoch + 1, **tests[r],
-                                   "images_per_sec": images_seen / seconds})
+        trainer.append_record(metrics_paths[r], {
+            "kind": "test", "step": step, "epoch": epoch + 1, **tests[r],
+            "images_per_sec": images_seen / seconds})
     logging.info("epoch %d of %d runs: test accuracy %s, %.0f images/s per run", epoch + 1,
                  n_real, " ".join(f"{t['accuracy']:.3f}" for t in tests),
                  images_seen / seconds)
   bar.close()
   return unstack(state, n_real)
-
-
-def _progress(total: int, enabled: bool, runs: int):
-  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm.tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=True,
-                   desc=f"{runs} runs")
 
 
 def _chunk_size(program: Program, configs, datasets, max_runs: Optional[int]) -> int:

@@ -255,19 +255,36 @@ def layer_metrics(before, after, groups, learning_rate, power: int, rescaled: bo
   return out
 
 
+def make_layer_metrics(config: Config, groups) -> Callable:
+  """:func:`layer_metrics` of ``config``'s recipe: ``(before, after, learning_rate) -> dict``."""
+  return functools.partial(layer_metrics, groups=groups, power=elr_power(config),
+                           rescaled=config.method in ("elr_rescale", "spherical"))
+
+
+def eval_batches(images, labels, batch_size: int, axis: int = 0):
+  """Yields ``(images, labels, weights)`` batches of ``batch_size`` examples along ``axis``.
+
+  ``axis`` is 0, or 1 for arrays with a leading run axis (``experiments.sweep``).
+  The last batch is zero-padded to the same shape (one trace of the eval step)
+  and its padding has weight 0; ``weights`` has shape ``(batch_size,)``.
+  """
+  n = images.shape[axis]
+  for start in range(0, n, batch_size):
+    x = jax.lax.slice_in_dim(images, start, min(start + batch_size, n), axis=axis)
+    y = jax.lax.slice_in_dim(labels, start, min(start + batch_size, n), axis=axis)
+    pad = batch_size - x.shape[axis]
+    w = (jnp.arange(batch_size) < x.shape[axis]).astype(jnp.float32)
+    if pad:
+      x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
+      y = jnp.pad(y, [(0, pad) if a == axis else (0, 0) for a in range(y.ndim)])
+    yield x, y, w
+
+
 def evaluate(eval_step, params, rest, images, labels, batch_size: int) -> dict[str, float]:
   """Test loss and accuracy over the whole set; the last batch is padded and masked."""
   n = images.shape[0]
   total_loss = total_correct = 0.0
-  for start in range(0, n, batch_size):
-    x, y = images[start:start + batch_size], labels[start:start + batch_size]
-    k = x.shape[0]
-    w = jnp.ones((k,), jnp.float32)
-    if k < batch_size:  # pad to one shape: no retrace for the last batch
-      pad = batch_size - k
-      x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-      y = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
-      w = jnp.concatenate([w, jnp.zeros((pad,), jnp.float32)])
+  for x, y, w in eval_batches(images, labels, batch_size):
     loss, correct = eval_step(params, rest, x, y, w)
     total_loss += float(loss)
     total_correct += float(correct)
@@ -281,7 +298,23 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or inf; the message says at which step."""
 
 
-def _append(path: str, record: dict) -> None:
+def non_finite_message(step: int, epoch: int, lr: float) -> str:
+  """What a run whose loss became NaN or inf reports (the trainer raises it, a sweep's run
+  writes it to ``diverged.txt``)."""
+  return (f"the training loss became non-finite at step {step} (epoch {epoch}); "
+          f"lower --lr (now {lr}) or check the data.")
+
+
+def train_record(step: int, steps_per_epoch: int, metrics: dict[str, float],
+                 learning_rate: float, layers: Any) -> dict[str, Any]:
+  """A ``metrics.jsonl`` train record: the step's ``metrics`` (loss, accuracy), the rate
+  the step used and the per-layer :func:`layer_metrics`, all Python floats."""
+  return {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), **metrics,
+          "learning_rate": learning_rate, "layers": layers}
+
+
+def append_record(path: str, record: dict) -> None:
+  """Appends ``record`` to the JSON-lines file ``path``."""
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
 
@@ -296,17 +329,29 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     f.writelines(lines)
 
 
-def _check_workdir_config(workdir: str, config: Config) -> None:
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
+def changed_settings(workdir: str, config: Config) -> dict[str, tuple[Any, Any]]:
+  """``{field: (old, new)}`` where ``workdir/config.json`` differs from ``config``.
+
+  Empty if the files agree or ``workdir`` has no ``config.json`` yet; a field
+  only one side has shows ``"<absent>"`` on the other.
+  """
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
       old = json.load(f)
-    if old != json.loads(config.to_json()):
-      diff = {k: (old.get(k), v) for k, v in json.loads(config.to_json()).items()
-              if old.get(k) != v}
-      raise ValueError(f"--workdir={workdir} holds a run with other settings {diff} "
-                       "(old, new); resume with the same flags or use a new --workdir.")
-  with open(path, "w") as f:
+  except FileNotFoundError:
+    return {}
+  new = json.loads(config.to_json())
+  absent = "<absent>"
+  return {k: (old.get(k, absent), new.get(k, absent)) for k in {**old, **new}
+          if old.get(k, absent) != new.get(k, absent)}
+
+
+def _check_workdir_config(workdir: str, config: Config) -> None:
+  diff = changed_settings(workdir, config)
+  if diff:
+    raise ValueError(f"--workdir={workdir} holds a run with other settings {diff} "
+                     "(old, new); resume with the same flags or use a new --workdir.")
+  with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json())
 
 
@@ -402,11 +447,9 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
       out_shardings=(replicated, replicated),
       donate_argnums=() if jax.default_backend() == "cpu" else 0)
   eval_step = jax.jit(make_eval_step(eval_graphdef, mean, std))
-  metrics_fn = jax.jit(functools.partial(
-      layer_metrics, groups=groups, power=elr_power(config),
-      rescaled=config.method in ("elr_rescale", "spherical")))
+  metrics_fn = jax.jit(make_layer_metrics(config, groups))
 
-  bar = _progress(total_steps, step, progress)
+  bar = progress_bar(total_steps, progress, initial=step)
   for epoch in range(start_epoch, config.epochs):
     order = np.asarray(data_lib.epoch_permutation(jax.random.fold_in(key, 1000 + epoch),
                                                   n_train, config.batch_size))
@@ -422,15 +465,11 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
       if log_now:
         bad = int(state.first_bad_step)
         if bad >= 0:
-          raise NonFiniteLossError(
-              f"the training loss became non-finite at step {bad} (epoch {epoch}); "
-              f"lower --lr (now {config.lr}) or check the data.")
+          raise NonFiniteLossError(non_finite_message(bad, epoch, config.lr))
         lr = float(schedule(step - 1))  # the rate this step used
-        record = {"kind": "train", "step": step,
-                  "epoch": round(step / steps_per_epoch, 4), **_to_float(m),
-                  "learning_rate": lr,
-                  "layers": _to_float(metrics_fn(before, state.params, learning_rate=lr))}
-        _append(metrics_path, record)
+        record = train_record(step, steps_per_epoch, _to_float(m), lr,
+                              _to_float(metrics_fn(before, state.params, learning_rate=lr)))
+        append_record(metrics_path, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
       bar.update(1)
       if interrupt_after_step is not None and step >= interrupt_after_step:
@@ -441,7 +480,7 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
     seconds = time.perf_counter() - t0
     test = evaluate(eval_step, state.params, state.rest, test_images, test_labels,
                     config.batch_size)
-    _append(metrics_path, {"kind": "test", "step": step, "epoch": epoch + 1,
+    append_record(metrics_path, {"kind": "test", "step": step, "epoch": epoch + 1,
                            **test, "images_per_sec": images_seen / seconds})
     logging.info("epoch %d: test loss %.4f, accuracy %.4f, %.0f images/s", epoch + 1,
                  test["loss"], test["accuracy"], images_seen / seconds)
@@ -451,7 +490,8 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   return state
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, initial: int = 0, desc: Optional[str] = None):
+  """A tqdm bar over ``total`` steps (``tqdm.auto``; disabled unless ``enabled``)."""
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   return tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, desc=desc)
