@@ -259,20 +259,18 @@ def claim_spherical(runner: Runner, l2: dict[str, Any], norm: str = "batch") -> 
     suffix = "" if factor == 1.0 else f"_lr{overrides['lr']}"
     runs = runner.seeds_of(f"spherical_{norm}{suffix}", **overrides)
     mean, std = _acc(runs)
-    grid[overrides["lr"]] = {"acc": mean, "acc_std": std, "overrides": overrides,
-                             "angle": _tail(runs[0], "angle")}
+    grid[overrides["lr"]] = {"acc": mean, "acc_std": std, "angle": _tail(runs[0], "angle")}
     if factor == 1.0:
       mapped_runs, mapped = runs, overrides
   best_lr = max(grid, key=lambda lr: grid[lr]["acc"])
-  mean, std = _acc(mapped_runs)
+  at_mapped = grid[mapped["lr"]]
   return {"overrides": mapped, "best_l2": best_key, "best_l2_acc": best["acc"],
           "best_l2_acc_std": best["acc_std"],
-          "eta_s": eta_s, "spherical_acc": mean, "spherical_acc_std": std,
-          "spherical_norm": _tail(mapped_runs[0], "norm"),
-          "spherical_angle": _tail(mapped_runs[0], "angle"),
+          "eta_s": eta_s, "spherical_acc": at_mapped["acc"],
+          "spherical_acc_std": at_mapped["acc_std"],
+          "spherical_norm": _tail(mapped_runs[0], "norm"), "spherical_angle": at_mapped["angle"],
           "predicted_angle": theory.equilibrium_angle_sgd(best["lr"], 2 * best["lam"], MOMENTUM),
-          "lr_grid": {str(lr): {k: v for k, v in g.items() if k != "overrides"}
-                      for lr, g in grid.items()},
+          "lr_grid": {str(lr): g for lr, g in grid.items()},
           "best_lr": best_lr, "best_acc": grid[best_lr]["acc"],
           "best_acc_std": grid[best_lr]["acc_std"]}
 
