@@ -27,8 +27,9 @@ Claims, one section each:
    and what L2 on them does to accuracy.
 
 Data: the CIFAR-10 JPEG copy (``--data_dir``, default ``$NORMREG_CIFAR10_DIR``);
-without it, random images (only the smoke size allows that; its theory checks
-do not need real images).
+without it, random images (only the smoke size allows that, as a test of the
+code: on random labels the equilibrium angle of claim 3 measures about a
+quarter of the prediction, the other checks hold).
 """
 
 from __future__ import annotations

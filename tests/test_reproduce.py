@@ -1,8 +1,10 @@
 """`python -m experiments.reproduce --size=smoke` runs and agrees with the theory.
 
 Uses the CIFAR-10 copy when NORMREG_CIFAR10_DIR is set (CI sets it), random
-images otherwise: the checks below are about weights and angles, which the
-theory predicts for any data.
+images otherwise. The checks are about weights and angles; all but one hold on
+either data. The equilibrium angle is the exception: on random images and
+labels the smoke run's measured angle is about a quarter of the prediction
+(ratio 0.24), so that test needs the real images.
 """
 
 import json
@@ -36,6 +38,10 @@ def test_grouped_weights_of_trained_networks_are_invariant(smoke):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NORMREG_CIFAR10_DIR"),
+                    reason="set NORMREG_CIFAR10_DIR to the extracted CIFAR-10 copy "
+                           "(../shared/data/cifar10-jpeg.tar.gz): on random images the "
+                           "smoke run's angle is not at its equilibrium value")
 def test_equilibrium_angle_matches_theory_where_equilibrium_is_reached(smoke):
   results, _ = smoke
   # lr=0.1, lam=0.016, mu=0.9: time constant (1-mu)/(4 eta lam_wd) ~ 8 steps, run 48.
