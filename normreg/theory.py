@@ -44,6 +44,25 @@ independent of ``G`` and of the initial norm: only the product ``eta*lam``
 matters, which is why ``lam`` alone has no regularizing effect (van Laarhoven
 2017, sec. 3; Wan et al. 2020, arXiv 2006.08419; Kosson et al. 2024, Table 1).
 
+**Time constants.** Near equilibrium the norm relaxes exponentially, and
+the time constant (in steps) says how long a run must be before an
+equilibrium quantity can be measured: ``(1-mu)/(4 eta lam_wd)`` for coupled L2
+(the decay passes through the momentum, which multiplies it by ``1/(1-mu)``),
+``1/(4 eta wd)`` for SGDW (``||w||^4`` relaxes, as for SGD) and
+``1/(2 eta wd)`` for AdamW (Adam's step does not shrink with ``||w||``, so
+``||w||^2`` itself relaxes linearly). A run shorter than a few time
+constants measures the transient, not the equilibrium.
+
+**Weight decay is an exponentially growing learning rate** (Li & Arora
+2019). For a scale-invariant ``w``, SGD with coupled L2 (``lam_wd``),
+momentum ``mu`` and constant ``eta``, and SGD *without* L2 whose learning
+rate for ``w`` is ``eta_t = eta * alpha**(-2t-1)`` (the same ``mu``, optax's
+convention ``m <- mu m + g; w <- w - eta_t m``), give the same network at
+every step: ``w_t = alpha**t * w~_t``. ``alpha`` is the larger root of
+``x^2 - (1 + mu - eta lam_wd) x + mu = 0``, which is ``rho = 1 - eta lam_wd``
+without momentum; with momentum the twin's buffer starts at
+``(alpha - 1)/(eta alpha) * w_0`` instead of 0 (:func:`exponential_lr_momentum_init`).
+
 References:
   van Laarhoven, arXiv 1706.05350 (2017); Li & Arora, arXiv 1910.07454 (2019);
   Wan et al., arXiv 2006.08419 (2020); Kosson et al., *Rotational equilibrium*,
@@ -53,6 +72,8 @@ References:
 from __future__ import annotations
 
 import math
+
+import jax.numpy as jnp
 
 
 def _check(**values: float) -> None:
@@ -166,3 +187,83 @@ def spherical_learning_rate(lr: float, lam_wd: float, grad_norm: float,
   0.002236
   """
   return equilibrium_elr_sgd(lr, lam_wd, grad_norm, momentum)
+
+
+def time_constant_sgd(lr: float, lam_wd: float, momentum: float = 0.0) -> float:
+  """Steps per e-fold of the approach to equilibrium, SGD + coupled L2: ``(1-mu)/(4 eta lam_wd)``.
+
+  The rate of ``||w||^4`` in the closed form of :func:`norm_trajectory_sgd`.
+
+  >>> round(time_constant_sgd(0.1, 2 * 2e-3, momentum=0.9), 3)
+  62.5
+  """
+  _check(lr=lr, lam_wd=lam_wd, momentum=momentum)
+  return math.inf if lam_wd == 0 else (1 - momentum) / (4 * lr * lam_wd)
+
+
+def time_constant_sgdw(lr: float, wd: float) -> float:
+  """Steps per e-fold of the approach to equilibrium, SGD with decoupled decay: ``1/(4 eta wd)``.
+
+  The decay ``w <- w - eta*wd*w`` bypasses the momentum, so ``mu`` does not enter.
+  """
+  _check(lr=lr, wd=wd)
+  return math.inf if wd == 0 else 1 / (4 * lr * wd)
+
+
+def time_constant_adamw(lr: float, wd: float) -> float:
+  """Steps per e-fold of the approach to equilibrium, AdamW: ``1/(2 eta wd)``.
+
+  Adam's step has a size independent of ``||w||``, so ``||w||^2`` obeys
+  ``x <- (1 - eta wd)^2 x + const`` and relaxes at rate ``2 eta wd``.
+  """
+  _check(lr=lr, wd=wd)
+  return math.inf if wd == 0 else 1 / (2 * lr * wd)
+
+
+def exponential_lr_rate(lr: float, lam_wd: float, momentum: float = 0.0) -> float:
+  """``alpha`` of Li & Arora's equivalence: the larger root of ``x^2 - (1+mu-eta lam_wd) x + mu``.
+
+  ``1 - eta*lam_wd`` without momentum.
+
+  >>> exponential_lr_rate(0.1, 0.01)
+  0.999
+  """
+  _check(lr=lr, lam_wd=lam_wd, momentum=momentum)
+  b = 1 + momentum - lr * lam_wd
+  disc = b * b - 4 * momentum
+  if disc < 0:
+    raise ValueError(f"lr*lam_wd = {lr * lam_wd} is too large for momentum {momentum}: "
+                     "x^2 - (1+mu-eta*lam_wd) x + mu has no real root.")
+  return (b + math.sqrt(disc)) / 2
+
+
+def exponential_lr_schedule(lr: float, lam_wd: float, momentum: float = 0.0):
+  """The learning rate of SGD without L2 that equals SGD with coupled L2 (Li & Arora 2019).
+
+  An optax schedule ``t -> eta * alpha**(-2t-1)`` (:func:`exponential_lr_rate`), for the
+  scale-invariant weights only: the other parameters keep ``eta``, unregularized in both
+  runs. Evaluated as ``exp(-(2t+1) ln alpha)`` in float32.
+
+  >>> import optax
+  >>> schedule = exponential_lr_schedule(0.1, 0.01)  # rho = 0.999
+  >>> [round(float(schedule(t)), 6) for t in (0, 1, 1000)]
+  [0.1001, 0.100301, 0.740386]
+  """
+  log_alpha = math.log(exponential_lr_rate(lr, lam_wd, momentum))
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    return jnp.float32(lr) * jnp.exp(-(2 * t + 1) * jnp.float32(log_alpha))
+
+  return schedule
+
+
+def exponential_lr_momentum_init(lr: float, lam_wd: float, momentum: float) -> float:
+  """``k`` such that the twin of :func:`exponential_lr_schedule` starts its buffer at ``k w_0``.
+
+  ``k = (alpha - 1)/(eta alpha)``; 0 without momentum. With a zero buffer the
+  first step of the twin would not match (the L2 run's buffer holds
+  ``lam_wd w`` from step 1 on, which the twin must carry from the start).
+  """
+  alpha = exponential_lr_rate(lr, lam_wd, momentum)
+  return 0.0 if momentum == 0 else (alpha - 1) / (lr * alpha)

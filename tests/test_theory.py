@@ -129,3 +129,104 @@ def test_bad_arguments_are_errors():
     theory.equilibrium_norm_sgd(0.1, 1e-3, 1.0, momentum=1.0)
   with pytest.raises(ValueError, match="lam_wd must be >= 0"):
     theory.steps_to_equilibrium(0.1, -1e-3, 1.0, 1.0)
+
+
+# ------------------------------------------------------------------ time constants
+
+
+def _relaxation_steps(series, start, end):
+  """First step where ``series`` has covered 1 - 1/e of the way from ``start`` to ``end``."""
+  covered = (np.asarray(series) - start) / (end - start)
+  return int(np.argmax(covered >= 1 - np.exp(-1)))
+
+
+def test_sgdw_time_constant_against_simulation():
+  # ||w||^4 relaxes with time constant 1/(4 eta wd). Start above the equilibrium
+  # (||w|| = 10 here), where every step is a small angle as the theory assumes.
+  lr, wd, mu = 0.1, 2e-3, 0.9
+  tx = optax.chain(optax.trace(mu), optax.add_decayed_weights(wd, mask=normreg.as_mask(GROUPS)),
+                   optax.scale_by_learning_rate(lr))
+  norms, _ = _simulate(tx, 6000, init_norm=30.0)
+  y = norms ** 4
+  tau = theory.time_constant_sgdw(lr, wd)
+  assert tau == pytest.approx(1250.0)
+  assert _relaxation_steps(y, y[0], y[-1000:].mean()) == pytest.approx(tau, rel=0.2)
+
+
+def test_sgd_l2_time_constant_against_simulation():
+  lr, lam, mu = 0.1, 2e-3, 0.9  # lam_wd = 4e-3: (1 - mu)/(4 eta lam_wd) = 62.5 steps
+  eq = theory.equilibrium_norm_sgd(lr, 2 * lam, G, mu)
+  norms, _ = _simulate(normreg.sgd_l2(lr, lam, GROUPS, momentum=mu), 1500, init_norm=3 * eq)
+  y = norms ** 4
+  tau = theory.time_constant_sgd(lr, 2 * lam, mu)
+  assert tau == pytest.approx(62.5)
+  assert _relaxation_steps(y, y[0], y[-500:].mean()) == pytest.approx(tau, rel=0.2)
+
+
+def test_adamw_time_constant_against_simulation():
+  # ||w||^2 (not ^4) relaxes, with time constant 1/(2 eta wd).
+  lr, wd = 1e-3, 1.0
+  norms, _ = _simulate(optax.adamw(lr, b1=0.9, weight_decay=wd), 4000, init_norm=3.0)
+  x = norms ** 2
+  tau = theory.time_constant_adamw(lr, wd)
+  assert tau == pytest.approx(500.0)
+  assert _relaxation_steps(x, x[0], x[-1000:].mean()) == pytest.approx(tau, rel=0.2)
+
+
+def test_time_constants_without_decay_are_infinite():
+  assert theory.time_constant_sgd(0.1, 0.0) == float("inf")
+  assert theory.time_constant_sgdw(0.1, 0.0) == float("inf")
+  assert theory.time_constant_adamw(0.1, 0.0) == float("inf")
+
+
+# --------------------------------------------- weight decay as exponential learning rate
+
+
+def _invariant_quadratic(seed=0, dim=10):
+  """numpy float64: the gradient of ``L(w) = u^T A u / 2``, ``u = w/||w||`` (scale-invariant)."""
+  rng = np.random.default_rng(seed)
+  a = rng.standard_normal((dim, dim))
+  a = a @ a.T
+
+  def grad(w):
+    n = np.linalg.norm(w)
+    u = w / n
+    g = a @ u
+    return (g - (u @ g) * u) / n
+
+  return grad, rng.standard_normal(dim)
+
+
+@pytest.mark.parametrize("momentum, lam_wd", [(0.0, 0.02), (0.9, 0.02), (0.5, 0.1)])
+def test_exponential_lr_twin_is_sgd_with_l2(momentum, lam_wd):
+  """Hand-written float64 loops: SGD + coupled L2 with heavy-ball momentum against SGD
+  without L2 at ``theory.exponential_lr_schedule`` (optax's momentum convention, buffer
+  started at ``exponential_lr_momentum_init``): ``w_t = alpha^t w~_t`` at every step."""
+  lr = 0.1
+  grad, w = _invariant_quadratic()
+  alpha = theory.exponential_lr_rate(lr, lam_wd, momentum)
+  schedule = theory.exponential_lr_schedule(lr, lam_wd, momentum)
+  k = theory.exponential_lr_momentum_init(lr, lam_wd, momentum)
+  v = np.zeros_like(w)
+  twin, v_twin = w.copy(), k * w
+  # 60 steps: on this noise-free toy the L2 run converges, its norm then shrinks and its
+  # effective lr explodes into chaos after ~100 steps, which float64 cannot follow either.
+  for t in range(60):
+    v = momentum * v + grad(w) + lam_wd * w
+    w = w - lr * v
+    # The schedule in float64 (the float32 one is checked against this below).
+    eta_t = lr * alpha ** (-2 * t - 1)
+    v_twin = momentum * v_twin + grad(twin)
+    twin = twin - eta_t * v_twin
+    np.testing.assert_allclose(w / alpha ** (t + 1), twin, rtol=1e-7,
+                               atol=1e-9 * np.abs(twin).max())
+    if t in (0, 1, 30, 59):
+      assert float(schedule(t)) == pytest.approx(eta_t, rel=1e-5)
+  assert alpha ** 2 - (1 + momentum - lr * lam_wd) * alpha + momentum == pytest.approx(0.0)
+
+
+def test_exponential_lr_without_momentum_is_one_minus_eta_lam():
+  assert theory.exponential_lr_rate(0.1, 0.01) == pytest.approx(0.999)
+  assert theory.exponential_lr_momentum_init(0.1, 0.01, 0.0) == 0.0
+  with pytest.raises(ValueError, match="no real root"):
+    theory.exponential_lr_rate(0.1, 0.1, momentum=0.9)  # eta*lam_wd > (1 - sqrt(mu))^2
