@@ -10,17 +10,22 @@ normreg finds those weights, decays, rescales or projects them as composable
 from normreg.detect import find_scale_invariant
 from normreg.groups import TENSOR
 from normreg.groups import UNIT
+from normreg.groups import Group
 from normreg.groups import Invariance
 from normreg.groups import as_mask
 from normreg.groups import groups_from_rules
 from normreg.groups import param_paths
+from normreg.groups import tensor
+from normreg.groups import unit
 from normreg.metrics import angular_update
 from normreg.metrics import effective_learning_rate
 from normreg.metrics import unit_norms
+from normreg.optimizers import scale_by_learning_rates
 from normreg.optimizers import sgd_l2
 from normreg.optimizers import spherical_adam
 from normreg.optimizers import spherical_sgd
 from normreg.penalty import add_l2_penalty
+from normreg.reductions import rescale_groups
 from normreg.rescale import scale_by_weight_norm
 from normreg.sphere import ProjectToSphereState
 from normreg.sphere import project_to_sphere
@@ -40,7 +45,11 @@ def __getattr__(name):
 __all__ = (
     "UNIT",
     "TENSOR",
+    "Group",
     "Invariance",
+    "unit",
+    "tensor",
+    "rescale_groups",
     "find_scale_invariant",
     "groups_from_rules",
     "as_mask",
@@ -50,6 +59,7 @@ __all__ = (
     "project_to_sphere",
     "ProjectToSphereState",
     "tangent_projection",
+    "scale_by_learning_rates",
     "sgd_l2",
     "spherical_sgd",
     "spherical_adam",

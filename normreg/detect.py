@@ -1,26 +1,36 @@
 """Finding the scale-invariant weights of a function by automatic differentiation.
 
-For a leaf ``w`` of the params and the function ``f`` (the network's output),
-scale invariance ``f(a w) = f(w)`` for all ``a > 0`` means that the directional
-derivative of ``f`` along ``w`` itself is zero:
+A function ``f`` is invariant to the scale of a group ``G`` of its parameters
+(``f(..., a w_G, ...) = f(...)`` for all ``a > 0``) exactly when its derivative
+along ``w_G`` itself is zero, that is when, for every output direction ``r``,
+the gradient of ``<r, f>`` is orthogonal to ``w`` within the group:
 
 .. math::
 
-  \\frac{d}{da} f\\big((1 + a) w\\big)\\Big|_{a=0} = J_w\\, w = 0 ,
+  \\frac{d}{da} \\langle r, f\\big((1 + a) w_G\\big)\\rangle\\Big|_{a=0}
+  = \\langle J^\\top r, w\\rangle_G = 0 .
 
-and per-unit invariance means ``J_w (w * c) = 0`` for a random positive factor
-``c`` per output unit (broadcast along the last axis). Both are one
-Jacobian-vector product (``jax.jvp``), compared against the JVP along a random
-direction of the same norm, which says how much the leaf matters at all.
+So one vector-Jacobian product per random ``r`` (a few of them, vmapped: one
+compiled program for all leaves) gives every gradient ``J^T r``, and every
+candidate grouping is tested on it without running ``f`` again: the per-group
+sums ``<J^T r, w>_G`` must vanish against the same sums along a random direction
+of the same norm (``<J^T r, d>_G``), which says how much the leaf matters at all.
+The candidates of a leaf of shape ``(s_1, ..., out)`` are, finest first: per
+copy of its ``k`` leading axes and per unit (``unit(stack=k)``), then per unit,
+then per copy (``tensor(stack=k)``), then the whole tensor; the finest that
+passes wins. Leaves of one module (``dense/kernel``, ``dense/bias``) that fail
+alone are then tried together, as a joint group tagged with the module's path.
 
 Invariance is a property of the function, not of the point: a leaf that is
-zero (biases, BatchNorm shifts at init) has a zero JVP along itself whatever
-the function does. So the test runs at randomized parameter values
+zero (biases, BatchNorm shifts at init) has a zero derivative along itself
+whatever the function does. So the test runs at randomized parameter values
 ``p + 0.5 * rms(p) * N(0, 1)`` (``rms`` replaced by 1 for an all-zero leaf).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any, Callable
 
 import jax
@@ -30,50 +40,77 @@ from absl import logging
 
 from normreg import groups as groups_lib
 
+# Random output directions r; each adds a VJP to the one compiled program.
+PROBES = 2
+# Siblings tried together as one joint group, at most.
+MAX_JOINT = 4
 
-def _sq_norm(tree: Any) -> jax.Array:
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0))
 
-
-def _randomize(leaf: jax.Array, rng: np.random.Generator) -> jax.Array:
+def _randomize(leaf: Any, rng: np.random.Generator) -> jax.Array:
   x = np.asarray(leaf, np.float32)
   rms = float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0
   scale = 0.5 * (rms if rms > 0 else 1.0)
   return jnp.asarray(x + scale * rng.standard_normal(x.shape, np.float32), leaf.dtype)
 
 
+def _candidates(shape: tuple[int, ...]) -> list[groups_lib.Group]:
+  """Groupings a leaf of ``shape`` may have, finest (most groups) first."""
+  ndim = len(shape)
+  out = [groups_lib.unit(stack=k) for k in range(ndim - 1)] if ndim >= 2 else []
+  out += [groups_lib.tensor(stack=k) for k in range(ndim)]
+  return sorted(out, key=lambda g: -math.prod(g.group_shape(shape)))
+
+
+def _group_dots(group: groups_lib.Group, grads: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """``<J^T r_k, x>`` per group, for each probe ``k``: shape ``(probes, n_groups)``."""
+  axes = tuple(a + 1 for a in group.reduced_axes(x.ndim))
+  return np.sum(grads * x[None], axis=axes).reshape(grads.shape[0], -1)
+
+
 def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: int = 0,
-                         rtol: float = 1e-3, **kwargs: Any) -> groups_lib.Groups:
-  """Decides, per parameter, whether ``fn`` is invariant to its scale.
+                         rtol: float = 1e-3, joint: bool = True,
+                         **kwargs: Any) -> groups_lib.Groups:
+  """Decides, per parameter, whether ``fn`` is invariant to its scale, and how.
 
-  Each leaf gets one of:
+  Each leaf gets the finest grouping that passes (see the module docstring):
 
-  - ``normreg.UNIT`` if ``J_w (w * c) ~ 0`` for a random per-unit factor ``c``
+  - ``normreg.UNIT``: a random factor per output unit leaves ``fn`` unchanged
     (a kernel followed by BatchNorm, a WeightNorm ``v``);
-  - ``normreg.TENSOR`` if only ``J_w w ~ 0`` (a kernel followed by LayerNorm or
-    GroupNorm);
-  - ``None`` otherwise, and for leaves that do not affect ``fn`` at all (a bias
-    just before BatchNorm: its gradient is zero, it is no scale group; the JVP
-    along a random direction is below ``1e-5 * ||fn||``) or are not floating
-    point.
+  - ``normreg.unit(stack=k)``: the same per copy of the first ``k`` axes too
+    (layers stacked by ``nnx.scan``/``nnx.vmap``, each followed by BatchNorm);
+  - ``normreg.TENSOR``, ``normreg.tensor(stack=k)``: only the whole tensor (per
+    copy) may be rescaled (a kernel followed by LayerNorm or GroupNorm);
+  - ``tensor(joint=path)`` (or ``unit(joint=...)``): leaves of one module that
+    are invariant only together (a kernel and its bias before LayerNorm), with
+    ``joint=True``. A joint group must hold a kernel or matrix (two axes
+    besides its stack axes): the (scale, bias) vectors of a normalization
+    followed by ReLU and another normalized layer are jointly invariant too
+    (van Laarhoven 2017, sec. 5), but stay ungrouped, as in the paper;
+  - ``None`` otherwise, for leaves that do not affect ``fn`` at all (a bias
+    just before BatchNorm: its gradient is zero, it is no scale group; the
+    derivative along a random direction is below ``1e-5 * ||fn||``) and for
+    leaves that are not floating point.
 
-  "~ 0" means ``||J_w t|| <= rtol * ||J_w r||`` with ``r`` a random direction
-  of the same norm as ``t``. Normalizations add ``eps`` to the variance, so the
-  invariance is exact only up to about ``eps / var``; ``rtol`` leaves room for
-  that.
+  A grouping "passes" when the per-group derivatives along ``w`` are at most
+  ``rtol`` times those along a random direction of the same norm (root mean
+  square over the groups and the random output directions). Normalizations
+  add ``eps`` to the variance, so their invariance is exact only up to about
+  ``eps / var``; ``rtol`` leaves room for that.
 
   What it cannot see:
 
   - a normalization in eval mode, which divides by running statistics: the
     function is then *not* invariant, and nothing is found. Call it with
     ``fn`` in training mode (batch statistics).
-  - groups that span two leaves, such as a Dense kernel *and* its bias before
-    a LayerNorm: only the pair is invariant, so neither leaf is reported.
-    Declare such groups by hand, or drop the bias.
+  - joint groups across modules (a kernel in one module, the bias in
+    another): only siblings are tried together. Declare such groups with
+    :func:`normreg.groups_from_rules`.
   - invariance that holds only on part of the input space; the check uses the
     ``args`` you pass, so pass a typical batch (batch statistics of a batch of
     one are degenerate).
+
+  Cost: one compiled program (``jax.vjp`` of ``fn``, vmapped over
+  ``PROBES`` output directions) and numpy sums, whatever the number of leaves.
 
   Args:
     fn: ``fn(params, *args, **kwargs)`` returning an array or pytree of arrays
@@ -82,6 +119,7 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
     *args: positional arguments of ``fn`` after ``params`` (an input batch).
     seed: seed of the randomization.
     rtol: relative tolerance of the test (see above).
+    joint: also try the siblings that fail alone as one joint group.
     **kwargs: keyword arguments of ``fn``.
 
   Returns:
@@ -95,9 +133,12 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
     ...   def __init__(self, rngs):
     ...     self.conv = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)
     ...     self.bn = nnx.BatchNorm(8, rngs=rngs)
+    ...     self.dense = nnx.Linear(8, 8, rngs=rngs)
+    ...     self.ln = nnx.LayerNorm(8, rngs=rngs)
     ...     self.head = nnx.Linear(8, 10, rngs=rngs)
     ...   def __call__(self, x):
-    ...     return self.head(jax.nn.relu(self.bn(self.conv(x))).mean((1, 2)))
+    ...     x = jax.nn.relu(self.bn(self.conv(x))).mean((1, 2))
+    ...     return self.head(jax.nn.relu(self.ln(self.dense(x))))
     >>> graphdef, params, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
     >>> fn = lambda p, x: nnx.merge(graphdef, p, rest, copy=True)(x)
     >>> groups = normreg.find_scale_invariant(fn, params, jnp.ones((8, 6, 6, 3)))
@@ -105,8 +146,12 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
     bn/bias                                          -
     bn/scale                                         -
     conv/kernel                                      unit
+    dense/bias                                       tensor joint=dense
+    dense/kernel                                     tensor joint=dense
     head/bias                                        -
     head/kernel                                      -
+    ln/bias                                          -
+    ln/scale                                         -
 
   References:
     van Laarhoven, 2017 (arXiv 1706.05350), sec. 2.
@@ -119,7 +164,6 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   # numpy draws: no per-shape compilation of jax.random ops on the host.
   rng = np.random.default_rng(seed)
   randomized = [_randomize(x, rng) if ok else x for x, ok in zip(arrays, is_float)]
-
   float_idx = [i for i, ok in enumerate(is_float) if ok]
 
   def rebuild(float_leaves):
@@ -128,48 +172,105 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
       full[i] = x
     return treedef.unflatten(full)
 
-  @jax.jit
-  def jvp_norms(primals, tangents):
-    """||J t|| for a stack of tangents (leading axis) of the float leaves."""
-
-    def one(t):
-      _, out = jax.jvp(lambda q: fn(rebuild(q), *args, **kwargs), (primals,), (t,))
-      return jnp.sqrt(_sq_norm(out))
-
-    return jax.vmap(one)(tangents)
-
   primals = [randomized[i] for i in float_idx]
-  # A leaf whose random-direction JVP is this small relative to the output has
-  # no effect on fn (float32 noise is ~1e-7): it is no scale group.
-  out_norm = float(jnp.sqrt(_sq_norm(fn(rebuild(primals), *args, **kwargs))))
+  forward = lambda q: fn(rebuild(q), *args, **kwargs)
+  out = jax.eval_shape(forward, primals)
+  cotangents = jax.tree.map(
+      lambda o: jnp.asarray(rng.standard_normal((PROBES,) + o.shape), o.dtype), out)
+
+  @jax.jit
+  def probe(primals, cotangents):
+    value, vjp = jax.vjp(forward, primals)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(v.astype(jnp.float32)))
+                        for v in jax.tree.leaves(value)))
+    return norm, jax.vmap(vjp)(cotangents)[0]
+
+  out_norm, grads = probe(primals, cotangents)
+  out_norm = float(out_norm)
+  grads = {i: np.asarray(g, np.float64) for i, g in zip(float_idx, grads)}
+  # A leaf whose random-direction derivative is this small relative to the output
+  # has no effect on fn (float32 noise is ~1e-7): it is no scale group.
   negligible = 1e-5 * out_norm
-  zeros = [np.zeros((3,) + x.shape, x.dtype) for x in primals]
-  results = []
-  for i, (path, w, ok) in enumerate(zip(paths, randomized, is_float)):
-    if not ok:
-      results.append(None)
+  w64 = {i: np.asarray(randomized[i], np.float64) for i in float_idx}
+  directions = {}
+  for i in float_idx:
+    d = rng.standard_normal(w64[i].shape)
+    directions[i] = d * np.linalg.norm(w64[i]) / max(np.linalg.norm(d), 1e-300)
+
+  def rms(dots):
+    return float(np.sqrt(np.mean(np.sum(np.square(dots), axis=1))))
+
+  def passes(group, members):
+    along_w = sum(_group_dots(group, grads[i], w64[i]) for i in members)
+    along_d = sum(_group_dots(group, grads[i], directions[i]) for i in members)
+    return rms(along_w) <= rtol * rms(along_d), rms(along_w), rms(along_d)
+
+  results: list[Any] = [None] * len(paths)
+  effect = {}
+  for i in float_idx:
+    whole = groups_lib.TENSOR
+    effect[i] = rms(_group_dots(whole, grads[i], directions[i]))
+    if not effect[i] > negligible or not np.isfinite(effect[i]):
+      logging.info("find_scale_invariant: %-40s None    no effect (|J r|/|f| = %.1e)",
+                   paths[i], effect[i] / max(out_norm, 1e-30))
       continue
-    unit_shape = (1,) * (w.ndim - 1) + w.shape[-1:]  # one factor per output unit
-    c = rng.uniform(0.5, 1.5, unit_shape).astype(np.float32)
-    w32 = np.asarray(w, np.float32)
-    direction = rng.standard_normal(w.shape, np.float32)
-    direction *= np.linalg.norm(w32) / np.linalg.norm(direction)
-    stack = jnp.asarray(np.stack([w32, w32 * c, direction]), w.dtype)
-    tangents = list(zeros)
-    tangents[float_idx.index(i)] = stack
-    along_w, along_units, along_random = np.asarray(jvp_norms(primals, tangents))
-    if not along_random > negligible or not np.isfinite(along_random):
-      group = None  # The leaf does not affect fn (or fn is not differentiable there).
-    elif along_units <= rtol * along_random:
-      group = groups_lib.UNIT if w.ndim >= 2 else groups_lib.TENSOR
-    elif along_w <= rtol * along_random:
-      group = groups_lib.TENSOR
+    for group in _candidates(w64[i].shape):
+      ok, along_w, along_d = passes(group, [i])
+      if ok:
+        results[i] = group
+        logging.info("find_scale_invariant: %-40s %-14s |J w|/|J r| = %.1e", paths[i],
+                     group, along_w / max(along_d, 1e-300))
+        break
     else:
-      group = None
-    logging.info(
-        "find_scale_invariant: %-40s %-7s |J r|/|f| = %.1e, |J w|/|J r| = %.1e, "
-        "|J wc|/|J r| = %.1e", path, group.value if group else "None",
-        along_random / max(out_norm, 1e-30), along_w / max(along_random, 1e-30),
-        along_units / max(along_random, 1e-30))
-    results.append(group)
+      logging.info("find_scale_invariant: %-40s None    not invariant", paths[i])
+
+  if joint:
+    _find_joint(paths, float_idx, results, effect, negligible, w64, passes)
   return treedef.unflatten(results)
+
+
+def _find_joint(paths, float_idx, results, effect, negligible, w64, passes) -> None:
+  """Tags sibling leaves that fail alone but pass together (largest set first)."""
+  parents: dict[str, list[int]] = {}
+  for i in float_idx:
+    if results[i] is None and effect[i] > negligible:
+      parent, _, _ = paths[i].rpartition("/")
+      parents.setdefault(parent, []).append(i)
+  for parent, siblings in parents.items():
+    siblings = siblings[:MAX_JOINT]
+    for size in range(len(siblings), 1, -1):
+      found = False
+      for members in itertools.combinations(siblings, size):
+        for group in _joint_candidates([w64[i].shape for i in members]):
+          if passes(group, list(members))[0]:
+            tag = parent or "+".join(paths[i] for i in members)
+            for i in members:
+              results[i] = groups_lib.Group(group.kind, group.stack, tag)
+            logging.info("find_scale_invariant: %s form one joint group, %s",
+                         [paths[i] for i in members], group)
+            found = True
+            break
+        if found:
+          break
+      if found:
+        break
+
+
+def _joint_candidates(shapes: list[tuple[int, ...]]) -> list[groups_lib.Group]:
+  """Groupings every member can have with one per-group shape, finest first."""
+  common = None
+  for shape in shapes:
+    # A member may hold one element per group (a bias beside a kernel's units).
+    options = _candidates(shape) + ([groups_lib.unit(stack=len(shape) - 1)] if shape else [])
+    keys = {(g.kind, g.stack) for g in options}
+    common = keys if common is None else common & keys
+  out = []
+  for kind, stack in common or ():
+    group = groups_lib.Group(kind, stack)
+    # A joint group holds a kernel or matrix (two axes besides the stack axes): the
+    # (scale, bias) vectors of an inner normalization followed by ReLU are jointly
+    # invariant too, but are left alone, as the paper leaves them.
+    if (len({group.group_shape(s) for s in shapes}) == 1
+        and any(len(s) - stack >= 2 for s in shapes)):
+      out.append(group)
+  return sorted(out, key=lambda g: -math.prod(g.group_shape(shapes[0])))

@@ -1,6 +1,8 @@
 """Scale-invariance groups: which parameters feed a normalization, and how.
 
 A *groups* pytree has the structure of the params and one leaf per parameter:
+a :class:`Group` or ``None``. A group has a kind, and optionally stack axes and
+a joint tag:
 
 - ``UNIT``: invariant per output unit. The unit is a slice along the LAST axis
   (Flax kernels are laid out ``(..., in, out)``), and its norm reduces over all
@@ -10,15 +12,27 @@ A *groups* pytree has the structure of the params and one leaf per parameter:
   followed by LayerNorm, a Conv kernel followed by GroupNorm.
 - ``None``: not scale-invariant (norm scales and shifts, biases, the last
   layer, embeddings). Every normreg transform leaves these leaves alone.
+- ``stack=k`` (:func:`unit`, :func:`tensor`): the first ``k`` axes index
+  independent copies, as in layers stacked by ``nnx.scan``/``nnx.vmap``/
+  ``linen.scan`` (``(layers, ..., in, out)``) or heads stored on an axis. The
+  unit is then per copy and per output unit (UNIT), or per copy (TENSOR): norms
+  never reduce over stack axes, so each layer keeps its own norm and effective
+  learning rate.
+- ``joint="tag"``: every leaf carrying the same tag belongs to ONE group, whose
+  norm is taken over all of them: a Dense kernel and its bias before a
+  LayerNorm are invariant only together, ``f(a W, a b) = f(W, b)``. Members
+  must agree on kind and stack axes, and their per-group shapes must match.
 
 Every transform, mask and metric in normreg reads this one pytree, whether it
 was written by hand, matched from path rules (:func:`groups_from_rules`, in the
 style of big_vision's ``(regex, value)`` lists) or found by automatic
 differentiation (:func:`normreg.find_scale_invariant`).
 
-Paths are ``"/"``-joined strings built from Linen dicts and NNX ``State`` alike:
-``"conv/kernel"``, ``"blocks/0/conv1/kernel"`` (list indices are ``str``-ed, and
-NNX's trailing ``.value`` attribute is dropped).
+Leaves are matched by their ``"/"``-joined *path*, never by position or
+container type: ``"conv/kernel"``, ``"blocks/0/conv1/kernel"`` (list indices are
+``str``-ed, NNX's trailing ``.value`` attribute is dropped). So groups built on
+an NNX ``State`` of ``Variable`` boxes apply to the raw arrays that
+``nnx.Optimizer`` hands to optax, to a Linen dict with the same paths, and so on.
 
 References:
   van Laarhoven, *L2 Regularization versus Batch and Weight Normalization*,
@@ -27,9 +41,11 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
 import re
-from typing import Any, Callable, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import optax
@@ -45,22 +61,123 @@ class Invariance(str, enum.Enum):
   TENSOR = "tensor"
 
   def __repr__(self) -> str:
-    return f"normreg.{self.name}"
-
-  __str__ = __repr__
+    return f"normreg.Invariance.{self.name}"
 
 
-UNIT = Invariance.UNIT
-TENSOR = Invariance.TENSOR
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """How one parameter leaf is scale-invariant (a leaf of the groups pytree).
 
-Group = Union[Invariance, None]
-Groups = Any  # A pytree shaped like the params with ``Group`` leaves.
+  Attributes:
+    kind: ``Invariance.UNIT`` (per output unit, the last axis) or
+      ``Invariance.TENSOR`` (per tensor).
+    stack: number of leading axes that index independent copies (layers
+      stacked by scan or vmap, heads): the norm is per copy.
+    joint: a tag shared by leaves that are invariant only together (a kernel
+      and its bias before LayerNorm); their norm is taken over all of them.
+  """
+
+  kind: Invariance
+  stack: int = 0
+  joint: Optional[str] = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "kind", Invariance(self.kind))
+    if not isinstance(self.stack, int) or isinstance(self.stack, bool) or self.stack < 0:
+      raise ValueError(f"a group's stack must be an integer >= 0, got {self.stack!r}.")
+    if self.joint is not None and (not isinstance(self.joint, str) or not self.joint):
+      raise ValueError(f"a group's joint tag must be a non-empty string, got {self.joint!r}.")
+
+  @property
+  def value(self) -> str:
+    """``"unit"`` or ``"tensor"``."""
+    return self.kind.value
+
+  @property
+  def plain(self) -> bool:
+    """No stack axes and no joint tag: ``UNIT`` or ``TENSOR`` itself."""
+    return self.stack == 0 and self.joint is None
+
+  def __repr__(self) -> str:
+    if self.plain:
+      return f"normreg.{self.kind.name}"
+    args = [f"stack={self.stack}"] if self.stack else []
+    args += [f"joint={self.joint!r}"] if self.joint is not None else []
+    return f"normreg.{self.kind.value}({', '.join(args)})"
+
+  def __str__(self) -> str:
+    """One short line: ``unit``, ``unit stack=1``, ``tensor joint=dense``."""
+    return " ".join([self.kind.value] + ([f"stack={self.stack}"] if self.stack else [])
+                    + ([f"joint={self.joint}"] if self.joint is not None else []))
+
+  # --------------------------------------------------------------- geometry
+
+  def check_shape(self, shape: Sequence[int], where: str) -> None:
+    """Raises ``ValueError`` if a leaf of ``shape`` cannot carry this group."""
+    need = self.stack + (1 if self.kind is Invariance.UNIT else 0)
+    if len(shape) < max(need, 1 if self.kind is Invariance.UNIT else 0):
+      raise ValueError(f"{where}: a {self} group needs at least {need} axes, the leaf has "
+                       f"shape {tuple(shape)}.")
+
+  def reduced_axes(self, ndim: int) -> tuple[int, ...]:
+    """Axes the norm sums over: all but the stack axes and, for UNIT, the last."""
+    end = ndim - 1 if self.kind is Invariance.UNIT else ndim
+    return tuple(range(self.stack, max(end, self.stack)))
+
+  def group_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape of the per-group values of a leaf: ``stack + (out,)`` or ``stack``."""
+    shape = tuple(shape)
+    return shape[:self.stack] + (shape[-1:] if self.kind is Invariance.UNIT else ())
+
+  def keepdims_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` with the reduced axes set to 1: per-group values broadcast from it."""
+    reduced = set(self.reduced_axes(len(shape)))
+    return tuple(1 if a in reduced else n for a, n in enumerate(shape))
+
+
+def unit(stack: int = 0, joint: Optional[str] = None) -> Group:
+  """A per-output-unit group, with ``stack`` leading copy axes and an optional joint tag.
+
+  >>> unit(stack=1)
+  normreg.unit(stack=1)
+  >>> unit() == UNIT
+  True
+  """
+  return _intern(Group(Invariance.UNIT, stack, joint))
+
+
+def tensor(stack: int = 0, joint: Optional[str] = None) -> Group:
+  """A whole-tensor group (per copy with ``stack``), with an optional joint tag.
+
+  >>> tensor(joint="dense")
+  normreg.tensor(joint='dense')
+  """
+  return _intern(Group(Invariance.TENSOR, stack, joint))
+
+
+_PLAIN: dict = {}
+
+
+def _intern(group: Group) -> Group:
+  """The one ``UNIT``/``TENSOR`` object for a plain group (so ``g is normreg.UNIT`` works)."""
+  return _PLAIN.setdefault(group.kind, group) if group.plain else group
+
+
+UNIT = unit()
+TENSOR = tensor()
+
+GroupLeaf = Optional[Group]
+Groups = Any  # A pytree shaped like the params with ``Group``/``None`` leaves.
 GroupsOrFn = Union[Groups, Callable[[Any], Groups]]
-Rules = Sequence[Tuple[str, Group]]
+Rules = Sequence[Tuple[str, Any]]
 
 
 def _is_none(x: Any) -> bool:
   return x is None
+
+
+def _leaf_or_masked(x: Any) -> bool:
+  return x is None or type(x).__name__ == "MaskedNode"
 
 
 def _key_str(key: Any) -> str:
@@ -80,17 +197,25 @@ def path_str(path: Sequence[Any]) -> str:
 
 def param_paths(params: Any) -> list[str]:
   """The ``"/"``-joined path of every leaf of ``params``, in flattening order."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_none)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_leaf_or_masked)
   return [path_str(p) for p, _ in leaves]
 
 
-def _check_group(value: Any, where: str) -> Group:
-  if value is None or isinstance(value, Invariance):
+def as_group(value: Any, where: str) -> GroupLeaf:
+  """``value`` as a :class:`Group` or ``None``; accepts ``Invariance`` and ``"unit"``/
+  ``"tensor"`` too. Raises ``ValueError`` naming ``where`` otherwise."""
+  if value is None:
     return value
-  if isinstance(value, str) and value in ("unit", "tensor"):
-    return Invariance(value)
+  if isinstance(value, Group):
+    return _intern(value)
+  if isinstance(value, (Invariance, str)) and value in ("unit", "tensor"):
+    return _intern(Group(Invariance(value)))
   raise ValueError(
-      f"{where}: a group must be normreg.UNIT, normreg.TENSOR or None, got {value!r}.")
+      f"{where}: a group must be normreg.UNIT, normreg.TENSOR, normreg.unit(...), "
+      f"normreg.tensor(...) or None, got {value!r}.")
+
+
+# ------------------------------------------------------------------------ rules
 
 
 def groups_from_rules(params: Any, rules: Rules, *, log: bool = True) -> Groups:
@@ -98,21 +223,26 @@ def groups_from_rules(params: Any, rules: Rules, *, log: bool = True) -> Groups:
 
   Each parameter's ``"/"``-joined path is matched with ``re.fullmatch`` against
   the patterns in order; the first match wins (big_vision's convention for
-  per-parameter settings). Every match is logged with absl.
+  per-parameter settings). Every match is logged with absl. A group's joint
+  tag is expanded with the match (``re.Match.expand``), so one rule can name a
+  joint group per module: ``(r"(blocks/\\d+/dense)/(kernel|bias)",
+  normreg.tensor(joint=r"\\1"))``.
 
   Args:
     params: the params pytree (Linen dict or NNX ``State``).
     rules: ordered ``(pattern, group)`` pairs, ``group`` one of ``UNIT``,
-      ``TENSOR``, ``None``. End with ``(".*", None)`` to leave the rest alone.
+      ``TENSOR``, ``unit(stack=..., joint=...)``, ``tensor(...)``, ``None``.
+      End with ``(".*", None)`` to leave the rest alone.
     log: log which rule each parameter matched.
 
   Returns:
-    A pytree shaped like ``params`` with ``UNIT``/``TENSOR``/``None`` leaves.
+    A pytree shaped like ``params`` with ``Group``/``None`` leaves.
 
   Raises:
     ValueError: a pattern that matches no parameter, a parameter that no rule
-      covers, or a group value that is none of the three; the message names
-      them.
+      covers, a group value that is none of the above, a group that does not
+      fit its leaf's shape, or a joint group whose members disagree; the
+      message names them.
 
   Example:
 
@@ -123,7 +253,7 @@ def groups_from_rules(params: Any, rules: Rules, *, log: bool = True) -> Groups:
     >>> g["conv"]["kernel"], g["bn"]["scale"]
     (normreg.UNIT, None)
   """
-  rules = [(pattern, _check_group(group, f"rule {pattern!r}")) for pattern, group in rules]
+  rules = [(pattern, as_group(group, f"rule {pattern!r}")) for pattern, group in rules]
   compiled = []
   for pattern, group in rules:
     try:
@@ -136,16 +266,19 @@ def groups_from_rules(params: Any, rules: Rules, *, log: bool = True) -> Groups:
   def pick(path, leaf):
     name = path_str(path)
     for i, (regex, group) in enumerate(compiled):
-      if regex.fullmatch(name):
+      match = regex.fullmatch(name)
+      if match:
         used[i] = True
+        if group is not None and group.joint is not None:
+          group = dataclasses.replace(group, joint=match.expand(group.joint))
         if log:
           logging.info("normreg groups: %-40s %-8s (rule %r)", name,
-                       group.value if group else "None", rules[i][0])
+                       str(group) if group else "None", rules[i][0])
         return group
     uncovered.append(name)
     return None
 
-  groups = jax.tree_util.tree_map_with_path(pick, params)
+  groups = jax.tree_util.tree_map_with_path(pick, params, is_leaf=_leaf_or_masked)
   unused = [pattern for (pattern, _), u in zip(rules, used) if not u]
   if unused:
     raise ValueError(
@@ -155,44 +288,90 @@ def groups_from_rules(params: Any, rules: Rules, *, log: bool = True) -> Groups:
     raise ValueError(
         f"groups_from_rules: no rule covers parameter(s) {uncovered}; "
         "add a rule for them, or end the rules with ('.*', None).")
+  resolve(groups, params, "groups_from_rules")
   return groups
 
 
-def resolve(groups: GroupsOrFn, params: Any, caller: str) -> Groups:
-  """Returns the groups pytree (calling ``groups(params)`` if callable), checked.
+# -------------------------------------------------------------------- resolving
 
-  Checks that ``groups`` has exactly the structure of ``params`` (``None`` and
-  ``optax.MaskedNode`` leaves of ``params`` count as leaves) and raises a
-  ``ValueError`` naming ``caller`` and the first path that differs.
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """A groups pytree checked against a params tree: the group of each path.
+
+  Attributes:
+    by_path: ``{path: Group}`` for every grouped leaf.
+    members: ``{joint tag: (paths...)}`` for every joint group.
+    group_shapes: ``{path: shape of its per-group values}``.
+  """
+
+  by_path: dict
+  members: dict
+  group_shapes: dict
+
+  def key(self, path: str) -> str:
+    """The group a path belongs to: its joint tag, or the path itself."""
+    joint = self.by_path[path].joint
+    return path if joint is None else "joint:" + joint
+
+
+def groups_by_path(groups: Groups, caller: str) -> dict[str, GroupLeaf]:
+  """``{path: Group or None}`` of a groups pytree (any container types)."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(groups, is_leaf=_is_none)
+  return {path_str(p): as_group(g, f"{caller}: groups leaf {path_str(p)!r}") for p, g in leaves}
+
+
+def resolve(groups: GroupsOrFn, params: Any, caller: str) -> Resolved:
+  """The groups of ``params`` (calling ``groups(params)`` if callable), checked.
+
+  ``groups`` and ``params`` must have the same ``"/"``-joined paths (``None``
+  and ``optax.MaskedNode`` leaves of ``params`` count as leaves); their
+  containers may differ (NNX ``State`` with or without ``Variable`` boxes,
+  dicts). Each group must fit its leaf's shape, and the members of a joint
+  group must agree on kind, stack axes and per-group shape. Raises a
+  ``ValueError`` naming ``caller`` and the first thing that differs.
   """
   if callable(groups) and not isinstance(groups, (dict, list, tuple)) and not hasattr(
       groups, "items"):
     groups = groups(params)
-  check_structure(groups, params, caller)
-  return groups
-
-
-def _leaf_or_masked(x: Any) -> bool:
-  return x is None or type(x).__name__ == "MaskedNode"
-
-
-def check_structure(groups: Groups, params: Any, caller: str) -> None:
-  """Raises ``ValueError`` unless ``groups`` and ``params`` have the same paths."""
-  g_leaves, g_def = jax.tree_util.tree_flatten_with_path(groups, is_leaf=_is_none)
-  p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=_leaf_or_masked)
-  g_paths = [path_str(p) for p, _ in g_leaves]
-  p_paths = [path_str(p) for p, _ in p_leaves]
-  if g_paths != p_paths:
-    missing = [p for p in p_paths if p not in set(g_paths)]
-    extra = [p for p in g_paths if p not in set(p_paths)]
+  by_path = groups_by_path(groups, caller)
+  p_leaves, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_leaf_or_masked)
+  shapes = {path_str(p): (None if _leaf_or_masked(x) else tuple(getattr(x, "shape", ())))
+            for p, x in p_leaves}
+  if set(by_path) != set(shapes):
+    missing = [p for p in shapes if p not in by_path]
+    extra = [p for p in by_path if p not in shapes]
     raise ValueError(
         f"{caller}: the groups pytree does not match the params: "
-        f"params have {len(p_paths)} leaves, groups {len(g_paths)}; "
+        f"params have {len(shapes)} leaves, groups {len(by_path)}; "
         f"paths in params but not in groups: {missing[:5]}; "
         f"in groups but not in params: {extra[:5]}. Build groups from these "
         "very params (normreg.find_scale_invariant or normreg.groups_from_rules).")
-  for path, g in g_leaves:
-    _check_group(g, f"{caller}: groups leaf {path_str(path)!r}")
+  grouped, group_shapes, members = {}, {}, {}
+  for path, group in by_path.items():
+    if group is None:
+      continue
+    grouped[path] = group
+    if group.joint is not None:
+      members.setdefault(group.joint, []).append(path)
+    shape = shapes[path]
+    if shape is not None:
+      group.check_shape(shape, f"{caller}: {path!r}")
+      group_shapes[path] = group.group_shape(shape)
+  for tag, paths in members.items():
+    first = grouped[paths[0]]
+    for path in paths[1:]:
+      g = grouped[path]
+      if (g.kind, g.stack) != (first.kind, first.stack):
+        raise ValueError(f"{caller}: joint group {tag!r} mixes {first} ({paths[0]!r}) and {g} "
+                         f"({path!r}); its members must share kind and stack axes.")
+      if path in group_shapes and paths[0] in group_shapes and (
+          group_shapes[path] != group_shapes[paths[0]]):
+        raise ValueError(f"{caller}: joint group {tag!r}: {path!r} has per-group shape "
+                         f"{group_shapes[path]} but {paths[0]!r} has "
+                         f"{group_shapes[paths[0]]}; members must share their stack axes "
+                         "and, for UNIT, their output axis.")
+  return Resolved(grouped, {k: tuple(v) for k, v in members.items()}, group_shapes)
 
 
 def as_mask(groups: Groups) -> Any:
@@ -204,52 +383,94 @@ def as_mask(groups: Groups) -> Any:
     >>> import jax.numpy as jnp, optax, normreg
     >>> params = {"kernel": jnp.ones((2, 3)), "scale": jnp.ones(3)}
     >>> groups = {"kernel": normreg.UNIT, "scale": None}
-    >>> tx = optax.add_decayed_weights(1e-4, mask=normreg.as_mask(groups))
-    >>> normreg.as_mask(groups)
+    >>> mask = normreg.as_mask(groups)
+    >>> mask
     {'kernel': True, 'scale': False}
+    >>> tx = optax.add_decayed_weights(0.5, mask=mask)
+    >>> updates, _ = tx.update({"kernel": jnp.zeros((2, 3)), "scale": jnp.zeros(3)},
+    ...                        tx.init(params), params)
+    >>> float(updates["kernel"][0, 0]), float(updates["scale"][0])
+    (0.5, 0.0)
   """
   return jax.tree.map(lambda g: g is not None, groups, is_leaf=_is_none)
 
 
-def map_grouped(fn: Callable[..., Any], groups: Groups, tree: Any, *rest: Any) -> Any:
+def mask_like(groups: GroupsOrFn, tree: Any) -> Any:
+  """The boolean mask of :func:`as_mask`, with ``tree``'s structure (matched by path).
+
+  For ``optax.masked`` when the groups use other containers than the updates
+  (an NNX ``State`` of ``Variable`` boxes against the raw arrays that
+  ``nnx.Optimizer`` passes): ``optax.masked(tx, lambda t: mask_like(groups, t))``.
+  """
+  resolved = resolve(groups, tree, "mask_like")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: path_str(path) in resolved.by_path, tree, is_leaf=_leaf_or_masked)
+
+
+def map_grouped(fn: Callable[..., Any], groups: GroupsOrFn, tree: Any, *rest: Any) -> Any:
   """``fn(group, leaf, *rest_leaves)`` on grouped leaves; other leaves pass through.
 
   ``tree`` leaves that are ``None`` or ``optax.MaskedNode`` (as inside
   ``optax.masked``) are passed through untouched, as are leaves whose group is
-  ``None``. Leaves are matched by tree structure, never by position.
+  ``None``. Leaves are matched by path, never by position: ``groups`` may use
+  other containers than ``tree`` (``rest`` must have ``tree``'s structure).
+  Leafwise only: for norms over groups see :mod:`normreg.reductions`.
   """
+  by_path = groups_by_path(groups(tree) if callable(groups) and not hasattr(groups, "items")
+                           else groups, "map_grouped")
 
-  def f(group, leaf, *others):
+  def f(path, leaf, *others):
+    group = by_path.get(path_str(path))
     if group is None or _leaf_or_masked(leaf):
       return leaf
     return fn(group, leaf, *others)
 
-  return jax.tree.map(f, groups, tree, *rest, is_leaf=_is_none)
+  return jax.tree_util.tree_map_with_path(f, tree, *rest, is_leaf=_leaf_or_masked)
+
+
+def transform_on_groups(caller: str, groups: GroupsOrFn,
+                        fn: Callable[[Resolved, Any, Any], Any]
+                        ) -> optax.GradientTransformationExtraArgs:
+  """A stateless transform ``updates -> fn(resolved, updates, params)``.
+
+  Builds on ``optax.stateless`` (empty state, ``update(updates, state, params)``)
+  with ``optax.with_extra_args_support``, and adds the params check, the groups
+  resolution (:func:`resolve`) at ``init`` (so mismatched groups fail there)
+  and at every ``update``.
+  """
+  def f(updates, params):
+    _checks.require_params(params, caller)
+    return fn(resolve(groups, params, caller), updates, params)
+
+  inner = optax.with_extra_args_support(optax.stateless(f))
+
+  def init_fn(params):
+    resolve(groups, params, caller)
+    return inner.init(params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, inner.update)
 
 
 def stateless_on_groups(caller: str, groups: GroupsOrFn,
                         fn: Callable[..., Any]) -> optax.GradientTransformationExtraArgs:
-  """A stateless transform applying ``fn(group, update, param)`` to grouped leaves.
-
-  Builds on ``optax.stateless`` (empty state, ``update(updates, state, params)``)
-  with ``optax.with_extra_args_support``; adds the params check, the groups
-  resolution and :func:`map_grouped`.
-  """
-  def f(updates, params):
-    _checks.require_params(params, caller)
-    return map_grouped(fn, resolve(groups, params, caller), updates, params)
-
-  return optax.with_extra_args_support(optax.stateless(f))
+  """A stateless transform applying ``fn(group, update, param)`` to grouped leaves (leafwise:
+  no norm over a group). See :func:`transform_on_groups`."""
+  return transform_on_groups(
+      caller, groups,
+      lambda resolved, updates, params: map_grouped(fn, resolved.by_path, updates, params))
 
 
-def reduction_axes(group: Invariance, ndim: int) -> tuple[int, ...]:
-  """Axes a group's norm reduces over: all but the last for UNIT, all for TENSOR."""
-  if group is UNIT and ndim >= 1:
-    return tuple(range(ndim - 1))
-  return tuple(range(ndim))
+def reduction_axes(group: GroupLeaf, ndim: int) -> tuple[int, ...]:
+  """Axes a group's norm reduces over within one leaf (see :meth:`Group.reduced_axes`)."""
+  return as_group(group, "reduction_axes").reduced_axes(ndim)
 
 
 def summary(groups: Groups) -> str:
   """A one-line-per-parameter table of the groups, for logs."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(groups, is_leaf=_is_none)
-  return "\n".join(f"{path_str(p):48s} {g.value if g else '-'}" for p, g in leaves)
+  return "\n".join(f"{path_str(p):48s} {as_group(g, 'summary') or '-'}" for p, g in leaves)
+
+
+def group_count(group: Group, shape: Sequence[int]) -> int:
+  """How many groups a leaf of ``shape`` holds (before joining)."""
+  return math.prod(group.group_shape(shape))

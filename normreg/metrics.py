@@ -2,9 +2,11 @@
 
 Pure functions of params and a groups pytree (see :mod:`normreg.groups`), safe
 to call inside ``jax.jit``. Each returns a pytree shaped like the params whose
-leaves are arrays of shape ``(out,)`` for ``UNIT`` leaves (one value per output
-unit, the last axis of a Flax kernel), ``()`` for ``TENSOR`` leaves, and
-``None`` for ungrouped leaves.
+leaves hold one value per group: shape ``(out,)`` for ``UNIT`` leaves (one value
+per output unit, the last axis of a Flax kernel), ``()`` for ``TENSOR`` leaves,
+with the stack axes in front for stacked groups (``(layers, out)`` for a
+scanned kernel), and ``None`` for ungrouped leaves. The members of a joint group
+all hold the joint value.
 
 Mathematics (van Laarhoven 2017, eqs. 9-12): for a weight ``w`` whose function
 is invariant to its scale, the gradient scales as ``grad L(a w) = grad L(w)/a``
@@ -30,42 +32,19 @@ import jax
 import jax.numpy as jnp
 
 from normreg import groups as groups_lib
+from normreg import reductions
 
-# Smallest squared norm a unit may have before we treat it as zero: the square
-# root's gradient at 0 is inf, so we clamp with jnp.where (as optax.safe_norm).
-_TINY = 1e-30
-
-
-def compute_dtype(dtype: Any) -> Any:
-  """float32 for low-precision params (bf16, f16): norms are summed in float32."""
-  return jnp.dtype(dtype) if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+compute_dtype = reductions.compute_dtype
 
 
-def group_norm(group: groups_lib.Invariance, x: jax.Array, keepdims: bool = True) -> jax.Array:
-  """The L2 norm of each unit (UNIT) or of the whole tensor (TENSOR), float32+.
-
-  Safe at zero: returns ``sqrt(tiny)`` there, with a zero (not NaN) gradient.
-  """
-  x = x.astype(compute_dtype(x.dtype))
-  sq = jnp.sum(jnp.square(x), axis=groups_lib.reduction_axes(group, x.ndim), keepdims=keepdims)
-  safe = jnp.where(sq > _TINY, sq, jnp.ones_like(sq))
-  return jnp.where(sq > _TINY, jnp.sqrt(safe), jnp.sqrt(jnp.asarray(_TINY, sq.dtype)))
-
-
-def group_dot(group: groups_lib.Invariance, x: jax.Array, y: jax.Array) -> jax.Array:
-  """``<x, y>`` per unit (UNIT) or over the whole tensor (TENSOR), keepdims."""
-  dtype = compute_dtype(x.dtype)
-  return jnp.sum(x.astype(dtype) * y.astype(dtype),
-                 axis=groups_lib.reduction_axes(group, x.ndim), keepdims=True)
-
-
-def _flat(group, x):
-  """A keepdims per-group value reshaped to ``(out,)`` for UNIT or ``()``."""
-  return x.reshape(x.shape[-1:]) if group is groups_lib.UNIT and x.ndim >= 1 else x.reshape(())
+def _per_leaf(resolved: groups_lib.Resolved, values: dict, params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: values.get(groups_lib.path_str(path)), params,
+      is_leaf=groups_lib._leaf_or_masked)
 
 
 def unit_norms(params: Any, groups: groups_lib.GroupsOrFn) -> Any:
-  """``||w||`` per unit (UNIT leaves, shape ``(out,)``) or per tensor (``()``).
+  """``||w||`` per group: shape ``(out,)`` (UNIT), ``()`` (TENSOR), stack axes first.
 
   Example:
 
@@ -75,15 +54,13 @@ def unit_norms(params: Any, groups: groups_lib.GroupsOrFn) -> Any:
     >>> norms["kernel"], norms["bias"]
     (Array([5., 2.], dtype=float32), None)
   """
-  groups = groups_lib.resolve(groups, params, "unit_norms")
-  return jax.tree.map(
-      lambda g, w: None if g is None else _flat(g, group_norm(g, w)),
-      groups, params, is_leaf=groups_lib._is_none)
+  resolved = groups_lib.resolve(groups, params, "unit_norms")
+  return _per_leaf(resolved, reductions.norms(resolved, params), params)
 
 
 def effective_learning_rate(learning_rate: Any, params: Any, groups: groups_lib.GroupsOrFn,
                             power: float = 2) -> Any:
-  """``eta / ||w||**power`` per unit: the step size of the direction ``w/||w||``.
+  """``eta / ||w||**power`` per group: the step size of the direction ``w/||w||``.
 
   Args:
     learning_rate: ``eta``, a scalar (the value of a schedule at this step).
@@ -92,8 +69,14 @@ def effective_learning_rate(learning_rate: Any, params: Any, groups: groups_lib.
     power: 2 for SGD (van Laarhoven 2017, eq. 12), 1 for Adam.
 
   Returns:
-    A pytree shaped like ``params``: ``(out,)`` arrays for UNIT leaves, scalars
-    for TENSOR leaves, ``None`` elsewhere.
+    A pytree shaped like ``params``, with the shapes of :func:`unit_norms`.
+
+  Example:
+
+    >>> import jax.numpy as jnp, normreg
+    >>> params = {"kernel": jnp.array([[3., 0.], [4., 2.]])}
+    >>> normreg.effective_learning_rate(0.1, params, {"kernel": normreg.UNIT})["kernel"]
+    Array([0.004, 0.025], dtype=float32)
   """
   norms = unit_norms(params, groups)
   lr = jnp.asarray(learning_rate, jnp.float32)
@@ -101,22 +84,31 @@ def effective_learning_rate(learning_rate: Any, params: Any, groups: groups_lib.
 
 
 def angular_update(before: Any, after: Any, groups: groups_lib.GroupsOrFn) -> Any:
-  """The angle (radians) each unit's weight turned between two sets of params.
+  """The angle (radians) each group's weight turned between two sets of params.
 
-  Computed as ``2 atan2(||u - v||, ||u + v||)`` with ``u, v`` the unit vectors,
-  which is exact for small and large angles alike (``arccos`` of the cosine
-  loses all precision below about 1e-4 rad in float32).
+  Computed as ``2 atan2(||u - v||, ||u + v||)`` with ``u, v`` the unit vectors
+  of the group (over all members of a joint group), which is exact for small
+  and large angles alike (``arccos`` of the cosine loses all precision below
+  about 1e-4 rad in float32).
+
+  Example:
+
+    >>> import jax.numpy as jnp, normreg
+    >>> a, b = {"w": jnp.array([1., 0.])}, {"w": jnp.array([1., 1.])}
+    >>> round(float(normreg.angular_update(a, b, {"w": normreg.TENSOR})["w"]), 6)
+    0.785398
   """
-  groups = groups_lib.resolve(groups, before, "angular_update")
+  resolved = groups_lib.resolve(groups, before, "angular_update")
+  n_before = reductions.norms(resolved, before)
+  n_after = reductions.norms(resolved, after)
 
-  def angle(g, a, b):
-    if g is None:
-      return None
-    u = a.astype(compute_dtype(a.dtype)) / group_norm(g, a)
-    v = b.astype(compute_dtype(b.dtype)) / group_norm(g, b)
-    axes = groups_lib.reduction_axes(g, a.ndim)
-    diff = jnp.sqrt(jnp.sum(jnp.square(u - v), axis=axes, keepdims=True))
-    summ = jnp.sqrt(jnp.sum(jnp.square(u + v), axis=axes, keepdims=True))
-    return _flat(g, 2 * jnp.arctan2(diff, summ))
+  def direction(norms):
+    return lambda path, group, w: (
+        w.astype(compute_dtype(w.dtype)) / reductions.expand(group, norms[path], w.shape))
 
-  return jax.tree.map(angle, groups, before, after, is_leaf=groups_lib._is_none)
+  u = reductions.map_groups(direction(n_before), resolved, before)
+  v = reductions.map_groups(direction(n_after), resolved, after)
+  diff = reductions.group_sums(resolved, lambda a, b: jnp.square(a - b), u, v)
+  summ = reductions.group_sums(resolved, lambda a, b: jnp.square(a + b), u, v)
+  angles = {p: 2 * jnp.arctan2(jnp.sqrt(diff[p]), jnp.sqrt(summ[p])) for p in diff}
+  return _per_leaf(resolved, angles, before)

@@ -31,26 +31,53 @@ def _check_lr(learning_rate: Any, caller: str) -> None:
   _checks.positive("learning_rate", learning_rate, caller)
 
 
-def _scale_by_learning_rates(learning_rate: optax.ScalarOrSchedule,
-                             ungrouped_learning_rate: Optional[optax.ScalarOrSchedule],
-                             groups: groups_lib.GroupsOrFn, caller: str
-                             ) -> optax.GradientTransformation:
-  """``optax.scale_by_learning_rate``; with ``ungrouped_learning_rate``, two of them under
-  ``optax.masked``: ``learning_rate`` on the grouped leaves, the other on the rest."""
+def scale_by_learning_rates(learning_rate: optax.ScalarOrSchedule,
+                            groups: groups_lib.GroupsOrFn,
+                            ungrouped_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+                            *, caller: str = "scale_by_learning_rates"
+                            ) -> optax.GradientTransformation:
+  """``-learning_rate`` on the grouped leaves, ``-ungrouped_learning_rate`` on the others.
+
+  .. math::
+
+    u_i \\leftarrow -\\eta_t\\, u_i \\ (\\text{grouped } w_i), \\qquad
+    u_j \\leftarrow -\\eta^{u}_t\\, u_j \\ (\\text{otherwise}),
+
+  ``optax.scale_by_learning_rate`` when ``ungrouped_learning_rate`` is ``None``
+  (one rate for all); otherwise two of them under ``optax.masked`` with the
+  masks :func:`normreg.as_mask` and its negation. Each rate is a float or an
+  optax schedule of the step count.
+
+  Args:
+    learning_rate: ``eta > 0`` of the grouped (scale-invariant) weights.
+    groups: groups pytree, or a callable ``params -> groups``.
+    ungrouped_learning_rate: ``eta^u > 0`` of every other parameter;
+      ``None``: ``learning_rate``.
+    caller: name used in error messages.
+
+  Example:
+
+    >>> import jax.numpy as jnp, normreg
+    >>> params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones(2)}
+    >>> tx = normreg.scale_by_learning_rates(0.1, {"kernel": normreg.UNIT, "scale": None},
+    ...                                      ungrouped_learning_rate=0.5)
+    >>> updates, _ = tx.update({"kernel": jnp.ones((2, 2)), "scale": jnp.ones(2)},
+    ...                        tx.init(params))
+    >>> round(float(updates["kernel"][0, 0]), 6), float(updates["scale"][0])
+    (-0.1, -0.5)
+  """
   _check_lr(learning_rate, caller)
   if ungrouped_learning_rate is None:
     return optax.scale_by_learning_rate(learning_rate)
   _checks.positive("ungrouped_learning_rate", ungrouped_learning_rate, caller)
 
-  if callable(groups) and not hasattr(groups, "items"):  # optax.masked calls it on the updates
-    def grouped(tree):
-      return groups_lib.as_mask(groups_lib.resolve(groups, tree, caller))
+  # Masks built from the updates optax.masked is given, matched by path: the groups may
+  # use other containers (NNX Variable boxes) than the arrays an optimizer passes.
+  def grouped(tree):
+    return groups_lib.mask_like(groups, tree)
 
-    def ungrouped(tree):
-      return jax.tree.map(operator.not_, grouped(tree))
-  else:
-    grouped = groups_lib.as_mask(groups)
-    ungrouped = jax.tree.map(operator.not_, grouped)
+  def ungrouped(tree):
+    return jax.tree.map(operator.not_, grouped(tree))
 
   return optax.chain(optax.masked(optax.scale_by_learning_rate(learning_rate), grouped),
                      optax.masked(optax.scale_by_learning_rate(ungrouped_learning_rate),
@@ -65,7 +92,9 @@ def _momentum(momentum: Any, nesterov: bool) -> optax.GradientTransformation:
 
 
 def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib.GroupsOrFn,
-           momentum: float = 0.0, nesterov: bool = False) -> optax.GradientTransformationExtraArgs:
+           momentum: float = 0.0, nesterov: bool = False,
+           ungrouped_learning_rate: Optional[optax.ScalarOrSchedule] = None
+           ) -> optax.GradientTransformationExtraArgs:
   """SGD with coupled L2 on the scale-invariant weights (the paper's baseline).
 
   .. math::
@@ -87,22 +116,33 @@ def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib
     groups: groups pytree, or a callable ``params -> groups``.
     momentum: heavy-ball momentum ``mu`` (0 for plain SGD).
     nesterov: Nesterov momentum.
+    ungrouped_learning_rate: learning rate of the parameters outside the
+      groups; default ``learning_rate``. With it, ``(eta, lam, w_0)`` and
+      ``(c^2 eta, lam/c^2, c w_0)`` (``c w_0`` on the grouped weights, the
+      same ``ungrouped_learning_rate``) train the same network at every step:
+      ``lam`` alone has no effect (van Laarhoven 2017, sec. 3).
 
   Example:
 
     >>> import jax.numpy as jnp, normreg
     >>> params = {"kernel": jnp.ones((3, 2)), "scale": jnp.ones(2)}
-    >>> tx = normreg.sgd_l2(0.1, 5e-4, {"kernel": normreg.UNIT, "scale": None}, momentum=0.9)
+    >>> tx = normreg.sgd_l2(0.1, 0.5, {"kernel": normreg.UNIT, "scale": None}, momentum=0.9)
     >>> state = tx.init(params)
+    >>> grads = {"kernel": jnp.zeros((3, 2)), "scale": jnp.ones(2)}
+    >>> updates, state = tx.update(grads, state, params)  # -0.1 * (0 + 2 * 0.5 * 1)
+    >>> round(float(updates["kernel"][0, 0]), 6), round(float(updates["scale"][0]), 6)
+    (-0.1, -0.1)
+    >>> updates, state = tx.update(grads, state, params)  # momentum: -0.1 * (0.9 + 1)
+    >>> round(float(updates["kernel"][0, 0]), 6)
+    -0.19
 
   References:
     van Laarhoven, 2017 (arXiv 1706.05350).
   """
-  _check_lr(learning_rate, "sgd_l2")
   return optax.chain(
       penalty.add_l2_penalty(lam, groups),
       _momentum(momentum, nesterov),
-      optax.scale_by_learning_rate(learning_rate),
+      scale_by_learning_rates(learning_rate, groups, ungrouped_learning_rate, caller="sgd_l2"),
   )
 
 
@@ -151,8 +191,8 @@ def spherical_sgd(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Grou
   return optax.chain(
       rescale.scale_by_weight_norm(groups, power=1),
       _momentum(momentum, nesterov),
-      _scale_by_learning_rates(learning_rate, ungrouped_learning_rate, groups,
-                               "spherical_sgd"),
+      scale_by_learning_rates(learning_rate, groups, ungrouped_learning_rate,
+                              caller="spherical_sgd"),
       sphere.project_to_sphere(groups, radius=1.0),
   )
 
@@ -182,7 +222,7 @@ def spherical_adam(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Gro
   return optax.chain(
       rescale.scale_by_weight_norm(groups, power=1),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
-      _scale_by_learning_rates(learning_rate, ungrouped_learning_rate, groups,
-                               "spherical_adam"),
+      scale_by_learning_rates(learning_rate, groups, ungrouped_learning_rate,
+                              caller="spherical_adam"),
       sphere.project_to_sphere(groups, radius=1.0),
   )

@@ -10,12 +10,11 @@ equivariant to the scale of the weights (``w0 -> a w0`` gives ``w_t -> a w_t``).
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 import optax
 
 from normreg import groups as groups_lib
-from normreg import metrics
+from normreg import reductions
 
 
 def scale_by_weight_norm(groups: groups_lib.GroupsOrFn,
@@ -26,9 +25,10 @@ def scale_by_weight_norm(groups: groups_lib.GroupsOrFn,
 
     u_i \\leftarrow \\|w_i\\|^{p}\\, u_i,
 
-  with ``w_i`` a unit of a UNIT leaf (a slice along the last axis, the norm over
-  all other axes) or a whole TENSOR leaf, and ``p`` the ``power``. Ungrouped
-  leaves pass through.
+  with ``w_i`` a group: a unit of a UNIT leaf (a slice along the last axis, the
+  norm over all other axes), a whole TENSOR leaf, per copy for stacked groups,
+  over all members of a joint group; ``p`` is the ``power``. Ungrouped leaves
+  pass through.
 
   Placement:
 
@@ -62,8 +62,14 @@ def scale_by_weight_norm(groups: groups_lib.GroupsOrFn,
     van Laarhoven, 2017 (arXiv 1706.05350), sec. 3; Hoffer et al., 2018.
   """
 
-  def rescale(group, u, w):
-    n = metrics.group_norm(group, w)
-    return (u.astype(n.dtype) * n ** jnp.asarray(power, n.dtype)).astype(u.dtype)
+  def rescale(resolved, updates, params):
+    norms = reductions.norms(resolved, params)
 
-  return groups_lib.stateless_on_groups("scale_by_weight_norm", groups, rescale)
+    def one(path, group, u, w):
+      factor = reductions.expand(group, norms[path] ** jnp.asarray(power, norms[path].dtype),
+                                 u.shape)
+      return (u.astype(factor.dtype) * factor).astype(u.dtype)
+
+    return reductions.map_groups(one, resolved, updates, params)
+
+  return groups_lib.transform_on_groups("scale_by_weight_norm", groups, rescale)

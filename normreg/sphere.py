@@ -15,22 +15,21 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Union
 
-import jax
 import jax.numpy as jnp
 import optax
 
 from normreg import _checks
 from normreg import groups as groups_lib
-from normreg import metrics
+from normreg import reductions
 
 
 class ProjectToSphereState(NamedTuple):
   """State of :func:`project_to_sphere`.
 
   Attributes:
-    radius: with ``radius="init"``, a pytree shaped like the params holding each
-      grouped leaf's initial norm (keepdims: ``(1, ..., 1, out)`` for UNIT,
-      ``(1, ..., 1)`` for TENSOR) and ``None`` elsewhere; otherwise ``None``.
+    radius: with ``radius="init"``, ``{path: initial norm}`` for every grouped
+      leaf, one value per group (shape ``(out,)`` for UNIT, ``()`` for TENSOR,
+      stack axes first; joint members hold the joint norm); otherwise ``None``.
   """
 
   radius: Any
@@ -41,7 +40,8 @@ def project_to_sphere(groups: groups_lib.GroupsOrFn,
   """Puts each grouped unit (or tensor) back on the sphere after the step.
 
   With ``w`` the params, ``u`` the incoming update and ``r`` the radius, per
-  unit (UNIT leaves: a slice along the last axis) or per tensor (TENSOR):
+  group (a unit of a UNIT leaf, a TENSOR leaf, per copy with stack axes, over
+  all members of a joint group):
 
   .. math::
 
@@ -89,29 +89,33 @@ def project_to_sphere(groups: groups_lib.GroupsOrFn,
     _checks.positive("radius", radius, "project_to_sphere")
 
   def init_fn(params):
+    resolved = groups_lib.resolve(groups, params, "project_to_sphere")
     if not use_init:
       return ProjectToSphereState(radius=None)
-    g = groups_lib.resolve(groups, params, "project_to_sphere")
-    return ProjectToSphereState(radius=jax.tree.map(
-        lambda group, w: None if group is None else metrics.group_norm(group, w),
-        g, params, is_leaf=groups_lib._is_none))
+    return ProjectToSphereState(radius=reductions.norms(resolved, params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _checks.require_params(params, "project_to_sphere")
-    g = groups_lib.resolve(groups, params, "project_to_sphere")
+    resolved = groups_lib.resolve(groups, params, "project_to_sphere")
+    old_norms = reductions.norms(resolved, params)
 
-    def project(group, u, w, r):
-      dtype = metrics.compute_dtype(w.dtype)
-      r = jnp.asarray(r, dtype)
-      w_hat = w.astype(dtype) * (r / metrics.group_norm(group, w))
-      new = w_hat + u.astype(dtype)
-      new = new * (r / metrics.group_norm(group, new))
-      return (new - w.astype(dtype)).astype(u.dtype)
+    def r(path):
+      return state.radius[path] if use_init else jnp.asarray(radius, old_norms[path].dtype)
 
-    radii = state.radius if use_init else jax.tree.map(
-        lambda _: radius, g, is_leaf=groups_lib._is_none)
-    return groups_lib.map_grouped(project, g, updates, params, radii), state
+    def step(path, group, u, w):
+      # w_hat = r w/||w|| on the sphere, then one step from there.
+      w = w.astype(reductions.compute_dtype(w.dtype))
+      return w * reductions.expand(group, r(path) / old_norms[path], w.shape) + u.astype(w.dtype)
+
+    stepped = reductions.map_groups(step, resolved, updates, params)
+    new_norms = reductions.norms(resolved, stepped)
+
+    def project(path, group, u, new, w):
+      new = new * reductions.expand(group, r(path) / new_norms[path], new.shape)
+      return (new - w.astype(new.dtype)).astype(u.dtype)
+
+    return reductions.map_groups(project, resolved, updates, stepped, params), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -123,7 +127,7 @@ def tangent_projection(groups: groups_lib.GroupsOrFn) -> optax.GradientTransform
 
     u_i \\leftarrow u_i - \\frac{\\langle u_i, w_i \\rangle}{\\|w_i\\|^2}\\, w_i
 
-  per unit (UNIT) or per tensor (TENSOR). For a scale-invariant weight the
+  per group (unit, tensor, copy, joint group). For a scale-invariant weight the
   data gradient is already tangent (``<w, grad L(w)> = 0``); what this removes
   is the radial part that L2 penalties, momentum carried over from earlier
   points, or Adam's per-coordinate scaling add (as in AdamP, Heo et al. 2021).
@@ -148,10 +152,15 @@ def tangent_projection(groups: groups_lib.GroupsOrFn) -> optax.GradientTransform
     Heo et al., *AdamP*, 2021 (arXiv 2006.08217); van Laarhoven, 2017.
   """
 
-  def tangent(group, u, w):
-    dtype = metrics.compute_dtype(w.dtype)
-    w32 = w.astype(dtype)
-    coef = metrics.group_dot(group, u, w32) / jnp.square(metrics.group_norm(group, w32))
-    return (u.astype(dtype) - coef * w32).astype(u.dtype)
+  def tangent(resolved, updates, params):
+    dots = reductions.dots(resolved, updates, params)
+    norms = reductions.norms(resolved, params)
 
-  return groups_lib.stateless_on_groups("tangent_projection", groups, tangent)
+    def one(path, group, u, w):
+      w = w.astype(reductions.compute_dtype(w.dtype))
+      coef = reductions.expand(group, dots[path] / jnp.square(norms[path]), w.shape)
+      return (u.astype(w.dtype) - coef * w).astype(u.dtype)
+
+    return reductions.map_groups(one, resolved, updates, params)
+
+  return groups_lib.transform_on_groups("tangent_projection", groups, tangent)

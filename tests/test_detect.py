@@ -51,8 +51,9 @@ def test_linen_model():
   groups = normreg.find_scale_invariant(fn, variables["params"], x)
   assert groups["conv"] == {"kernel": normreg.UNIT, "bias": None}
   assert groups["dense"] == {"kernel": normreg.TENSOR}
-  # Documented blind spot: kernel and bias are invariant only together.
-  assert groups["dense_bias"] == {"kernel": None, "bias": None}
+  # Kernel and bias are invariant only together: one joint group, tagged by the module.
+  joint = normreg.tensor(joint="dense_bias")
+  assert groups["dense_bias"] == {"kernel": joint, "bias": joint}
   for name in ("bn", "ln", "ln2", "head"):
     assert set(jax.tree.leaves(groups[name], is_leaf=lambda g: g is None)) == {None}, name
 

@@ -37,13 +37,13 @@ def test_paths_of_nnx_state_and_linen_dict_agree():
 def test_rules_first_match_wins_on_nnx_state():
   _, params, _ = nnx.split(_Net(nnx.Rngs(0)), nnx.Param, ...)
   groups = normreg.groups_from_rules(params, RULES)
-  flat = dict(zip(normreg.param_paths(params), jax.tree.leaves(groups)))
-  # The State keeps Param nodes with None values, so compare via the summary.
+  # Matched by path (the State keeps Param nodes, some with None values): every leaf.
+  by_path = normreg.groups.groups_by_path(groups, "test")
+  assert by_path == {"bn/bias": None, "bn/scale": None, "conv/kernel": normreg.UNIT,
+                     "layers/0/bias": None, "layers/0/kernel": normreg.TENSOR,
+                     "layers/1/bias": None, "layers/1/kernel": None}
   lines = dict(line.split() for line in normreg.groups.summary(groups).splitlines())
-  assert lines == {"bn/bias": "-", "bn/scale": "-", "conv/kernel": "unit",
-                   "layers/0/bias": "-", "layers/0/kernel": "tensor",
-                   "layers/1/bias": "-", "layers/1/kernel": "-"}
-  assert set(flat.values()) == {normreg.UNIT, normreg.TENSOR}
+  assert lines == {p: (str(g) if g else "-") for p, g in by_path.items()}
   # An earlier, broader rule shadows a later one, which then matches nothing:
   # that is reported, not silently ignored.
   with pytest.raises(ValueError, match=r"\['layers/0/kernel'\] match no parameter"):
@@ -82,7 +82,7 @@ def test_fullmatch_not_search():
 
 def test_bad_group_value_and_bad_regex_are_errors():
   params = toy.init(jax.random.key(0))
-  with pytest.raises(ValueError, match="must be normreg.UNIT, normreg.TENSOR or None"):
+  with pytest.raises(ValueError, match="must be normreg.UNIT, normreg.TENSOR, normreg.unit"):
     normreg.groups_from_rules(params, [(".*", "per-unit")])
   with pytest.raises(ValueError, match="not a valid regex"):
     normreg.groups_from_rules(params, [("w[", normreg.UNIT)])

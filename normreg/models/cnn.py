@@ -48,6 +48,8 @@ class CNN(nnx.Module):
     in_channels: channels of the input images.
     dtype: computation dtype (``None``: float32 for float32 inputs).
     param_dtype: dtype of all params.
+    epsilon: the normalizations' epsilon (default
+      :data:`normreg.models.norms.EPSILON`).
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
   Example:
@@ -60,9 +62,10 @@ class CNN(nnx.Module):
 
   def __init__(self, *, num_classes: int = 10, norm: str = "batch", width: int = 64,
                in_channels: int = 3, dtype: Optional[Dtype] = None,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, epsilon: Optional[float] = None,
+               rngs: nnx.Rngs):
     norms_lib.check_norm(norm)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, epsilon=epsilon, rngs=rngs)
     features = [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
     convs, norms = [], []
     for c_in, c_out in zip([in_channels] + features[:-1], features):
@@ -71,7 +74,8 @@ class CNN(nnx.Module):
       norms.append(norm_layer)
     self.convs = norms_lib.List(convs)
     self.norms = norms_lib.List(norms)
-    self.head = nnx.Linear(features[-1], num_classes, **kw)
+    self.head = nnx.Linear(features[-1], num_classes, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
     self.norm = norm
 
   def __call__(self, x: jax.Array) -> jax.Array:

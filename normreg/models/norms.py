@@ -104,7 +104,8 @@ def conv(norm: str, in_features: int, out_features: int, kernel_size: int = 3, *
 
 
 def norm_layer(norm: str, channels: int, *, dtype: Optional[Dtype] = None,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+               param_dtype: Dtype = jnp.float32, epsilon: Optional[float] = None,
+               rngs: nnx.Rngs) -> nnx.Module:
   """The normalization that follows ``conv(norm, ...)``, over NHWC activations.
 
   - ``batch``: ``nnx.BatchNorm`` over ``(N, H, W)`` per channel, in training
@@ -114,13 +115,19 @@ def norm_layer(norm: str, channels: int, *, dtype: Optional[Dtype] = None,
   - ``group``: ``nnx.GroupNorm`` with :func:`group_count` groups.
   - ``weight``, ``none``: :class:`Identity`.
 
+  ``epsilon`` (default :data:`EPSILON`) is added to the variance. It makes the
+  normalization invariant to the scale of its input only up to about
+  ``epsilon / var``; a negligible value (``1e-30``) makes it exact, which the
+  reproduction's exact-equivalence runs use.
+
   Example:
     >>> from flax import nnx
     >>> norm_layer('group', 16, rngs=nnx.Rngs(0)).num_groups
     8
   """
   check_norm(norm)
-  kw = dict(epsilon=EPSILON, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  kw = dict(epsilon=EPSILON if epsilon is None else epsilon, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
   if norm == "batch":
     return nnx.BatchNorm(channels, momentum=BATCH_NORM_MOMENTUM, **kw)
   if norm == "layer":
@@ -132,9 +139,9 @@ def norm_layer(norm: str, channels: int, *, dtype: Optional[Dtype] = None,
 
 def conv_norm(norm: str, in_features: int, out_features: int, kernel_size: int = 3, *,
               strides: int = 1, dtype: Optional[Dtype] = None,
-              param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs
-              ) -> Tuple[nnx.Module, nnx.Module]:
+              param_dtype: Dtype = jnp.float32, epsilon: Optional[float] = None,
+              rngs: nnx.Rngs) -> Tuple[nnx.Module, nnx.Module]:
   """``(conv(...), norm_layer(...))`` for one conv -> norm pair."""
   kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
   return (conv(norm, in_features, out_features, kernel_size, strides=strides, **kw),
-          norm_layer(norm, out_features, **kw))
+          norm_layer(norm, out_features, epsilon=epsilon, **kw))

@@ -48,13 +48,16 @@ class BasicBlock(nnx.Module):
     norm: one of :data:`normreg.models.NORMS`.
     dtype: computation dtype.
     param_dtype: dtype of all params.
+    epsilon: the normalizations' epsilon (default
+      :data:`normreg.models.norms.EPSILON`).
     rngs: ``nnx.Rngs`` with a ``params`` stream.
   """
 
   def __init__(self, in_features: int, out_features: int, *, strides: int = 1,
                norm: str = "batch", dtype: Optional[Dtype] = None,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               param_dtype: Dtype = jnp.float32, epsilon: Optional[float] = None,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, epsilon=epsilon, rngs=rngs)
     self.conv1, self.norm1 = norms_lib.conv_norm(norm, in_features, out_features, 3,
                                                  strides=strides, **kw)
     self.conv2, self.norm2 = norms_lib.conv_norm(norm, out_features, out_features, 3, **kw)
@@ -92,6 +95,8 @@ class ResNet20(nnx.Module):
     in_channels: channels of the input images.
     dtype: computation dtype (``None``: float32 for float32 inputs).
     param_dtype: dtype of all params.
+    epsilon: the normalizations' epsilon (default
+      :data:`normreg.models.norms.EPSILON`).
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
   Example:
@@ -104,9 +109,10 @@ class ResNet20(nnx.Module):
 
   def __init__(self, *, num_classes: int = 10, norm: str = "batch", width: int = 16,
                in_channels: int = 3, dtype: Optional[Dtype] = None,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, epsilon: Optional[float] = None,
+               rngs: nnx.Rngs):
     norms_lib.check_norm(norm)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, epsilon=epsilon, rngs=rngs)
     self.stem_conv, self.stem_norm = norms_lib.conv_norm(norm, in_channels, width, 3, **kw)
     blocks, c_in = [], width
     for stage, c_out in enumerate((width, 2 * width, 4 * width)):
@@ -115,7 +121,7 @@ class ResNet20(nnx.Module):
         blocks.append(BasicBlock(c_in, c_out, strides=strides, norm=norm, **kw))
         c_in = c_out
     self.blocks = norms_lib.List(blocks)
-    self.head = nnx.Linear(c_in, num_classes, **kw)
+    self.head = nnx.Linear(c_in, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = norm
 
   def __call__(self, x: jax.Array) -> jax.Array:
