@@ -15,14 +15,14 @@ from typing import Any, Optional
 from absl import flags
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
-MODELS = ("cnn", "resnet20")
+MODELS = ("cnn", "resnet20", "scan_cnn")
 NORMS = ("batch", "layer", "group", "weight", "none")
-METHODS = ("l2", "decoupled", "spherical", "elr_rescale", "tangent", "none")
+METHODS = ("l2", "decoupled", "spherical", "elr_rescale", "tangent", "exp_lr", "none")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "bfloat16")
 # Methods that take --lam, and its default there.
-LAM_METHODS = ("l2", "decoupled")
+LAM_METHODS = ("l2", "decoupled", "exp_lr")
 DEFAULT_LAM = 5e-4
 
 
@@ -52,6 +52,7 @@ class Config:
   dtype: str = "float32"
   init_scale: float = 1.0
   ungrouped_lr: Optional[float] = None
+  norm_eps: Optional[float] = None
 
   @property
   def lam_value(self) -> float:
@@ -87,13 +88,18 @@ class Config:
       raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}.")
     if not self.init_scale > 0:
       raise ValueError(f"--init_scale must be > 0, got {self.init_scale}.")
-    if self.ungrouped_lr is not None:
-      if self.method != "spherical":
-        raise ValueError(f"--ungrouped_lr has no meaning with --method={self.method}: there "
-                         "--lr is the rate of every parameter. Drop it, or use "
-                         "--method=spherical.")
-      if not self.ungrouped_lr > 0:
-        raise ValueError(f"--ungrouped_lr must be > 0, got {self.ungrouped_lr}.")
+    if self.norm_eps is not None and not self.norm_eps > 0:
+      raise ValueError(f"--norm_eps must be > 0, got {self.norm_eps}.")
+    if self.ungrouped_lr is not None and not self.ungrouped_lr > 0:
+      raise ValueError(f"--ungrouped_lr must be > 0, got {self.ungrouped_lr}.")
+    if self.method == "exp_lr":
+      if self.optimizer != "sgd":
+        raise ValueError("--method=exp_lr is SGD's twin of coupled L2 (Li & Arora 2019); it "
+                         f"needs --optimizer=sgd, got --optimizer={self.optimizer}.")
+      if self.schedule != "constant":
+        raise ValueError("--method=exp_lr replaces a constant learning rate with its "
+                         "exponentially growing equivalent; it needs --schedule=constant, got "
+                         f"--schedule={self.schedule}.")
     for name in ("train_size", "test_size", "width"):
       value = getattr(self, name)
       if value is not None and not value > 0:
@@ -133,12 +139,13 @@ _HELP = {
     "method": "What to do with the scale-invariant weights: l2 (coupled, loss + lam*||w||^2), "
               "decoupled (optax add_decayed_weights, +lam*w), spherical (unit norm, no lam), "
               "elr_rescale (update * ||w||^p), tangent (radial part of the update removed), "
-              "none.",
+              "exp_lr (no L2; their learning rate grows as lr*rho^(-2t-1), the exact twin of "
+              "l2 with the same --lam: Li & Arora 2019), none.",
     "optimizer": f"Base optimizer: one of {', '.join(OPTIMIZERS)}.",
     "lr": "Peak learning rate (> 0).",
     "momentum": "Heavy-ball momentum for SGD (Adam uses its own b1).",
-    "lam": f"L2 coefficient for --method=l2 (lam*||w||^2) or decay for decoupled (+lam*w); "
-           f"default {DEFAULT_LAM}.",
+    "lam": f"L2 coefficient for --method=l2 and exp_lr (lam*||w||^2) or decay for decoupled "
+           f"(+lam*w); default {DEFAULT_LAM}.",
     "schedule": "Learning-rate schedule: constant, cosine (to 0), step (x0.1 at 50% and 75%).",
     "epochs": "Epochs to train.",
     "batch_size": "Global batch size.",
@@ -148,11 +155,15 @@ _HELP = {
     "log_every": "Log train metrics every this many steps.",
     "augment": "Random crop and flip (CIFAR-style) inside the jitted step.",
     "dtype": "Compute dtype of the network (params and optimizer state stay float32).",
+    "norm_eps": "Epsilon of the normalization layers (default 1e-5). It breaks their scale "
+                "invariance at about eps/var; 1e-30 makes it exact (the reproduction's "
+                "exact-equivalence runs).",
     "init_scale": "Multiply the scale-invariant weights by this factor at init (the "
                   "function is unchanged; only the norms, hence the effective lr, change).",
-    "ungrouped_lr": "With --method=spherical: peak learning rate of the parameters outside the "
-                    "groups (norm scales and shifts, biases, the last layer), on the same "
-                    "schedule; default --lr. On the sphere --lr is an angle rate.",
+    "ungrouped_lr": "Peak learning rate of the parameters outside the groups (norm scales and "
+                    "shifts, biases, the last layer), on the same schedule; default --lr. With "
+                    "--method=spherical --lr is an angle rate, so the two are tuned apart; with "
+                    "l2 it keeps the rest of the network fixed when (lr, lam) is rescaled.",
 }
 
 

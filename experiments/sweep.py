@@ -145,6 +145,10 @@ def grid(config: Config, lrs: Sequence[float], lams: Optional[Sequence[Optional[
       configs.append(dataclasses.replace(config, method=method, lr=lr, lam=lam, seed=seed))
   for c in configs:
     c.validate()
+    if c.method == "exp_lr":
+      raise ValueError("--method=exp_lr cannot be swept: its grouped learning rate is fixed "
+                       "when the chain is built, not injected; run it with "
+                       "experiments.train.")
   return configs
 
 

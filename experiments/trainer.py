@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -38,6 +39,7 @@ from absl import logging
 from flax import nnx
 
 import normreg
+from normreg import theory
 from experiments import checkpoint as ckpt_lib
 from experiments import data as data_lib
 from experiments.config import Config
@@ -60,18 +62,60 @@ def create_model(config: Config, num_classes: int, in_channels: int) -> nnx.Modu
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else None
   return normreg.models.create(config.model, num_classes=num_classes, norm=config.norm,
                                width=config.width, in_channels=in_channels, dtype=dtype,
-                               rngs=nnx.Rngs(config.seed))
+                               epsilon=config.norm_eps, rngs=nnx.Rngs(config.seed))
 
 
-def parse_group_rules(text: str) -> list[tuple[str, Optional[normreg.Invariance]]]:
-  """``"convs/.*/kernel=unit,.*=none"`` -> ``[("convs/.*/kernel", UNIT), (".*", None)]``."""
-  kinds = {"unit": normreg.UNIT, "tensor": normreg.TENSOR, "none": None}
+_RULE = re.compile(r"(?P<pattern>.+)=(?P<kind>unit|tensor|none)(?:\((?P<options>[^()]*)\))?",
+                   re.DOTALL)
+
+
+def _split_top_level(text: str) -> list[str]:
+  """``text`` split at the commas outside parentheses (regex groups, rule options)."""
+  items, depth, start, escaped = [], 0, 0, False
+  for i, ch in enumerate(text):
+    if escaped:
+      escaped = False
+    elif ch == "\\":
+      escaped = True
+    elif ch == "(":
+      depth += 1
+    elif ch == ")":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      items.append(text[start:i])
+      start = i + 1
+  return [s.strip() for s in items + [text[start:]] if s.strip()]
+
+
+def parse_group_rules(text: str) -> list[tuple[str, Optional[normreg.Group]]]:
+  """``--group_rules`` text as ``normreg.groups_from_rules`` rules.
+
+  ``REGEX=unit|tensor|none`` items, comma-separated (commas inside parentheses
+  belong to the item), first match wins; ``unit`` and ``tensor`` take options
+  in parentheses: ``stack=K`` leading copy axes, ``joint=TAG`` (``\\1`` expands
+  to the regex's first group). Example:
+  ``"convs/.*/kernel=unit,(dense)/(kernel|bias)=tensor(joint=\\1),.*=none"``.
+  """
   rules = []
-  for item in filter(None, (s.strip() for s in text.split(","))):
-    pattern, sep, kind = item.rpartition("=")
-    if not sep or kind not in kinds:
-      raise ValueError(f"--group_rules: {item!r} is not REGEX=unit|tensor|none.")
-    rules.append((pattern, kinds[kind]))
+  for item in _split_top_level(text):
+    match = _RULE.fullmatch(item)
+    if not match:
+      raise ValueError(f"--group_rules: {item!r} is not REGEX=unit|tensor|none, with "
+                       "optional (stack=K, joint=TAG) after unit or tensor.")
+    kind, options = match["kind"], {}
+    for option in filter(None, (o.strip() for o in (match["options"] or "").split(","))):
+      key, sep, value = option.partition("=")
+      if not sep or key.strip() not in ("stack", "joint") or kind == "none":
+        raise ValueError(f"--group_rules: {item!r}: option {option!r} is not stack=K or "
+                         "joint=TAG (after unit or tensor).")
+      try:
+        options[key.strip()] = int(value) if key.strip() == "stack" else value.strip()
+      except ValueError:
+        raise ValueError(f"--group_rules: {item!r}: stack must be an integer, got "
+                         f"{value!r}.") from None
+    group = None if kind == "none" else (normreg.unit if kind == "unit" else normreg.tensor)(
+        **options)
+    rules.append((match["pattern"], group))
   return rules
 
 
@@ -129,6 +173,15 @@ def make_schedule(config: Config, total_steps: int) -> optax.Schedule:
       config.lr, {int(total_steps * 0.5): 0.1, int(total_steps * 0.75): 0.1})
 
 
+def grouped_schedule(config: Config, schedule: optax.Schedule) -> optax.Schedule:
+  """The learning rate of the grouped weights: ``schedule``, except for ``--method=exp_lr``
+  whose rate grows as ``lr * alpha**(-2t-1)`` (``normreg.theory.exponential_lr_schedule``)."""
+  if config.method == "exp_lr":
+    return theory.exponential_lr_schedule(config.lr, 2 * config.lam_value,
+                                          config.momentum if config.optimizer == "sgd" else 0.0)
+  return schedule
+
+
 def elr_power(config: Config) -> int:
   """Exponent of ``eta/||w||^p``: 2 for SGD, 1 for Adam."""
   return 2 if config.optimizer == "sgd" else 1
@@ -136,43 +189,68 @@ def elr_power(config: Config) -> int:
 
 def make_optimizer(config: Config, groups, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
-  """The optax chain of ``--method`` on top of ``--optimizer``. Order, commented:"""
+  """The optax chain of ``--method`` on top of ``--optimizer``. Order, commented.
+
+  Every chain ends in :func:`normreg.scale_by_learning_rates`: ``schedule`` for
+  the grouped weights and, with ``--ungrouped_lr``, the same schedule scaled to
+  that peak for the other parameters (``optax.scale_by_learning_rate`` of
+  ``schedule`` for all without it). Without ``--ungrouped_lr`` the chains are
+  ``optax.sgd``, ``optax.adam`` and ``optax.adamw`` written out, with the same
+  numbers.
+  """
   sgd = config.optimizer == "sgd"
   mu = config.momentum
   mask = normreg.as_mask(groups)
+  ungrouped = None if config.ungrouped_lr is None else (
+      lambda t: schedule(t) * (config.ungrouped_lr / config.lr))
+  if ungrouped is None and config.method == "exp_lr":
+    ungrouped = schedule  # only the grouped weights' rate grows
 
-  def base():
+  def direction():
+    """The base optimizer without its learning rate: momentum (SGD) or Adam's scaling."""
     if sgd:
-      return optax.sgd(schedule, momentum=mu or None)
-    return optax.adam(schedule)
+      return optax.trace(decay=mu) if mu else optax.identity()
+    return optax.scale_by_adam()
+
+  def rates(grouped=None):
+    return normreg.scale_by_learning_rates(grouped or grouped_schedule(config, schedule),
+                                           groups, ungrouped)
 
   if config.method == "none":
-    return base()
+    return optax.chain(direction(), rates())
   if config.method == "l2":
     # Coupled: the gradient of lam*||w||^2 joins the data gradient before the optimizer.
-    return optax.chain(normreg.add_l2_penalty(config.lam_value, groups), base())
+    return optax.chain(normreg.add_l2_penalty(config.lam_value, groups), direction(), rates())
   if config.method == "decoupled":
-    if sgd:
-      # SGDW: momentum on the gradient only, then + lam*w, then the learning rate.
-      return optax.chain(optax.trace(mu) if mu else optax.identity(),
-                         optax.add_decayed_weights(config.lam_value, mask=mask),
-                         optax.scale_by_learning_rate(schedule))
-    return optax.adamw(schedule, weight_decay=config.lam_value, mask=mask)
+    # SGDW / AdamW: the direction (momentum or Adam) of the gradient only, then + lam*w,
+    # then the learning rate (so the decay is multiplied by it, as in optax.adamw).
+    return optax.chain(direction(), optax.add_decayed_weights(config.lam_value, mask=mask),
+                       rates())
   if config.method == "spherical":
-    # --ungrouped_lr: the same schedule, scaled to its own peak.
-    other = None if config.ungrouped_lr is None else (
-        lambda t: schedule(t) * (config.ungrouped_lr / config.lr))
     if sgd:
-      return normreg.spherical_sgd(schedule, groups, momentum=mu, ungrouped_learning_rate=other)
-    return normreg.spherical_adam(schedule, groups, ungrouped_learning_rate=other)
+      return normreg.spherical_sgd(schedule, groups, momentum=mu, ungrouped_learning_rate=ungrouped)
+    return normreg.spherical_adam(schedule, groups, ungrouped_learning_rate=ungrouped)
   if config.method == "elr_rescale":
     # SGD: rescale the raw gradient by ||w||^2; Adam: rescale Adam's step by ||w||.
     if sgd:
-      return optax.chain(normreg.scale_by_weight_norm(groups, power=2), base())
-    return optax.chain(base(), normreg.scale_by_weight_norm(groups, power=1))
+      return optax.chain(normreg.scale_by_weight_norm(groups, power=2), direction(), rates())
+    return optax.chain(direction(), normreg.scale_by_weight_norm(groups, power=1), rates())
   if config.method == "tangent":
     # The base step with its radial part removed (AdamP-style projection).
-    return optax.chain(base(), normreg.tangent_projection(groups))
+    return optax.chain(direction(), rates(), normreg.tangent_projection(groups))
+  if config.method == "exp_lr":
+    # Li & Arora (2019): no L2, and the grouped weights' rate grows as lr*alpha^(-2t-1); with
+    # momentum their buffer starts at k*w0 (normreg.theory). Same network as --method=l2.
+    lam_wd = 2 * config.lam_value
+    k = theory.exponential_lr_momentum_init(config.lr, lam_wd, mu)
+    momentum = direction()
+    if k:
+      momentum = optax.GradientTransformation(
+          lambda params: optax.TraceState(trace=normreg.groups.map_grouped(
+              lambda _, zero, w: zero + k * w, groups, jax.tree.map(jnp.zeros_like, params),
+              params)),
+          momentum.update)
+    return optax.chain(momentum, rates())
   raise ValueError(f"--method={config.method!r} is unknown.")
 
 
@@ -239,19 +317,29 @@ def layer_metrics(before, after, groups, learning_rate, power: int, rescaled: bo
   """Per grouped layer: mean unit norm, effective learning rate, angular update.
 
   The effective learning rate is ``eta/||w||^power`` (van Laarhoven 2017,
-  eq. 12); under ``elr_rescale`` the update is multiplied by ``||w||^power``,
-  so it is ``eta`` itself. The angle is what the step actually did.
+  eq. 12); under ``elr_rescale`` and ``spherical`` the update is scaled so that
+  it is ``eta`` itself. The angle is what the step actually did. A leaf with
+  stack axes (layers stacked by scan) gives one entry per copy,
+  ``"blocks/conv/kernel/0"``, ``".../1"``, ...: each layer has its own.
   """
   norms = normreg.unit_norms(after, groups)
   angles = normreg.angular_update(before, after, groups)
+  stacks = normreg.groups.groups_by_path(groups, "layer_metrics")
   flat_norms = jax.tree_util.tree_flatten_with_path(norms)[0]
   flat_angles = dict((normreg.groups.path_str(p), a)
                      for p, a in jax.tree_util.tree_flatten_with_path(angles)[0])
   out = {}
   for path, n in flat_norms:
     name = normreg.groups.path_str(path)
-    elr = learning_rate if rescaled else learning_rate / n ** power
-    out[name] = {"norm": jnp.mean(n), "elr": jnp.mean(elr), "angle": jnp.mean(flat_angles[name])}
+    stack = stacks[name].stack
+    n = n.reshape(n.shape[:stack] + (-1,))
+    angle = flat_angles[name].reshape(n.shape)
+    elr = jnp.broadcast_to(learning_rate, n.shape) if rescaled else learning_rate / n ** power
+    copies = [()] if not stack else list(np.ndindex(*n.shape[:stack]))
+    for index in copies:
+      key = "/".join([name] + [str(i) for i in index])
+      out[key] = {"norm": jnp.mean(n[index]), "elr": jnp.mean(elr[index]),
+                  "angle": jnp.mean(angle[index])}
   return out
 
 
@@ -341,6 +429,9 @@ def changed_settings(workdir: str, config: Config) -> dict[str, tuple[Any, Any]]
   except FileNotFoundError:
     return {}
   new = json.loads(config.to_json())
+  defaults = json.loads(Config().to_json())
+  # A setting added after the run was written counts as its default there.
+  old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
   absent = "<absent>"
   return {k: (old.get(k, absent), new.get(k, absent)) for k in {**old, **new}
           if old.get(k, absent) != new.get(k, absent)}
@@ -377,7 +468,9 @@ def shard_batch_indices(idx: np.ndarray, sharding: jax.sharding.Sharding) -> jax
 def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] = None,
                        interrupt_after_step: Optional[int] = None,
                        progress: bool = True,
-                       devices: Optional[Sequence[jax.Device]] = None) -> TrainState:
+                       devices: Optional[Sequence[jax.Device]] = None,
+                       on_step: Optional[Callable[[int, TrainState], None]] = None
+                       ) -> TrainState:
   """Trains ``config`` and writes metrics, config and checkpoints into ``workdir``.
 
   Args:
@@ -391,6 +484,11 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
     devices: devices to train on, data-parallel (batch split, params
       replicated); default all of them. Multi-host: call
       ``jax.distributed.initialize()`` first (``--distributed``).
+    on_step: called on the host as ``on_step(step, state)`` at step 0 of a
+      fresh run and after every step, to record more than ``metrics.jsonl``
+      holds (``experiments.reproduce`` saves the logits of a fixed batch this
+      way). Keep it cheap where it does nothing, and keep no reference to
+      ``state``: the next step may donate its buffers.
 
   Returns:
     The final ``TrainState``.
@@ -439,6 +537,9 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   _truncate_metrics(metrics_path, step)
   start_epoch = step // steps_per_epoch
 
+  if on_step is not None and step == 0:
+    on_step(0, state)
+  rate = grouped_schedule(config, schedule)
   key = jax.random.key(config.seed)
   train_step = jax.jit(
       make_train_step(graphdef, tx, mean, std, augment=config.augment,
@@ -466,11 +567,13 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
         bad = int(state.first_bad_step)
         if bad >= 0:
           raise NonFiniteLossError(non_finite_message(bad, epoch, config.lr))
-        lr = float(schedule(step - 1))  # the rate this step used
+        lr = float(rate(step - 1))  # the grouped weights' rate this step used
         record = train_record(step, steps_per_epoch, _to_float(m), lr,
                               _to_float(metrics_fn(before, state.params, learning_rate=lr)))
         append_record(metrics_path, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
+      if on_step is not None:
+        on_step(step, state)
       bar.update(1)
       if interrupt_after_step is not None and step >= interrupt_after_step:
         bar.close()

@@ -163,8 +163,10 @@ def test_every_method_takes_finite_steps(method, optimizer):
     (dict(lr=-0.1), "--lr"),
     (dict(batch_size=0), "--batch_size"),
     (dict(dataset="folder"), "--data_dir"),
-    (dict(method="l2", ungrouped_lr=0.1), "--ungrouped_lr has no meaning with --method=l2"),
     (dict(method="spherical", ungrouped_lr=0.0), "--ungrouped_lr must be > 0"),
+    (dict(method="exp_lr", optimizer="adam"), "--method=exp_lr .* needs --optimizer=sgd"),
+    (dict(method="exp_lr", schedule="step"), "needs --schedule=constant"),
+    (dict(norm_eps=0.0), "--norm_eps must be > 0"),
 ])
 def test_bad_config_is_refused_naming_the_flag(overrides, flag):
   with pytest.raises(ValueError, match=flag):
@@ -216,6 +218,43 @@ def test_launcher_prints_one_clear_line_for_bad_flags(tmp_path):
 
 def test_group_rules_flag(tmp_path):
   rules = trainer.parse_group_rules(r"convs/\d+/kernel=unit, .*=none")
-  assert rules == [(r"convs/\d+/kernel", trainer.normreg.UNIT), (".*", None)]
-  with pytest.raises(ValueError, match="--group_rules"):
-    trainer.parse_group_rules("convs=per-unit")
+  assert rules == [(r"convs/\d+/kernel", normreg.UNIT), (".*", None)]
+  # Options in parentheses; commas inside parentheses (regex groups, options) stay.
+  rules = trainer.parse_group_rules(
+      r"blocks/conv/kernel=unit(stack=1),(dense)/(kernel|bias|x{1,2})=tensor(stack=0, "
+      r"joint=\1),norms/\d+/(scale|bias)=none")
+  assert rules == [("blocks/conv/kernel", normreg.unit(stack=1)),
+                   (r"(dense)/(kernel|bias|x{1,2})", normreg.tensor(joint=r"\1")),
+                   (r"norms/\d+/(scale|bias)", None)]
+  for bad, why in (("convs=per-unit", "is not REGEX=unit"), ("a=unit(stack=x)", "integer"),
+                   ("a=unit(depth=1)", "is not stack=K or joint=TAG"),
+                   ("a=none(stack=1)", "after unit or tensor")):
+    with pytest.raises(ValueError, match=f"--group_rules.*{why}"):
+      trainer.parse_group_rules(bad)
+
+
+def test_scanned_model_trains_with_one_metric_entry_per_block(tmp_path):
+  config = Config(dataset="cifar10", **{**SMALL, "model": "scan_cnn", "epochs": 1, "log_every": 2})
+  trainer.train_and_evaluate(config, str(tmp_path), dataset=runs.tiny_dataset(), progress=False)
+  record = [r for r in runs.read_metrics(tmp_path) if r["kind"] == "train"][-1]
+  depth = normreg.models.ScanCNN(width=4, rngs=nnx.Rngs(0)).depth
+  assert [f"blocks/conv/kernel/{i}" for i in range(depth)] == sorted(
+      k for k in record["layers"] if k.startswith("blocks/"))
+  assert "stem_conv/kernel" in record["layers"]
+  norms = [record["layers"][f"blocks/conv/kernel/{i}"]["norm"] for i in range(depth)]
+  assert len(set(norms)) == depth  # each block its own norm
+
+
+def test_on_step_sees_every_step_and_exp_lr_logs_its_growing_rate(tmp_path):
+  config = Config(dataset="cifar10", method="exp_lr", lam=0.05, momentum=0.0,
+                  **{**SMALL, "lr": 0.1, "epochs": 1, "log_every": 1})
+  seen = []
+  trainer.train_and_evaluate(config, str(tmp_path), dataset=runs.tiny_dataset(),
+                             progress=False, on_step=lambda step, state: seen.append(
+                                 (step, int(state.step))))
+  steps = 64 // 16
+  assert seen == [(s, s) for s in range(steps + 1)]
+  rates = [r["learning_rate"] for r in runs.read_metrics(tmp_path) if r["kind"] == "train"]
+  rho = 1 - 0.1 * 2 * 0.05  # the grouped rate of step t is lr * rho^(-2t-1)
+  np.testing.assert_allclose(rates, [0.1 * rho ** (-2 * t - 1) for t in range(steps)],
+                             rtol=1e-5)
