@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from experiments import errors
+
 
 class Manager:
   """Keeps the last ``max_to_keep`` checkpoints of one run in ``directory``."""
@@ -49,7 +51,7 @@ class Manager:
     try:
       restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
     except (ValueError, KeyError) as e:
-      raise ValueError(f"the checkpoint in {self.directory} (step {step}) does not fit this "
+      raise errors.InputError(f"the checkpoint in {self.directory} (step {step}) does not fit this "
                        f"run's state: {e}. Use a new --workdir.") from e
     return jax.tree.unflatten(treedef, [restored[f"{i:05d}"] for i in range(len(leaves))])
 

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from absl import flags
 
+from experiments import errors
+
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
 MODELS = ("cnn", "resnet20", "scan_cnn")
 NORMS = ("batch", "layer", "group", "weight", "none")
@@ -67,51 +69,51 @@ class Config:
     def choice(name, choices):
       value = getattr(self, name)
       if value not in choices:
-        raise ValueError(f"--{name}={value!r} is not one of {', '.join(choices)}.")
+        raise errors.InputError(f"--{name}={value!r} is not one of {', '.join(choices)}.")
 
     for name, choices in (("dataset", DATASETS), ("model", MODELS), ("norm", NORMS),
                           ("method", METHODS), ("optimizer", OPTIMIZERS),
                           ("schedule", SCHEDULES), ("dtype", DTYPES)):
       choice(name, choices)
     if self.dataset == "folder" and not self.data_dir:
-      raise ValueError("--dataset=folder needs --data_dir=DIR (a folder with train/<class>/ "
+      raise errors.InputError("--dataset=folder needs --data_dir=DIR (a folder with train/<class>/ "
                        "and test/<class>/ image subfolders).")
     if not self.lr > 0:
-      raise ValueError(f"--lr must be > 0, got {self.lr}.")
+      raise errors.InputError(f"--lr must be > 0, got {self.lr}.")
     if not self.batch_size > 0:
-      raise ValueError(f"--batch_size must be > 0, got {self.batch_size}.")
+      raise errors.InputError(f"--batch_size must be > 0, got {self.batch_size}.")
     if not self.epochs > 0:
-      raise ValueError(f"--epochs must be > 0, got {self.epochs}.")
+      raise errors.InputError(f"--epochs must be > 0, got {self.epochs}.")
     if not self.log_every > 0:
-      raise ValueError(f"--log_every must be > 0, got {self.log_every}.")
+      raise errors.InputError(f"--log_every must be > 0, got {self.log_every}.")
     if not 0 <= self.momentum < 1:
-      raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}.")
+      raise errors.InputError(f"--momentum must be in [0, 1), got {self.momentum}.")
     if not self.init_scale > 0:
-      raise ValueError(f"--init_scale must be > 0, got {self.init_scale}.")
+      raise errors.InputError(f"--init_scale must be > 0, got {self.init_scale}.")
     if self.norm_eps is not None and not self.norm_eps > 0:
-      raise ValueError(f"--norm_eps must be > 0, got {self.norm_eps}.")
+      raise errors.InputError(f"--norm_eps must be > 0, got {self.norm_eps}.")
     if self.ungrouped_lr is not None and not self.ungrouped_lr > 0:
-      raise ValueError(f"--ungrouped_lr must be > 0, got {self.ungrouped_lr}.")
+      raise errors.InputError(f"--ungrouped_lr must be > 0, got {self.ungrouped_lr}.")
     if self.method == "exp_lr":
       if self.optimizer != "sgd":
-        raise ValueError("--method=exp_lr is SGD's twin of coupled L2 (Li & Arora 2019); it "
+        raise errors.InputError("--method=exp_lr is SGD's twin of coupled L2 (Li & Arora 2019); it "
                          f"needs --optimizer=sgd, got --optimizer={self.optimizer}.")
       if self.schedule != "constant":
-        raise ValueError("--method=exp_lr replaces a constant learning rate with its "
+        raise errors.InputError("--method=exp_lr replaces a constant learning rate with its "
                          "exponentially growing equivalent; it needs --schedule=constant, got "
                          f"--schedule={self.schedule}.")
     for name in ("train_size", "test_size", "width"):
       value = getattr(self, name)
       if value is not None and not value > 0:
-        raise ValueError(f"--{name} must be > 0, got {value}.")
+        raise errors.InputError(f"--{name} must be > 0, got {value}.")
     if self.lam is not None:
       if self.method not in LAM_METHODS:
-        raise ValueError(
+        raise errors.InputError(
             f"--lam={self.lam} has no meaning with --method={self.method}: "
             f"{self.method} keeps no L2 coefficient. Drop --lam, or use --method=l2 "
             "or --method=decoupled.")
       if not self.lam >= 0:
-        raise ValueError(f"--lam must be >= 0, got {self.lam}.")
+        raise errors.InputError(f"--lam must be >= 0, got {self.lam}.")
     return self
 
   def to_json(self) -> str:

@@ -13,8 +13,12 @@ Two readers build on existing pieces:
 * the catalog data sets (``cifar10``, ``cifar100``, ``mnist``,
   ``fashion_mnist``) are read through ``tfds.data_source`` (tensorflow-datasets'
   random-access reader over ``array_record`` files), which needs neither
-  TensorFlow nor tf.data; tensorflow-datasets is imported lazily, only on this
-  path, so ``import experiments.data`` works on a machine without it;
+  TensorFlow nor tf.data once the data set is prepared; downloading and
+  preparing it the first time needs TensorFlow, which the ``tfds`` extra
+  installs (``pip install -e '.[tfds]'``). Without it, or without a network,
+  the load stops with one line saying what to install or to use ``folder``.
+  tensorflow-datasets is imported lazily, only on this path, so
+  ``import experiments.data`` works on a machine without it;
 * ``folder`` reads ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` image
   files (jpg, jpeg, png) with pillow. ``tfds.ImageFolder`` reads the same
   layout but needs TensorFlow, which the GPU machine does not have. Pillow
@@ -37,6 +41,8 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments import errors
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
 CATALOG = DATASETS[:-1]
@@ -103,11 +109,11 @@ def load(dataset: str, *, data_dir: Optional[str] = None, train_size: Optional[i
     ImportError: a catalog data set without tensorflow-datasets installed.
   """
   if dataset not in DATASETS:
-    raise ValueError(f"unknown --dataset (dataset=) {dataset!r}; choose one of "
+    raise errors.InputError(f"unknown --dataset (dataset=) {dataset!r}; choose one of "
                      f"{', '.join(DATASETS)}.")
   for flag, size in (("train_size", train_size), ("test_size", test_size)):
     if size is not None and (isinstance(size, bool) or int(size) != size or size <= 0):
-      raise ValueError(f"--{flag} ({flag}=) must be a positive integer, got {size!r}; "
+      raise errors.InputError(f"--{flag} ({flag}=) must be a positive integer, got {size!r}; "
                        f"leave it unset to use the whole set.")
   if dataset == "folder":
     return _load_folder(data_dir, train_size, test_size, seed)
@@ -120,7 +126,7 @@ def _subset(n: int, size: Optional[int], seed: int, which: int, flag: str,
   if size is None or size == n:
     return np.arange(n)
   if size > n:
-    raise ValueError(f"--{flag}={size} is larger than {where} ({n} images); lower --{flag} "
+    raise errors.InputError(f"--{flag}={size} is larger than {where} ({n} images); lower --{flag} "
                      f"or leave it unset.")
   rng = np.random.default_rng([seed, which])
   return np.sort(rng.choice(n, size=size, replace=False))
@@ -131,13 +137,25 @@ def _load_catalog(name: str, data_dir: Optional[str], train_size: Optional[int],
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
+    raise errors.MissingExtraError(
         f"--dataset={name} is read with tensorflow-datasets, which is not installed; "
-        f"`pip install tensorflow-datasets array_record`, or use --dataset=folder "
+        f"install the extra: pip install -e '.[tfds]', or use --dataset=folder "
         f"--data_dir=DIR on an image folder ({_FOLDER_LAYOUT}).") from e
-  train_src, test_src = tfds.data_source(
-      name, split=["train", "test"], data_dir=data_dir, download=True,
-      builder_kwargs={"file_format": "array_record"})
+  try:
+    train_src, test_src = tfds.data_source(
+        name, split=["train", "test"], data_dir=data_dir, download=True,
+        builder_kwargs={"file_format": "array_record"})
+  except ImportError as e:
+    # Preparing a catalog data set (the first time) needs TensorFlow and more.
+    raise errors.MissingExtraError(
+        f"--dataset={name}: downloading and preparing it with tensorflow-datasets needs "
+        f"{e.name or 'a module'} ({e}); install the extra: pip install -e '.[tfds]', or "
+        f"use --dataset=folder --data_dir=DIR on an image folder ({_FOLDER_LAYOUT}).") from e
+  except (OSError, ConnectionError) as e:
+    raise errors.MissingInputError(
+        f"--dataset={name}: could not download or read it ({type(e).__name__}: {e}); check "
+        f"the network and --data_dir, or use --dataset=folder --data_dir=DIR on an image "
+        f"folder ({_FOLDER_LAYOUT}).") from e
   label = train_src.dataset_info.features["label"]
   train_idx = _subset(len(train_src), train_size, seed, 0, "train_size",
                       f"the {name} training set")
@@ -172,26 +190,26 @@ def _read_source(source: Any, indices: np.ndarray,
 def _load_folder(data_dir: Optional[str], train_size: Optional[int],
                  test_size: Optional[int], seed: int) -> Dataset:
   if not data_dir:
-    raise ValueError(f"--dataset=folder needs --data_dir (data_dir=), a folder laid out as "
+    raise errors.InputError(f"--dataset=folder needs --data_dir (data_dir=), a folder laid out as "
                      f"{_FOLDER_LAYOUT}.")
   if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"--data_dir={data_dir} does not exist or is not a folder; "
+    raise errors.MissingInputError(f"--data_dir={data_dir} does not exist or is not a folder; "
                             f"point it at a folder laid out as {_FOLDER_LAYOUT}.")
   splits = {}
   for split in ("train", "test"):
     path = os.path.join(data_dir, split)
     if not os.path.isdir(path):
-      raise FileNotFoundError(f"--data_dir={data_dir} has no {split}/ subfolder; "
+      raise errors.MissingInputError(f"--data_dir={data_dir} has no {split}/ subfolder; "
                               f"expected {_FOLDER_LAYOUT}.")
     splits[split] = _list_classes(path)
   classes = sorted(splits["train"])
   if not classes:
-    raise ValueError(f"--data_dir={data_dir}: train/ holds no class folders; "
+    raise errors.InputError(f"--data_dir={data_dir}: train/ holds no class folders; "
                      f"expected {_FOLDER_LAYOUT}.")
   if set(splits["test"]) != set(classes):
     missing = sorted(set(classes) - set(splits["test"]))
     extra = sorted(set(splits["test"]) - set(classes))
-    raise ValueError(f"--data_dir={data_dir}: test/ classes differ from train/ classes "
+    raise errors.InputError(f"--data_dir={data_dir}: test/ classes differ from train/ classes "
                      f"(missing in test/: {missing}, not in train/: {extra}); give test/ the "
                      f"same class folders as train/.")
   files = {}
@@ -200,12 +218,12 @@ def _load_folder(data_dir: Optional[str], train_size: Optional[int],
     for label, name in enumerate(classes):
       names = splits[split][name]
       if split == "train" and not names:
-        raise ValueError(f"--data_dir={data_dir}: train/{name}/ holds no images "
+        raise errors.InputError(f"--data_dir={data_dir}: train/{name}/ holds no images "
                          f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder.")
       paths += [os.path.join(data_dir, split, name, f) for f in names]
       labels += [label] * len(names)
     if not paths:
-      raise ValueError(f"--data_dir={data_dir}: {split}/ holds no images "
+      raise errors.InputError(f"--data_dir={data_dir}: {split}/ holds no images "
                        f"({', '.join(IMAGE_EXTENSIONS)}); expected {_FOLDER_LAYOUT}.")
     files[split] = (paths, np.asarray(labels, np.int32))
 
@@ -255,7 +273,7 @@ def _stack(images: list[np.ndarray], paths: Sequence[str],
   out = np.empty((len(images), height, width, channels), np.uint8)
   for i, (image, path) in enumerate(zip(images, paths)):
     if image.shape[:2] != (height, width):
-      raise ValueError(f"--data_dir: {path} is {image.shape[1]}x{image.shape[0]} (WxH) but "
+      raise errors.InputError(f"--data_dir: {path} is {image.shape[1]}x{image.shape[0]} (WxH) but "
                        f"{paths[0]} is {width}x{height}; all images of a folder must have one "
                        f"size: resize them first.")
     out[i] = image  # a grayscale image among colour ones is repeated to 3 channels

@@ -57,6 +57,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from experiments import errors
+
 DEFAULT_LABEL_KEYS = ("method", "lam", "lr")
 MAX_PANELS = 16
 # File name -> (record key, title, log y-scale).
@@ -107,9 +109,9 @@ def read_config(workdir: str) -> dict[str, Any]:
     with open(path) as f:
       config = json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raise errors.InputError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(config, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    raise errors.InputError(f"{path}: expected a JSON object, got {type(config).__name__}")
   return config
 
 
@@ -124,7 +126,7 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
       if record["kind"] in ("train", "test"):
         records[(record["kind"], record["step"])] = record
   if not records:
-    raise ValueError(f"{path}: no train or test records")
+    raise errors.InputError(f"{path}: no train or test records")
   ordered = [records[key] for key in sorted(records, key=lambda k: k[1])]
   return ([r for r in ordered if r["kind"] == "train"],
           [r for r in ordered if r["kind"] == "test"])
@@ -134,12 +136,12 @@ def _parse_record(line: str, where: str) -> dict:
   try:
     record = json.loads(line)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{where}: malformed line ({e.msg}): {line.strip()[:80]!r}") from None
+    raise errors.InputError(f"{where}: malformed line ({e.msg}): {line.strip()[:80]!r}") from None
   if not isinstance(record, dict) or "kind" not in record:
-    raise ValueError(f"{where}: malformed line (not an object with a 'kind'): "
+    raise errors.InputError(f"{where}: malformed line (not an object with a 'kind'): "
                      f"{line.strip()[:80]!r}")
   if not isinstance(record.get("step"), int):
-    raise ValueError(f"{where}: malformed line (no integer 'step'): {line.strip()[:80]!r}")
+    raise errors.InputError(f"{where}: malformed line (no integer 'step'): {line.strip()[:80]!r}")
   return record
 
 
@@ -162,10 +164,10 @@ def _format_value(value: Any) -> str:
 def read_run(workdir: str, label_keys: Sequence[str] = DEFAULT_LABEL_KEYS) -> Run:
   """Reads one WORKDIR (config.json optional, metrics.jsonl required)."""
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"{workdir}: no such folder")
+    raise errors.MissingInputError(f"{workdir}: no such folder")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(metrics_path):
-    raise FileNotFoundError(f"{metrics_path}: no such file (is {workdir} a training workdir?)")
+    raise errors.MissingInputError(f"{metrics_path}: no such file (is {workdir} a training workdir?)")
   config = read_config(workdir)
   train, test = read_metrics(metrics_path)
   name = os.path.basename(os.path.normpath(workdir))
@@ -177,7 +179,7 @@ def check_label_keys(runs: Sequence[Run], keys: Sequence[str]) -> None:
   known = {k for run in runs for k in run.config}
   missing = [k for k in keys if k not in known]
   if known and missing:
-    raise ValueError(f"--label key(s) {', '.join(missing)} in no run's config.json; "
+    raise errors.InputError(f"--label key(s) {', '.join(missing)} in no run's config.json; "
                      f"the keys are: {', '.join(sorted(known))}")
 
 
@@ -333,16 +335,14 @@ def plot_runs(runs: Sequence[Run], out_dir: str,
 # --------------------------------------------------------------- command line
 
 def main(argv: Sequence[str]) -> None:
-  workdirs = list(argv[1:])
-  if not workdirs:
-    raise app.UsageError("give at least one WORKDIR: python -m experiments.plot WORKDIR ...")
-  label_keys = [k.strip() for k in _LABEL.value.split(",") if k.strip()]
-  try:
+  with errors.one_line("experiments.plot"):
+    workdirs = list(argv[1:])
+    if not workdirs:
+      raise errors.InputError("give at least one WORKDIR: python -m experiments.plot WORKDIR ...")
+    label_keys = [k.strip() for k in _LABEL.value.split(",") if k.strip()]
     runs = [read_run(w, label_keys) for w in workdirs]
     check_label_keys(runs, label_keys)
     paths = plot_runs(runs, _OUT.value or workdirs[0], _LAYERS.value)
-  except (OSError, ValueError) as e:
-    raise SystemExit(f"experiments.plot: error: {e}") from None
   for path in paths:
     print(path)
 

@@ -10,6 +10,7 @@ from absl import flags
 from absl import logging
 
 from experiments import config as config_lib
+from experiments import errors
 
 config_lib.define_flags()
 flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl and checkpoints; "
@@ -20,18 +21,16 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
+  with errors.one_line("experiments.train"):
+    if len(argv) > 1:
+      raise errors.InputError(f"unexpected arguments: {argv[1:]}")
     config = config_lib.from_flags()
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  if flags.FLAGS.distributed:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
-  from experiments import trainer  # pylint: disable=g-import-not-at-top
-  logging.info("config:\n%s", config.to_json())
-  trainer.train_and_evaluate(config, flags.FLAGS.workdir)
+    if flags.FLAGS.distributed:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.distributed.initialize()
+    from experiments import trainer  # pylint: disable=g-import-not-at-top
+    logging.info("config:\n%s", config.to_json())
+    trainer.train_and_evaluate(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ from flax import nnx
 import normreg
 from normreg import theory
 from experiments import checkpoint as ckpt_lib
+from experiments import errors
+from experiments import records
 from experiments import data as data_lib
 from experiments.config import Config
 
@@ -100,18 +102,18 @@ def parse_group_rules(text: str) -> list[tuple[str, Optional[normreg.Group]]]:
   for item in _split_top_level(text):
     match = _RULE.fullmatch(item)
     if not match:
-      raise ValueError(f"--group_rules: {item!r} is not REGEX=unit|tensor|none, with "
+      raise errors.InputError(f"--group_rules: {item!r} is not REGEX=unit|tensor|none, with "
                        "optional (stack=K, joint=TAG) after unit or tensor.")
     kind, options = match["kind"], {}
     for option in filter(None, (o.strip() for o in (match["options"] or "").split(","))):
       key, sep, value = option.partition("=")
       if not sep or key.strip() not in ("stack", "joint") or kind == "none":
-        raise ValueError(f"--group_rules: {item!r}: option {option!r} is not stack=K or "
+        raise errors.InputError(f"--group_rules: {item!r}: option {option!r} is not stack=K or "
                          "joint=TAG (after unit or tensor).")
       try:
         options[key.strip()] = int(value) if key.strip() == "stack" else value.strip()
       except ValueError:
-        raise ValueError(f"--group_rules: {item!r}: stack must be an integer, got "
+        raise errors.InputError(f"--group_rules: {item!r}: stack must be an integer, got "
                          f"{value!r}.") from None
     group = None if kind == "none" else (normreg.unit if kind == "unit" else normreg.tensor)(
         **options)
@@ -125,7 +127,7 @@ def find_groups(config: Config, graphdef, params, rest, images: jax.Array) -> An
     try:
       return normreg.groups_from_rules(params, parse_group_rules(config.group_rules))
     except ValueError as e:
-      raise ValueError(f"--group_rules: {e}") from e
+      raise errors.InputError(f"--group_rules: {e}") from e
   fn = lambda p, x: nnx.merge(graphdef, p, rest, copy=True)(x)
   return normreg.find_scale_invariant(fn, params, images, seed=config.seed)
 
@@ -374,15 +376,15 @@ def evaluate(eval_step, params, rest, images, labels, batch_size: int) -> dict[s
   total_loss = total_correct = 0.0
   for x, y, w in eval_batches(images, labels, batch_size):
     loss, correct = eval_step(params, rest, x, y, w)
-    total_loss += float(loss)
-    total_correct += float(correct)
+    total_loss += float(records.host_value(loss))
+    total_correct += float(records.host_value(correct))
   return {"loss": total_loss / n, "accuracy": total_correct / n}
 
 
 # ------------------------------------------------------------------- the run
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UsageError, FloatingPointError):
   """The loss became NaN or inf; the message says at which step."""
 
 
@@ -401,20 +403,7 @@ def train_record(step: int, steps_per_epoch: int, metrics: dict[str, float],
           "learning_rate": learning_rate, "layers": layers}
 
 
-def append_record(path: str, record: dict) -> None:
-  """Appends ``record`` to the JSON-lines file ``path``."""
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: str, last_step: int) -> None:
-  """Drops records past the checkpoint we resume from, so none is duplicated."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
-  with open(path, "w") as f:
-    f.writelines(lines)
+append_record = records.append_record
 
 
 def changed_settings(workdir: str, config: Config) -> dict[str, tuple[Any, Any]]:
@@ -437,17 +426,21 @@ def changed_settings(workdir: str, config: Config) -> dict[str, tuple[Any, Any]]
           if old.get(k, absent) != new.get(k, absent)}
 
 
-def _check_workdir_config(workdir: str, config: Config) -> None:
+def check_workdir(workdir: str, config: Config) -> None:
+  """Refuses a ``workdir`` whose ``config.json`` holds other settings (naming them)."""
   diff = changed_settings(workdir, config)
   if diff:
-    raise ValueError(f"--workdir={workdir} holds a run with other settings {diff} "
-                     "(old, new); resume with the same flags or use a new --workdir.")
+    raise errors.InputError(f"--workdir={workdir} holds a run with other settings {diff} "
+                            "(old, new); resume with the same flags or use a new --workdir.")
+
+
+def write_config(workdir: str, config: Config) -> None:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json())
 
 
 def _to_float(tree):
-  return jax.tree.map(float, jax.device_get(tree))
+  return jax.tree.map(lambda x: float(records.host_value(x)), tree)
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
@@ -469,8 +462,8 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
                        interrupt_after_step: Optional[int] = None,
                        progress: bool = True,
                        devices: Optional[Sequence[jax.Device]] = None,
-                       on_step: Optional[Callable[[int, TrainState], None]] = None
-                       ) -> TrainState:
+                       on_step: Optional[Callable[[int, TrainState], None]] = None,
+                       tensorboard: bool = True) -> TrainState:
   """Trains ``config`` and writes metrics, config and checkpoints into ``workdir``.
 
   Args:
@@ -489,26 +482,27 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
       holds (``experiments.reproduce`` saves the logits of a fixed batch this
       way). Keep it cheap where it does nothing, and keep no reference to
       ``state``: the next step may donate its buffers.
+    tensorboard: mirror ``metrics.jsonl`` to TensorBoard event files in
+      ``workdir/tensorboard`` (``experiments.records``).
 
   Returns:
     The final ``TrainState``.
   """
   config.validate()
-  os.makedirs(workdir, exist_ok=True)
-  _check_workdir_config(workdir, config)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  check_workdir(workdir, config)
+  writer = jax.process_index() == 0  # one process writes files (all save checkpoints)
 
   ds = dataset if dataset is not None else data_lib.load(
       config.dataset, data_dir=config.data_dir, train_size=config.train_size,
       test_size=config.test_size, seed=config.seed)
   n_train = ds.train_images.shape[0]
   if config.batch_size > n_train:
-    raise ValueError(f"--batch_size={config.batch_size} is larger than the training set "
-                     f"({n_train} images); lower --batch_size or raise --train_size.")
+    raise errors.InputError(f"--batch_size={config.batch_size} is larger than the training set "
+                            f"({n_train} images); lower --batch_size or raise --train_size.")
   devices = list(jax.devices() if devices is None else devices)
   if config.batch_size % len(devices):
-    raise ValueError(f"--batch_size={config.batch_size} must be divisible by the number of "
-                     f"devices ({len(devices)}) for data parallelism.")
+    raise errors.InputError(f"--batch_size={config.batch_size} must be divisible by the number "
+                            f"of devices ({len(devices)}) for data parallelism.")
   mesh = make_mesh(devices)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -528,13 +522,15 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   state = jax.device_put(
       TrainState(jnp.int32(0), params, rest, tx.init(params), jnp.int32(-1)), replicated)
 
-  manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"))
-  restored = manager.restore_latest(state)
+  # Nothing is written before the first step: a failed start leaves no settings behind.
+  checkpoints = os.path.join(workdir, "checkpoints")
+  manager = ckpt_lib.Manager(checkpoints) if os.path.isdir(checkpoints) else None
+  restored = manager.restore_latest(state) if manager else None
   if restored is not None:
     state = restored
-    logging.info("resumed from step %d", int(state.step))
-  step = int(state.step)  # the host's copy: no device sync per step
-  _truncate_metrics(metrics_path, step)
+    logging.info("resumed from step %d", int(records.host_value(state.step)))
+  step = int(records.host_value(state.step))  # the host's copy: no device sync per step
+  log = records.RunLog(workdir, enabled=writer, tensorboard=tensorboard, resume_step=step)
   start_epoch = step // steps_per_epoch
 
   if on_step is not None and step == 0:
@@ -550,7 +546,13 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   eval_step = jax.jit(make_eval_step(eval_graphdef, mean, std))
   metrics_fn = jax.jit(make_layer_metrics(config, groups))
 
-  bar = progress_bar(total_steps, progress, initial=step)
+  def stop():
+    bar.close()
+    log.close()
+    if manager:
+      manager.close()
+
+  bar = progress_bar(total_steps, progress and writer, initial=step)
   for epoch in range(start_epoch, config.epochs):
     order = np.asarray(data_lib.epoch_permutation(jax.random.fold_in(key, 1000 + epoch),
                                                   n_train, config.batch_size))
@@ -563,33 +565,38 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
       state, m = train_step(state, train_images, train_labels, idx)
       step += 1
       images_seen += config.batch_size
+      if step == 1 and writer:
+        os.makedirs(workdir, exist_ok=True)
+        write_config(workdir, config)
       if log_now:
-        bad = int(state.first_bad_step)
+        bad = int(records.host_value(state.first_bad_step))
         if bad >= 0:
+          stop()
           raise NonFiniteLossError(non_finite_message(bad, epoch, config.lr))
         lr = float(rate(step - 1))  # the grouped weights' rate this step used
         record = train_record(step, steps_per_epoch, _to_float(m), lr,
                               _to_float(metrics_fn(before, state.params, learning_rate=lr)))
-        append_record(metrics_path, record)
+        log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
       if on_step is not None:
         on_step(step, state)
       bar.update(1)
       if interrupt_after_step is not None and step >= interrupt_after_step:
-        bar.close()
-        manager.close()
+        stop()
         return state
     jax.block_until_ready(state.params)
     seconds = time.perf_counter() - t0
     test = evaluate(eval_step, state.params, state.rest, test_images, test_labels,
                     config.batch_size)
-    append_record(metrics_path, {"kind": "test", "step": step, "epoch": epoch + 1,
-                           **test, "images_per_sec": images_seen / seconds})
+    log.write({"kind": "test", "step": step, "epoch": epoch + 1, **test,
+               "images_per_sec": images_seen / seconds})
+    log.flush()
     logging.info("epoch %d: test loss %.4f, accuracy %.4f, %.0f images/s", epoch + 1,
                  test["loss"], test["accuracy"], images_seen / seconds)
+    if manager is None:
+      manager = ckpt_lib.Manager(checkpoints)
     manager.save(step, state)
-  bar.close()
-  manager.close()
+  stop()
   return state
 
 

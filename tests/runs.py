@@ -23,3 +23,27 @@ def read_metrics(workdir):
   """The records of ``workdir/metrics.jsonl``, in order."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def image_folder(root, classes=3, n_train=16, n_test=8, size=8, seed=0):
+  """Writes ``root/{train,test}/c<k>/<i>.png`` (random RGB) and returns ``root``."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  for split, n in (("train", n_train), ("test", n_test)):
+    for k in range(classes):
+      os.makedirs(os.path.join(root, split, f"c{k}"), exist_ok=True)
+      for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            os.path.join(root, split, f"c{k}", f"{i:03d}.png"))
+  return str(root)
+
+
+def command(module, *args, env=None, timeout=300):
+  """Runs ``python -m module args`` from the repository root; the CompletedProcess."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=REPO, env=env)
