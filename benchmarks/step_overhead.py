@@ -215,6 +215,18 @@ def throughput_table(batch: int, steps: int, warmup: int) -> None:
                ["model", "recipe", "batch", "steps", "median ms", "images/s"], rows)
 
 
+def _loop_seconds(step, states: list, args_of, rounds: int) -> tuple[float, list]:
+  """Median seconds of one step of every state, one after another from Python."""
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for i, state in enumerate(states):
+      states[i], _ = step(state, *args_of(i))
+    jax.block_until_ready(states)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), states
+
+
 def grid_table(model: str, width, batch: int, size: int, rounds: int, warmup: int) -> None:
   ds = random_dataset(max(batch, 64))
   lrs = [0.025 * 2 ** i for i in range((size + 1) // 2)]
@@ -224,31 +236,39 @@ def grid_table(model: str, width, batch: int, size: int, rounds: int, warmup: in
   idx = jnp.tile(jnp.arange(batch, dtype=jnp.int32), (n, 1))
   keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 1) for c in configs])
   swept = []
-  for vmap_size, how in ((None, f"{n} runs vmapped (--vmap_size=0)"),
-                         (1, f"{n} runs by lax.map (--vmap_size=1)")):
+  for vmap_size, how in ((None, f"vmap: {n} runs in one vmapped step (--strategy=vmap)"),
+                         (1, "vmap, looped by lax.map (--strategy=vmap --vmap_size=1)")):
     program = sweep.make_program(configs, [ds] * n, vmap_size=vmap_size)
     states = [sweep.init_state(program, c, ds) for c in configs]
     swept.append(Timed(how, program.jitted("train_step", False), sweep.stack(states),
                        (images, labels, idx, keys, mean, std)))
-  # One run at a time from Python: the trainer's own l2 step (as table 1 times it), n states.
-  single = built(model, width, batch, "l2")
-  sequential = [Timed(f"run {i}", single.step, jax.tree.map(jnp.copy, single.state),
-                      single.args) for i in range(n)]
-  warm_up(swept + [single], warmup)
-  seq_times = []
+  warm_up(swept, warmup)
   for _ in range(rounds):
     for t in swept:
       t.timed()
-    t0 = time.perf_counter()
-    for t in sequential:
-      t.state, _ = t.step(t.state, *t.args)
-    jax.block_until_ready([t.state for t in sequential])
-    seq_times.append(time.perf_counter() - t0)
-  seq = statistics.median(seq_times)
+  # sequential: the sweep's one single-run step (lr, lam in the state), run after run.
+  program = sweep.make_program(configs, [ds] * n)
+  step = program.jitted("train_step", False, vmapped=False)
+  seq_states = [sweep.init_state(program, c, ds) for c in configs]
+  args = lambda i: (images, labels, idx[i], keys[i], mean, std)
+  _loop_seconds(step, seq_states, args, max(warmup, 1))
+  sequential, _ = _loop_seconds(step, seq_states, args, rounds)
+  # Separate runs: the trainer's own l2 step (as experiments.train runs it), n states.
+  single = built(model, width, batch, "l2")
+  alone_states = [jax.tree.map(jnp.copy, single.state) for _ in range(n)]
+  _loop_seconds(single.step, alone_states, lambda i: single.args, max(warmup, 1))
+  alone, _ = _loop_seconds(single.step, alone_states, lambda i: single.args, rounds)
+  chosen, _ = sweep.choose_strategy(program, configs, [ds] * n, n)
   rows = [[t.name, f"{1e3 * t.median:.1f}", f"{1e3 * t.median / n:.1f}",
-           f"{seq / t.median:.2f}"] for t in swept]
-  rows.append([f"{n} runs one after another (Python loop)", f"{1e3 * seq:.1f}",
-               f"{1e3 * seq / n:.1f}", "1.00"])
+           f"{alone / t.median:.2f}"] for t in swept]
+  rows.append(["sequential: one single-run step, run after run (--strategy=sequential)",
+               f"{1e3 * sequential:.1f}", f"{1e3 * sequential / n:.1f}",
+               f"{alone / sequential:.2f}"])
+  auto = sequential if chosen == "sequential" else swept[0].median
+  rows.append([f"auto (--strategy=auto, the default) chose {chosen}", f"{1e3 * auto:.1f}",
+               f"{1e3 * auto / n:.1f}", f"{alone / auto:.2f}"])
+  rows.append([f"{n} separate runs (the trainer's single-run step, as experiments.train)",
+               f"{1e3 * alone:.1f}", f"{1e3 * alone / n:.1f}", "1.00"])
   _print_table(f"3. a grid of {n} l2 recipes (lr x lam), {model}, batch {batch}: "
                f"one step of every run (median of {rounds} rounds)",
                ["how", "ms per grid step", "ms per run-step", "speed-up"], rows)

@@ -7,9 +7,15 @@
 
 trains every combination of ``--method x --lr x --lam x --seed`` (comma-separated
 lists; every other flag is the launcher's and is shared by all runs). The runs
-of one method are stacked on a leading axis and trained together by ONE jitted
-step (``jax.vmap`` of ``trainer.make_train_step``); methods, whose optax chains
-differ in structure, run one after another.
+of one method share ONE compiled program, since ``lr`` and ``lam`` live in the
+optimizer state; methods, whose optax chains differ in structure, run one
+program after another. The program serves the runs of a chunk in one of two
+ways (``--strategy``): ``vmap`` stacks them on a leading axis and trains them
+by one ``jax.vmap``-ed step (fast on accelerators), ``sequential`` runs the
+one jitted single-run step over them one after another (what each run costs
+alone, without recompiling: fast on CPUs, where XLA compiles a vmapped
+convolution with per-run kernels to a slow grouped convolution); ``auto``
+(default) times a few steps of both on the first chunk and keeps the faster.
 
 How it builds on the single-run trainer (``experiments.trainer``):
 
@@ -32,12 +38,11 @@ How it builds on the single-run trainer (``experiments.trainer``):
   ``trainer.make_eval_step``, both vmapped), so ``python -m experiments.plot``
   draws them. ``images_per_sec`` is per run (the sweep as a whole processes the
   chunk size times that). No checkpoints are written.
-- Inside the step the runs are vectorized by ``jax.vmap``, all at once by
-  default, or ``--vmap_size`` at a time with the groups looped by
-  ``jax.lax.map`` in the same program (:func:`over_runs`). On a 2-core CPU both
-  are slower per run than separate runs (README, "Performance": XLA compiles
-  a vmapped convolution with per-run kernels to a grouped convolution); the
-  vmapped grid is meant for accelerators.
+- With ``vmap``, the runs are vectorized all at once by default, or
+  ``--vmap_size`` at a time with the groups looped by ``jax.lax.map`` in the
+  same program (:func:`over_runs`). On a 2-core CPU both are slower per run
+  than separate runs (README, "Performance"), and ``auto`` picks
+  ``sequential`` there.
 - A grid too big for the device is split into chunks of at most
   ``--max_runs_per_chunk`` runs, trained one after another. Where the device
   reports its free memory (GPU, TPU), the chunk is also shrunk until XLA's
@@ -67,7 +72,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -83,6 +87,8 @@ import normreg
 
 from experiments import config as config_lib
 from experiments import data as data_lib
+from experiments import errors
+from experiments import records
 from experiments import trainer
 from experiments.config import Config
 
@@ -99,10 +105,10 @@ MEMORY_FRACTION = 0.9
 
 def _check_axis(flag: str, values: Sequence[Any]) -> None:
   if not values:
-    raise ValueError(f"--{flag} is empty: give at least one value (comma-separated).")
+    raise errors.InputError(f"--{flag} is empty: give at least one value (comma-separated).")
   for value in values:
     if list(values).count(value) > 1:
-      raise ValueError(f"--{flag} lists {value!r} more than once; list each value once.")
+      raise errors.InputError(f"--{flag} lists {value!r} more than once; list each value once.")
 
 
 def grid(config: Config, lrs: Sequence[float], lams: Optional[Sequence[Optional[float]]] = None,
@@ -146,7 +152,7 @@ def grid(config: Config, lrs: Sequence[float], lams: Optional[Sequence[Optional[
   for c in configs:
     c.validate()
     if c.method == "exp_lr":
-      raise ValueError("--method=exp_lr cannot be swept: its grouped learning rate is fixed "
+      raise errors.InputError("--method=exp_lr cannot be swept: its grouped learning rate is fixed "
                        "when the chain is built, not injected; run it with "
                        "experiments.train.")
   return configs
@@ -239,19 +245,35 @@ class Program:
   initial: dict = dataclasses.field(default_factory=dict, repr=False)
   _jitted: dict = dataclasses.field(default_factory=dict, repr=False)
 
-  def jitted(self, name: str, per_run_data: bool) -> Callable:
+  # The strategy the sweep chose for it ("vmap" or "sequential").
+  strategy: Optional[str] = None
+  # How many times each jitted function was traced (tests check "compiles once").
+  traces: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def jitted(self, name: str, per_run_data: bool, vmapped: bool = True) -> Callable:
     """The jitted train step, eval step or layer metrics, built once per program: every
-    chunk of the program reuses one trace and one compiled executable."""
-    key = (name, per_run_data)
+    chunk of the program reuses one trace and one compiled executable. ``vmapped=False``
+    gives the single-run function of the sequential strategy (:class:`_SequentialChunk`),
+    also one trace for every run: the runs differ only in the values of their state."""
+    key = (name, per_run_data, vmapped)
     if key not in self._jitted:
-      if name == "train_step":
-        fn = jax.jit(make_vmapped_step(self, per_run_data=per_run_data),
-                     donate_argnums=() if jax.default_backend() == "cpu" else 0)
-      elif name == "eval_step":
-        fn = jax.jit(make_vmapped_eval_step(self, per_run_data=per_run_data))
-      else:
-        fn = jax.jit(make_vmapped_layer_metrics(self))
-      self._jitted[key] = fn
+      one = {"train_step": run_step, "eval_step": run_eval_step,
+             "layer_metrics": run_layer_metrics}[name](self)
+      if vmapped:
+        in_axes = {"train_step": (0, 0, 0, 0, 0, 0, 0), "eval_step": (0, 0, 0, 0, None, 0, 0),
+                   "layer_metrics": (0, 0, 0)}[name]
+        if name != "layer_metrics" and not per_run_data:
+          data = (1, 2, 5, 6) if name == "train_step" else (2, 3, 5, 6)
+          in_axes = tuple(None if i in data else a for i, a in enumerate(in_axes))
+        one = (jax.vmap(one, in_axes=in_axes) if name == "layer_metrics"
+               else over_runs(one, in_axes, self.vmap_size))
+
+      def counted(*args, _fn=one, _key=key):
+        self.traces[_key] = self.traces.get(_key, 0) + 1  # runs at trace time only
+        return _fn(*args)
+
+      donate = name == "train_step" and jax.default_backend() != "cpu"
+      self._jitted[key] = jax.jit(counted, donate_argnums=0 if donate else ())
     return self._jitted[key]
 
 
@@ -285,7 +307,7 @@ def make_program(configs: Sequence[Config], datasets: Sequence[data_lib.Dataset]
     if first is None:
       first = model
     elif not _same_groups(model.groups, first.groups):
-      raise ValueError(f"--seed={c.seed} finds other scale-invariant groups than "
+      raise errors.InputError(f"--seed={c.seed} finds other scale-invariant groups than "
                        f"--seed={config.seed}; give them with --group_rules.")
     initial[(c.seed, id(ds))] = (model.params, model.rest)
   groups = first.groups
@@ -343,13 +365,12 @@ def over_runs(fn: Callable, in_axes: Sequence[Optional[int]],
   return mapped
 
 
-def make_vmapped_step(program: Program, *, per_run_data: bool = False) -> Callable:
-  """``step(states, images, labels, idx, keys, mean, std) -> (states, metrics)``, to jit.
+def run_step(program: Program) -> Callable:
+  """One run's ``step(state, images, labels, idx, key, mean, std) -> (state, metrics)``.
 
-  ``trainer.make_train_step`` over the runs (:func:`over_runs`): ``states``,
-  ``idx`` (``(runs, batch)``) and ``keys`` (each run's ``fold_in(key(seed), 1)``)
-  carry a leading run axis; the data (``images``, ``labels``, ``mean``, ``std``)
-  is shared, or per run with ``per_run_data`` (subsets drawn per seed).
+  ``trainer.make_train_step`` with the step key and the data as arguments, so that one
+  trace serves every run: vmapped over a leading run axis (``state``, ``idx``, ``key``
+  and, with per-run data, the data) by :meth:`Program.jitted`, or called run after run.
   """
   config = program.config
 
@@ -358,36 +379,40 @@ def make_vmapped_step(program: Program, *, per_run_data: bool = False) -> Callab
                                    augment=config.augment, key=key)
     return step(state, images, labels, idx)
 
-  data = 0 if per_run_data else None
-  return over_runs(one, (0, data, data, 0, 0, data, data), program.vmap_size)
+  return one
 
 
-def make_vmapped_eval_step(program: Program, *, per_run_data: bool = False) -> Callable:
-  """``trainer.make_eval_step`` over the runs: per-run sums of loss and of correct."""
+def run_eval_step(program: Program) -> Callable:
+  """One run's ``trainer.make_eval_step``: sums of loss and of correct over a batch."""
 
   def one(params, rest, images, labels, weights, mean, std):
     return trainer.make_eval_step(program.eval_graphdef, mean, std)(params, rest, images,
                                                                     labels, weights)
 
-  data = 0 if per_run_data else None
-  return over_runs(one, (0, 0, data, data, None, data, data), program.vmap_size)
+  return one
 
 
-def make_vmapped_layer_metrics(program: Program) -> Callable:
-  """``jax.vmap`` of ``trainer.layer_metrics``, ``learning_rate`` per run."""
+def run_layer_metrics(program: Program) -> Callable:
+  """One run's ``trainer.layer_metrics(before, after, learning_rate)``."""
   metrics = trainer.make_layer_metrics(program.config, program.groups)
-  return jax.vmap(lambda before, after, lr: metrics(before, after, learning_rate=lr))
+  return lambda before, after, lr: metrics(before, after, learning_rate=lr)
 
 
 # ------------------------------------------------------------------------ chunking
 
 
+def check_strategy(strategy: str) -> None:
+  if strategy not in ("auto", *STRATEGIES):
+    raise errors.InputError(f"--strategy={strategy!r} is not one of auto, "
+                            f"{', '.join(STRATEGIES)}.")
+
+
 def check_chunking(max_runs_per_chunk: Optional[int], vmap_size: Optional[int]) -> None:
   """Raises ``ValueError`` naming ``--max_runs_per_chunk`` or ``--vmap_size`` if out of range."""
   if max_runs_per_chunk is not None and not max_runs_per_chunk > 0:
-    raise ValueError(f"--max_runs_per_chunk must be > 0, got {max_runs_per_chunk}.")
+    raise errors.InputError(f"--max_runs_per_chunk must be > 0, got {max_runs_per_chunk}.")
   if vmap_size is not None and vmap_size < 0:
-    raise ValueError(f"--vmap_size must be >= 0 (0: every run of a chunk), got {vmap_size}.")
+    raise errors.InputError(f"--vmap_size must be >= 0 (0: every run of a chunk), got {vmap_size}.")
 
 
 def device_free_bytes(device: Optional[jax.Device] = None) -> Optional[int]:
@@ -502,7 +527,7 @@ def _check_run_config(run_dir: str, config: Config) -> None:
   """Refuses a run folder whose ``config.json`` holds other settings (as the launcher)."""
   diff = trainer.changed_settings(run_dir, config)
   if diff:
-    raise ValueError(f"--workdir: {run_dir} holds a run with other settings {diff} "
+    raise errors.InputError(f"--workdir: {run_dir} holds a run with other settings {diff} "
                      "(old, new); sweep with the same flags or use a new --workdir.")
 
 
@@ -515,20 +540,6 @@ def _is_complete(run_dir: str, config: Config) -> bool:
   with open(path) as f:
     records = [json.loads(line) for line in f if line.strip()]
   return any(r.get("kind") == "test" and r.get("epoch") == config.epochs for r in records)
-
-
-def _evaluate(eval_step, params, rest, data: _ChunkData, batch_size: int,
-              n_runs: int) -> list[dict[str, float]]:
-  """``trainer.evaluate`` per run: the last batch padded and masked, sums in Python floats."""
-  axis = 1 if data.per_run else 0
-  n = data.test_labels.shape[axis]
-  loss, correct = [0.0] * n_runs, [0.0] * n_runs
-  for x, y, w in trainer.eval_batches(data.test_images, data.test_labels, batch_size, axis):
-    sums = jax.device_get(eval_step(params, rest, x, y, w, data.mean, data.std))
-    for r in range(n_runs):
-      loss[r] += float(sums[0][r])
-      correct[r] += float(sums[1][r])
-  return [{"loss": loss[r] / n, "accuracy": correct[r] / n} for r in range(n_runs)]
 
 
 def _step_bytes(program: Program, state: trainer.TrainState, data: _ChunkData
@@ -552,26 +563,161 @@ def _step_bytes(program: Program, state: trainer.TrainState, data: _ChunkData
   return bytes_for
 
 
+class _VmappedChunk:
+  """The runs of a chunk stacked on a leading axis and trained by ONE vmapped step."""
+
+  def __init__(self, program: Program, states: list, datasets: list, keys: jax.Array):
+    self.program, self.n = program, len(states)
+    self.data = _chunk_data(datasets)
+    self.state = stack(states)
+    self.keys = keys
+    self._step = program.jitted("train_step", self.data.per_run)
+    self._eval = program.jitted("eval_step", self.data.per_run)
+    self._metrics = program.jitted("layer_metrics", False)
+
+  def step(self, idx: np.ndarray) -> Any:
+    d = self.data
+    self.state, metrics = self._step(self.state, d.train_images, d.train_labels,
+                                     jnp.asarray(idx), self.keys, d.mean, d.std)
+    return metrics
+
+  def params(self, copy: bool) -> Any:
+    return jax.tree.map(jnp.copy, self.state.params) if copy else self.state.params
+
+  def layers(self, before: Any, lrs: list[float]) -> Any:
+    return self._metrics(before, self.state.params, jnp.asarray(lrs, jnp.float32))
+
+  def first_bad(self) -> list[int]:
+    return [int(b) for b in jax.device_get(self.state.first_bad_step)]
+
+  def evaluate(self, batch_size: int) -> list[dict[str, float]]:
+    """``trainer.evaluate`` per run: the last batch padded and masked."""
+    d = self.data
+    axis = 1 if d.per_run else 0
+    n = d.test_labels.shape[axis]
+    loss, correct = np.zeros(self.n), np.zeros(self.n)
+    for x, y, w in trainer.eval_batches(d.test_images, d.test_labels, batch_size, axis):
+      sums = jax.device_get(self._eval(self.state.params, self.state.rest, x, y, w, d.mean,
+                                       d.std))
+      loss += np.asarray(sums[0], np.float64)
+      correct += np.asarray(sums[1], np.float64)
+    return [{"loss": float(loss[r] / n), "accuracy": float(correct[r] / n)}
+            for r in range(self.n)]
+
+  def block(self) -> None:
+    jax.block_until_ready(self.state.params)
+
+  def finals(self) -> list[trainer.TrainState]:
+    return unstack(self.state, self.n)
+
+
+class _SequentialChunk:
+  """The runs of a chunk trained one after another by ONE jitted single-run step.
+
+  The step, eval step and metrics are the single-run functions of :func:`run_step` &
+  co., jitted once for the whole grid (``lr`` and ``lam`` are state, the key and the
+  data arguments), so each run costs what it costs alone, without recompiling.
+  """
+
+  def __init__(self, program: Program, states: list, datasets: list, keys: jax.Array):
+    self.program, self.n = program, len(states)
+    shared = _chunk_data(datasets[:1], per_run=False)
+    self.data = [shared if ds is datasets[0] else _chunk_data([ds], per_run=False)
+                 for ds in datasets]
+    self.states = [jax.device_put(s) for s in states]
+    self.keys = keys
+    self._step = program.jitted("train_step", False, vmapped=False)
+    self._eval = program.jitted("eval_step", False, vmapped=False)
+    self._metrics = program.jitted("layer_metrics", False, vmapped=False)
+
+  def step(self, idx: np.ndarray) -> Any:
+    metrics = []
+    for r in range(self.n):
+      d = self.data[r]
+      self.states[r], m = self._step(self.states[r], d.train_images, d.train_labels,
+                                     jnp.asarray(idx[r]), self.keys[r], d.mean, d.std)
+      metrics.append(m)
+    return stack(metrics)
+
+  def params(self, copy: bool) -> Any:
+    return [jax.tree.map(jnp.copy, s.params) if copy else s.params for s in self.states]
+
+  def layers(self, before: Any, lrs: list[float]) -> Any:
+    return stack([self._metrics(b, s.params, jnp.float32(lr))
+                  for b, s, lr in zip(before, self.states, lrs)])
+
+  def first_bad(self) -> list[int]:
+    return [int(b) for b in jax.device_get([s.first_bad_step for s in self.states])]
+
+  def evaluate(self, batch_size: int) -> list[dict[str, float]]:
+    out = []
+    for s, d in zip(self.states, self.data):
+      out.append(trainer.evaluate(
+          lambda p, r, x, y, w, d=d: self._eval(p, r, x, y, w, d.mean, d.std),
+          s.params, s.rest, d.test_images, d.test_labels, batch_size))
+    return out
+
+  def block(self) -> None:
+    jax.block_until_ready([s.params for s in self.states])
+
+  def finals(self) -> list[trainer.TrainState]:
+    return list(self.states)
+
+
+STRATEGIES = {"vmap": _VmappedChunk, "sequential": _SequentialChunk}
+# Steps timed per strategy when --strategy=auto chooses (after one compiling step).
+AUTO_TIMING_STEPS = 3
+
+
+def _chunk_start(program: Program, configs: Sequence[Config], datasets, size: int):
+  """The chunk's configs and data padded to ``size`` runs (copies, discarded), its initial
+  states and step keys (``fold_in(key(seed), 1)``, as in the single run)."""
+  n_real = len(configs)
+  configs = list(configs) + [configs[-1]] * (size - n_real)
+  datasets = list(datasets) + [datasets[-1]] * (size - n_real)
+  states = [init_state(program, c, ds) for c, ds in zip(configs, datasets)]
+  keys = [jax.random.key(c.seed) for c in configs]
+  step_keys = jnp.stack([jax.random.fold_in(k, 1) for k in keys])
+  return configs, datasets, states, keys, step_keys
+
+
+def choose_strategy(program: Program, configs: Sequence[Config], datasets, size: int,
+                    steps: int = AUTO_TIMING_STEPS) -> tuple[str, dict[str, float]]:
+  """Times ``steps`` steps of each strategy on the first chunk (after a compiling step,
+  from copies of the initial states: the runs themselves are not advanced) and returns
+  the faster one, with the seconds per run-step of each."""
+  configs, datasets, states, keys, step_keys = _chunk_start(program, configs, datasets, size)
+  order = np.stack([np.asarray(data_lib.epoch_permutation(
+      jax.random.fold_in(k, 1000), program.n_train, program.config.batch_size)) for k in keys])
+  seconds = {}
+  for name, cls in STRATEGIES.items():
+    chunk = cls(program, [jax.tree.map(jnp.copy, s) for s in states], datasets, step_keys)
+    chunk.step(order[:, 0])
+    chunk.block()
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+      chunk.step(order[:, i % order.shape[1]])
+    chunk.block()
+    seconds[name] = (time.perf_counter() - start) / (steps * size)
+  best = min(seconds, key=seconds.get)
+  logging.info("sweep strategy: %s (per run-step: %s)", best,
+               ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items()))
+  return best, seconds
+
+
 def _train_chunk(program: Program, configs: Sequence[Config], datasets, run_dirs,
-                 size: int, progress: bool) -> list[trainer.TrainState]:
+                 size: int, progress: bool, strategy: str) -> list[trainer.TrainState]:
   """Trains ``configs`` (at most ``size``) together, padded to ``size`` runs."""
   config = program.config
   n_real = len(configs)
-  configs = list(configs) + [configs[-1]] * (size - n_real)  # padding: copies, discarded
-  datasets = list(datasets) + [datasets[-1]] * (size - n_real)
-  data = _chunk_data(datasets)
-  state = stack([init_state(program, c, ds) for c, ds in zip(configs, datasets)])
-  keys = [jax.random.key(c.seed) for c in configs]
-  step_keys = jnp.stack([jax.random.fold_in(k, 1) for k in keys])
+  configs, datasets, states, keys, step_keys = _chunk_start(program, configs, datasets, size)
+  chunk = STRATEGIES[strategy](program, states, datasets, step_keys)
   schedules = [trainer.make_schedule(c, program.total_steps) for c in configs[:n_real]]
-  train_step = program.jitted("train_step", data.per_run)
-  eval_step = program.jitted("eval_step", data.per_run)
-  metrics_fn = program.jitted("layer_metrics", False)
   donated = jax.default_backend() != "cpu"
-  metrics_paths = [os.path.join(d, "metrics.jsonl") for d in run_dirs]
+  logs = [records.RunLog(d) for d in run_dirs]
   alive = [True] * n_real
 
-  bar = trainer.progress_bar(program.total_steps, progress, desc=f"{n_real} runs")
+  bar = trainer.progress_bar(program.total_steps, progress, desc=f"{n_real} runs ({strategy})")
   step = 0
   for epoch in range(config.epochs):
     order = np.stack([
@@ -581,17 +727,15 @@ def _train_chunk(program: Program, configs: Sequence[Config], datasets, run_dirs
     t0, images_seen = time.perf_counter(), 0
     for i in range(program.steps_per_epoch):
       log_now = (step + 1) % config.log_every == 0 or i == program.steps_per_epoch - 1
-      before = (jax.tree.map(jnp.copy, state.params) if donated else state.params
-                ) if log_now else None
-      state, m = train_step(state, data.train_images, data.train_labels,
-                            jnp.asarray(order[:, i]), step_keys, data.mean, data.std)
+      before = chunk.params(copy=donated) if log_now else None
+      m = chunk.step(order[:, i])
       step += 1
       images_seen += config.batch_size
       if log_now:
         lrs = [float(s(step - 1)) for s in schedules]  # the rate each run's step used
-        lrs_all = jnp.asarray(lrs + [lrs[-1]] * (size - n_real), jnp.float32)
-        layers, m, bad = jax.device_get(
-            (metrics_fn(before, state.params, lrs_all), m, state.first_bad_step))
+        lrs_all = lrs + [lrs[-1]] * (size - n_real)
+        layers, m = jax.device_get((chunk.layers(before, lrs_all), m))
+        bad = chunk.first_bad()
         for r in range(n_real):
           if not alive[r]:
             continue
@@ -602,23 +746,25 @@ def _train_chunk(program: Program, configs: Sequence[Config], datasets, run_dirs
               f.write(message + "\n")
             logging.warning("%s: %s", os.path.basename(run_dirs[r]), message)
             continue
-          trainer.append_record(metrics_paths[r], trainer.train_record(
+          logs[r].write(trainer.train_record(
               step, program.steps_per_epoch, {k: float(v[r]) for k, v in m.items()}, lrs[r],
               jax.tree.map(lambda a, r=r: float(a[r]), layers)))
       bar.update(1)
-    jax.block_until_ready(state.params)
+    chunk.block()
     seconds = time.perf_counter() - t0
-    tests = _evaluate(eval_step, state.params, state.rest, data, config.batch_size, n_real)
+    tests = chunk.evaluate(config.batch_size)
     for r in range(n_real):
       if alive[r]:
-        trainer.append_record(metrics_paths[r], {
-            "kind": "test", "step": step, "epoch": epoch + 1, **tests[r],
-            "images_per_sec": images_seen / seconds})
+        logs[r].write({"kind": "test", "step": step, "epoch": epoch + 1, **tests[r],
+                       "images_per_sec": images_seen / seconds})
+        logs[r].flush()
     logging.info("epoch %d of %d runs: test accuracy %s, %.0f images/s per run", epoch + 1,
-                 n_real, " ".join(f"{t['accuracy']:.3f}" for t in tests),
+                 n_real, " ".join(f"{t['accuracy']:.3f}" for t in tests[:n_real]),
                  images_seen / seconds)
   bar.close()
-  return unstack(state, n_real)
+  for log in logs:
+    log.close()
+  return chunk.finals()[:n_real]
 
 
 def _chunk_size(program: Program, configs, datasets, max_runs: Optional[int]) -> int:
@@ -640,8 +786,9 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
                dataset: Optional[data_lib.Dataset] = None,
                max_runs_per_chunk: Optional[int] = None,
                vmap_size: Optional[int] = None,
+               strategy: str = "auto",
                progress: bool = True) -> list[Optional[trainer.TrainState]]:
-  """Trains every config, vmapped per program, each into ``workdir/<run name>``.
+  """Trains every config, one compiled program per method, each into ``workdir/<run name>``.
 
   Args:
     configs: the runs (e.g. from :func:`grid`); runs that differ only in
@@ -656,6 +803,11 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
     vmap_size: runs vectorized together by ``jax.vmap`` inside a step, the
       others looped by ``jax.lax.map`` in the same program (:func:`over_runs`);
       0 or ``None`` (default): every run of a chunk.
+    strategy: ``"vmap"`` (the runs of a chunk stacked and vmapped in one step),
+      ``"sequential"`` (one jitted single-run step serving the runs one after
+      another: what each run costs alone, compiled once for the grid) or
+      ``"auto"`` (default: time a few steps of both on the program's first
+      chunk, keep the faster, log the choice).
     progress: show a progress bar per chunk.
 
   Returns:
@@ -669,12 +821,13 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
   """
   configs = [c.validate() for c in configs]
   if not configs:
-    raise ValueError("the grid is empty: give at least one value per axis.")
+    raise errors.InputError("the grid is empty: give at least one value per axis.")
   check_chunking(max_runs_per_chunk, vmap_size)
+  check_strategy(strategy)
   names = run_names(configs)
   for name in names:
     if names.count(name) > 1:
-      raise ValueError(f"run {name} is in the grid twice (with other settings); "
+      raise errors.InputError(f"run {name} is in the grid twice (with other settings); "
                        "give each run once.")
   run_dirs = [os.path.join(workdir, name) for name in names]
   for c, run_dir in zip(configs, run_dirs):
@@ -688,7 +841,7 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
   for i in todo:
     n_train = datasets[i].train_images.shape[0]
     if configs[i].batch_size > n_train:
-      raise ValueError(f"--batch_size={configs[i].batch_size} is larger than the training set "
+      raise errors.InputError(f"--batch_size={configs[i].batch_size} is larger than the training set "
                        f"({n_train} images); lower --batch_size or raise --train_size.")
   # Checked: now write. An unfinished run starts over.
   for i, run_dir in enumerate(run_dirs):
@@ -707,14 +860,23 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
     p_configs = [configs[i] for i in members]
     p_datasets = [datasets[i] for i in members]
     program = make_program(p_configs, p_datasets, vmap_size=vmap_size or None)
-    size = _chunk_size(program, p_configs, p_datasets, max_runs_per_chunk)
+    if strategy == "sequential":  # one run at a time: no vmapped program to fit in memory
+      size = min(max_runs_per_chunk or len(members), len(members))
+    else:
+      size = _chunk_size(program, p_configs, p_datasets, max_runs_per_chunk)
     chunks = plan_chunks(len(members), size)
-    logging.info("%s: %d runs in %d chunk(s) of %d", program.config.method, len(members),
-                 len(chunks), len(chunks[0]))
+    chosen = strategy
+    if strategy == "auto":
+      chosen, _ = choose_strategy(program, [p_configs[j] for j in chunks[0]],
+                                  [p_datasets[j] for j in chunks[0]], len(chunks[0]))
+    program.strategy = chosen
+    logging.info("%s: %d runs in %d chunk(s) of %d, %s", program.config.method, len(members),
+                 len(chunks), len(chunks[0]), chosen)
     for chunk in chunks:
       finals = _train_chunk(program, [p_configs[j] for j in chunk],
                             [p_datasets[j] for j in chunk],
-                            [run_dirs[members[j]] for j in chunk], len(chunks[0]), progress)
+                            [run_dirs[members[j]] for j in chunk], len(chunks[0]), progress,
+                            chosen)
       for j, final in zip(chunk, finals):
         results[members[j]] = final
   return results
@@ -729,7 +891,7 @@ def _parse(flag: str, values: Optional[Sequence[str]], kind: Callable[[str], Any
     try:
       out.append(kind(text.strip()))
     except ValueError:
-      raise ValueError(f"--{flag}: {text!r} is not a valid {kind.__name__}.") from None
+      raise errors.InputError(f"--{flag}: {text!r} is not a valid {kind.__name__}.") from None
   return out
 
 
@@ -751,6 +913,10 @@ def define_flags() -> None:
                        "Runs vectorized by jax.vmap at a time inside the one jitted step (the "
                        "others are looped by jax.lax.map in the same program); 0: every run "
                        "of a chunk (default).")
+  flags.DEFINE_enum("strategy", "auto", ["auto", "vmap", "sequential"],
+                    "How the runs of a chunk share the one compiled step: vmap (stacked, one "
+                    "vmapped step), sequential (one single-run step, run after run) or auto "
+                    "(time both on the first chunk, keep the faster).")
   flags.DEFINE_integer("max_runs_per_chunk", None,
                        "Most runs trained at once; default: what fits the device's free "
                        f"memory, or {DEFAULT_MAX_RUNS_PER_CHUNK} where it is unknown (CPU).")
@@ -768,16 +934,14 @@ def configs_from_flags() -> list[Config]:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
+  with errors.one_line("experiments.sweep"):
+    if len(argv) > 1:
+      raise errors.InputError(f"unexpected arguments: {argv[1:]}")
     configs = configs_from_flags()
     check_chunking(flags.FLAGS.max_runs_per_chunk, flags.FLAGS.vmap_size)
-  except ValueError as e:
-    sys.exit(f"experiments.sweep: {e}")  # one line naming the flag, exit status 1
-  logging.info("%d runs:\n%s", len(configs), "\n".join(run_names(configs)))
-  train_grid(configs, flags.FLAGS.workdir, max_runs_per_chunk=flags.FLAGS.max_runs_per_chunk,
-             vmap_size=flags.FLAGS.vmap_size)
+    logging.info("%d runs:\n%s", len(configs), "\n".join(run_names(configs)))
+    train_grid(configs, flags.FLAGS.workdir, max_runs_per_chunk=flags.FLAGS.max_runs_per_chunk,
+               vmap_size=flags.FLAGS.vmap_size, strategy=flags.FLAGS.strategy)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def l2_sweep(tmp_path_factory, dataset):
   configs = sweep.grid(Config(method="l2", optimizer="sgd", momentum=0.9, **SMALL),
                        lrs=[0.05, 0.1], lams=[1e-4, 5e-4], seeds=[0])
   workdir = str(tmp_path_factory.mktemp("l2_sweep"))
-  states = sweep.train_grid(configs, workdir, dataset=dataset, vmap_size=0, progress=False)
+  states = sweep.train_grid(configs, workdir, dataset=dataset, vmap_size=0, strategy="vmap",
+                            progress=False)
   return configs, workdir, states
 
 
@@ -100,7 +101,7 @@ def test_chunks_and_lax_map_equal_one_vmapped_program(l2_sweep, dataset, tmp_pat
   # looped one run at a time by lax.map; (4, 2): one chunk, lax.map over
   # two vmapped pairs.
   configs, _, states = l2_sweep
-  chunked = sweep.train_grid(configs, str(tmp_path), dataset=dataset,
+  chunked = sweep.train_grid(configs, str(tmp_path), dataset=dataset, strategy="vmap",
                              max_runs_per_chunk=max_runs, vmap_size=vmap_size, progress=False)
   for state, expected in zip(chunked, states):
     chex.assert_trees_all_close(state.params, expected.params, **TOL)
@@ -212,3 +213,96 @@ def test_init_scale_is_applied_as_in_the_run_alone(dataset, tmp_path):
   chex.assert_trees_all_close(swept[0].params, alone.params, **TOL)
   _assert_same_records(runs.read_metrics(str(tmp_path / "sweep" / sweep.run_names(configs)[0])),
                        runs.read_metrics(str(tmp_path / "alone")))
+
+
+@pytest.mark.slow
+def test_sequential_strategy_equals_the_vmapped_one(l2_sweep, dataset, tmp_path):
+  configs, workdir, states = l2_sweep
+  seq = sweep.train_grid(configs, str(tmp_path), dataset=dataset, strategy="sequential",
+                         max_runs_per_chunk=3, progress=False)
+  for state, expected, name in zip(seq, states, sweep.run_names(configs)):
+    chex.assert_trees_all_close(state.params, expected.params, **TOL)
+    _assert_same_records(runs.read_metrics(str(tmp_path / name)),
+                         runs.read_metrics(os.path.join(workdir, name)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["vmap", "sequential"])
+def test_the_grid_traces_its_step_once(dataset, tmp_path, monkeypatch, strategy):
+  # Every trace of the jitted step builds the single-run step once: count the builds.
+  calls = []
+  original = trainer.make_train_step
+  monkeypatch.setattr(trainer, "make_train_step",
+                      lambda *a, **k: calls.append(1) or original(*a, **k))
+  configs = sweep.grid(Config(method="l2", **{**SMALL, "epochs": 1}), lrs=[0.05, 0.1],
+                       lams=[1e-4, 5e-4], seeds=[0])
+  sweep.train_grid(configs, str(tmp_path), dataset=dataset, strategy=strategy,
+                   max_runs_per_chunk=2, progress=False)  # two chunks of two
+  assert len(calls) == 1
+
+
+METHODS = [("l2", "sgd"), ("decoupled", "sgd"), ("spherical", "sgd"), ("elr_rescale", "sgd"),
+           ("tangent", "sgd"), ("none", "sgd"), ("l2", "adam"), ("decoupled", "adam"),
+           ("spherical", "adam"), ("elr_rescale", "adam"), ("tangent", "adam")]
+
+
+@pytest.mark.slow
+def test_every_method_and_optimizer_swept_equals_the_run_alone(dataset, tmp_path):
+  base = Config(**{**SMALL, "epochs": 1, "log_every": 4})
+  configs = []
+  for method, optimizer in METHODS:
+    lam = 1e-3 if method in ("l2", "decoupled") else None
+    configs.append(dataclasses.replace(base, method=method, optimizer=optimizer,
+                                       lr=0.05 if optimizer == "sgd" else 0.01, lam=lam))
+  names = [f"{c.method}_{c.optimizer}" for c in configs]
+  swept = []
+  for name, config in zip(names, configs):  # one program per run: sequential is one step
+    swept += sweep.train_grid([config], str(tmp_path / "sweep" / name), dataset=dataset,
+                              strategy="sequential", progress=False)
+  for name, config, state in zip(names, configs, swept):
+    alone = trainer.train_and_evaluate(config, str(tmp_path / "alone" / name), dataset=dataset,
+                                       progress=False, tensorboard=False)
+    chex.assert_trees_all_close(state.params, alone.params, **TOL, custom_message=name)
+    run = sweep.run_names([config])[0]
+    _assert_same_records(runs.read_metrics(str(tmp_path / "sweep" / name / run)),
+                         runs.read_metrics(str(tmp_path / "alone" / name)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slow", ["vmap", "sequential"])
+def test_auto_keeps_the_faster_strategy(dataset, tmp_path, monkeypatch, slow):
+  import time  # pylint: disable=g-import-not-at-top
+  cls = sweep.STRATEGIES[slow]
+  original = cls.step
+  monkeypatch.setattr(cls, "step", lambda self, idx: time.sleep(0.2) or original(self, idx))
+  configs = sweep.grid(Config(method="l2", **{**SMALL, "epochs": 1}), lrs=[0.05, 0.1])
+  datasets = [dataset] * 2
+  program = sweep.make_program(configs, datasets)
+  chosen, seconds = sweep.choose_strategy(program, configs, datasets, 2)
+  assert chosen != slow and set(seconds) == {"vmap", "sequential"}
+  assert seconds[slow] > seconds[chosen]
+
+
+def test_chunks_shrink_until_the_compiled_step_fits_the_free_memory(dataset, monkeypatch):
+  """XLA's memory analysis of the real compiled vmapped step (CPU reports it too), against
+  a free-memory budget between what 2 and what 3 runs need."""
+  configs = sweep.grid(Config(method="l2", **{**SMALL, "epochs": 1}),
+                       lrs=[0.01, 0.02, 0.05, 0.1])
+  datasets = [dataset] * 4
+  program = sweep.make_program(configs, datasets)
+  data = sweep._chunk_data(datasets[:1], per_run=False)
+  bytes_for = sweep._step_bytes(program, sweep.init_state(program, configs[0], dataset), data)
+  need = {n: bytes_for(n) for n in (1, 2, 3, 4)}
+  assert need[1] < need[2] < need[3] < need[4]  # more runs, more memory
+  budget = (need[2] + need[3]) / 2 / sweep.MEMORY_FRACTION
+  monkeypatch.setattr(sweep, "device_free_bytes", lambda device=None: int(budget))
+  assert sweep._chunk_size(program, configs, datasets, None) == 2
+  monkeypatch.setattr(sweep, "device_free_bytes", lambda device=None: None)
+  assert sweep._chunk_size(program, configs, datasets, None) == 4  # CPU: the flag decides
+  assert sweep._chunk_size(program, configs, datasets, 3) == 3
+
+
+def test_bad_strategy_is_refused(dataset, tmp_path):
+  with pytest.raises(ValueError, match="--strategy='fast' is not one of auto, vmap, sequential"):
+    sweep.train_grid(sweep.grid(Config(**SMALL), lrs=[0.1]), str(tmp_path), dataset=dataset,
+                     strategy="fast")
