@@ -87,6 +87,7 @@ import normreg
 
 from experiments import config as config_lib
 from experiments import data as data_lib
+from experiments import distributed
 from experiments import errors
 from experiments import records
 from experiments import trainer
@@ -813,7 +814,8 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
   Returns:
     Per config, in order, its final ``trainer.TrainState`` (``opt_state`` is
     the ``optax.inject_hyperparams`` state), or ``None`` for a run skipped as
-    already complete.
+    already complete (or, in a multi-host sweep, trained by another process:
+    process ``p`` of ``P`` trains the runs ``p, p+P, ...``).
 
   Raises:
     ValueError: a bad config, repeated run, a batch larger than the data or a
@@ -836,6 +838,9 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
           if not _is_complete(run_dir, c)]
   for i in sorted(set(range(len(configs))) - set(todo)):
     logging.info("%s is complete: skipped", names[i])
+  # Multi-host: the runs are independent; process p of P trains runs p, p+P, ... alone.
+  mine = [i for i in range(len(configs)) if i % jax.process_count() == jax.process_index()]
+  todo = [i for i in todo if i in mine]
   datasets = _load_datasets([configs[i] for i in todo], dataset)
   datasets = dict(zip(todo, datasets))
   for i in todo:
@@ -843,8 +848,10 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
     if configs[i].batch_size > n_train:
       raise errors.InputError(f"--batch_size={configs[i].batch_size} is larger than the training set "
                        f"({n_train} images); lower --batch_size or raise --train_size.")
-  # Checked: now write. An unfinished run starts over.
+  # Checked: now write (each process its own runs). An unfinished run starts over.
   for i, run_dir in enumerate(run_dirs):
+    if i not in mine:
+      continue
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
       f.write(configs[i].to_json())
@@ -896,12 +903,14 @@ def _parse(flag: str, values: Optional[Sequence[str]], kind: Callable[[str], Any
 
 
 def define_flags() -> None:
-  """The launcher's flags (``config.define_flags``), with the grid axes as lists.
+  """The launcher's flags (``config.define_flags``, ``distributed.define_flags``), with the
+  grid axes as lists.
 
   Called by ``python -m experiments.sweep`` only, not on import, so that this
   module can be imported beside ``experiments.train``.
   """
   config_lib.define_flags()
+  distributed.define_flags()
   for name in GRID_FIELDS:
     help_ = flags.FLAGS[name].help
     default = flags.FLAGS[name].default
@@ -939,6 +948,7 @@ def main(argv: Sequence[str]) -> None:
       raise errors.InputError(f"unexpected arguments: {argv[1:]}")
     configs = configs_from_flags()
     check_chunking(flags.FLAGS.max_runs_per_chunk, flags.FLAGS.vmap_size)
+    distributed.initialize_from_flags()
     logging.info("%d runs:\n%s", len(configs), "\n".join(run_names(configs)))
     train_grid(configs, flags.FLAGS.workdir, max_runs_per_chunk=flags.FLAGS.max_runs_per_chunk,
                vmap_size=flags.FLAGS.vmap_size, strategy=flags.FLAGS.strategy)

@@ -163,6 +163,23 @@ def init_model(config: Config, num_classes: int, train_images, mean, std) -> Mod
   return Model(graphdef, nnx.split(model, nnx.Param, ...)[0], params, rest, groups)
 
 
+def initial_state(config: Config, dataset) -> tuple[Model, optax.Schedule,
+                                                  optax.GradientTransformation, "TrainState"]:
+  """A run's model, schedule, optimizer and initial ``TrainState`` (on this host).
+
+  What :func:`train_and_evaluate` starts from, and the structure its checkpoints
+  restore into (``experiments.checkpoint.Manager.restore_latest(state)``).
+  """
+  n_train = dataset.train_images.shape[0]
+  model = init_model(config, dataset.num_classes, dataset.train_images,
+                     *data_lib.channel_stats(dataset.train_images))
+  schedule = make_schedule(config, n_train // config.batch_size * config.epochs)
+  tx = make_optimizer(config, model.groups, schedule)
+  state = TrainState(jnp.int32(0), model.params, model.rest, tx.init(model.params),
+                     jnp.int32(-1))
+  return model, schedule, tx, state
+
+
 # ---------------------------------------------------------------------- optimizer
 
 
@@ -370,11 +387,17 @@ def eval_batches(images, labels, batch_size: int, axis: int = 0):
     yield x, y, w
 
 
-def evaluate(eval_step, params, rest, images, labels, batch_size: int) -> dict[str, float]:
-  """Test loss and accuracy over the whole set; the last batch is padded and masked."""
+def evaluate(eval_step, params, rest, images, labels, batch_size: int,
+             sharding: Optional[jax.sharding.Sharding] = None) -> dict[str, float]:
+  """Test loss and accuracy over the whole set; the last batch is padded and masked.
+
+  ``sharding`` places each batch (replicated over a multi-host mesh: every process
+  holds the same test set and evaluates on it with the others).
+  """
   n = images.shape[0]
   total_loss = total_correct = 0.0
-  for x, y, w in eval_batches(images, labels, batch_size):
+  for batch in eval_batches(images, labels, batch_size):
+    x, y, w = batch if sharding is None else jax.device_put(batch, sharding)
     loss, correct = eval_step(params, rest, x, y, w)
     total_loss += float(records.host_value(loss))
     total_correct += float(records.host_value(correct))
@@ -508,19 +531,16 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   steps_per_epoch = n_train // config.batch_size
   total_steps = steps_per_epoch * config.epochs
-  mean, std = (jax.device_put(a, replicated) for a in data_lib.channel_stats(ds.train_images))
-  # The whole (small) data set on every device, as uint8; batches are gathered in the step.
-  train_images, train_labels, test_images, test_labels = jax.device_put(
-      (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels), replicated)
+  host_mean, host_std = data_lib.channel_stats(ds.train_images)
+  mean, std = jax.device_put((host_mean, host_std), replicated)
+  # The whole (small) training set on every device, as uint8; batches are gathered in the
+  # step. Every process of a multi-host run holds the same arrays and feeds its devices.
+  train_images, train_labels = jax.device_put((ds.train_images, ds.train_labels), replicated)
 
-  graphdef, eval_graphdef, params, rest, groups = init_model(config, ds.num_classes,
-                                                            train_images, mean, std)
+  model, schedule, tx, state = initial_state(config, ds)
+  graphdef, eval_graphdef, groups = model.graphdef, model.eval_graphdef, model.groups
   logging.info("scale-invariant groups:\n%s", normreg.groups.summary(groups))
-
-  schedule = make_schedule(config, total_steps)
-  tx = make_optimizer(config, groups, schedule)
-  state = jax.device_put(
-      TrainState(jnp.int32(0), params, rest, tx.init(params), jnp.int32(-1)), replicated)
+  state = jax.device_put(state, replicated)
 
   # Nothing is written before the first step: a failed start leaves no settings behind.
   checkpoints = os.path.join(workdir, "checkpoints")
@@ -586,8 +606,8 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
         return state
     jax.block_until_ready(state.params)
     seconds = time.perf_counter() - t0
-    test = evaluate(eval_step, state.params, state.rest, test_images, test_labels,
-                    config.batch_size)
+    test = evaluate(eval_step, state.params, state.rest, ds.test_images, ds.test_labels,
+                    config.batch_size, sharding=replicated)
     log.write({"kind": "test", "step": step, "epoch": epoch + 1, **test,
                "images_per_sec": images_seen / seconds})
     log.flush()
