@@ -7,6 +7,13 @@ normreg finds those weights, decays, rescales or projects them as composable
 ``optax.GradientTransformation``s, and measures their effective learning rate.
 """
 
+from normreg.angular import add_corrected_decayed_weights
+from normreg.angular import adamh
+from normreg.angular import adamp
+from normreg.angular import cosine_groups
+from normreg.angular import nero
+from normreg.angular import rotational
+from normreg.angular import sgdp
 from normreg.detect import find_scale_invariant
 from normreg.groups import TENSOR
 from normreg.groups import UNIT
@@ -63,6 +70,13 @@ __all__ = (
     "sgd_l2",
     "spherical_sgd",
     "spherical_adam",
+    "rotational",
+    "adamp",
+    "sgdp",
+    "cosine_groups",
+    "nero",
+    "adamh",
+    "add_corrected_decayed_weights",
     "unit_norms",
     "effective_learning_rate",
     "angular_update",

@@ -150,3 +150,38 @@ def rescale_groups(params: Any, groups: groups_lib.GroupsOrFn,
     return (w.astype(compute_dtype(w.dtype)) * f).astype(w.dtype)
 
   return map_groups(scale, resolved, params)
+
+
+def tangential(resolved: groups_lib.Resolved, updates: Any, params: Any) -> Any:
+  """``u - <u, w>/||w||^2 w`` per group on the grouped leaves of ``updates`` (others pass).
+
+  The part of the update that turns ``w`` (to first order) without changing its norm.
+  """
+  dot = dots(resolved, updates, params)
+  norm = norms(resolved, params)
+
+  def one(path, group, u, w):
+    w = w.astype(compute_dtype(w.dtype))
+    coef = expand(group, dot[path] / jnp.square(norm[path]), w.shape)
+    return (u.astype(w.dtype) - coef * w).astype(u.dtype)
+
+  return map_groups(one, resolved, updates, params)
+
+
+def group_means(resolved: groups_lib.Resolved, tree: Any) -> dict[str, jax.Array]:
+  """``{path: mean of the group's elements}`` (over all members of a joint group)."""
+  sums = group_sums(resolved, lambda x: x, tree)
+  counts = group_sums(resolved, jnp.ones_like, tree)
+  return {p: sums[p] / counts[p] for p in sums}
+
+
+def project_to_radius(resolved: groups_lib.Resolved, tree: Any,
+                      radius: dict[str, Any]) -> Any:
+  """Each group of ``tree`` rescaled to norm ``radius[path]`` (per group, float32 at least)."""
+  norm = norms(resolved, tree)
+
+  def one(path, group, x):
+    x32 = x.astype(compute_dtype(x.dtype))
+    return (x32 * expand(group, radius[path] / norm[path], x.shape)).astype(x.dtype)
+
+  return map_groups(one, resolved, tree)

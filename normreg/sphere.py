@@ -152,15 +152,6 @@ def tangent_projection(groups: groups_lib.GroupsOrFn) -> optax.GradientTransform
     Heo et al., *AdamP*, 2021 (arXiv 2006.08217); van Laarhoven, 2017.
   """
 
-  def tangent(resolved, updates, params):
-    dots = reductions.dots(resolved, updates, params)
-    norms = reductions.norms(resolved, params)
-
-    def one(path, group, u, w):
-      w = w.astype(reductions.compute_dtype(w.dtype))
-      coef = reductions.expand(group, dots[path] / jnp.square(norms[path]), w.shape)
-      return (u.astype(w.dtype) - coef * w).astype(u.dtype)
-
-    return reductions.map_groups(one, resolved, updates, params)
-
-  return groups_lib.transform_on_groups("tangent_projection", groups, tangent)
+  return groups_lib.transform_on_groups(
+      "tangent_projection", groups,
+      lambda resolved, updates, params: reductions.tangential(resolved, updates, params))

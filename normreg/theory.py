@@ -72,6 +72,7 @@ References:
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax.numpy as jnp
 
@@ -267,3 +268,140 @@ def exponential_lr_momentum_init(lr: float, lam_wd: float, momentum: float) -> f
   """
   alpha = exponential_lr_rate(lr, lam_wd, momentum)
   return 0.0 if momentum == 0 else (alpha - 1) / (lr * alpha)
+
+
+# ------------------------------------------------------ the angular-update family
+
+
+def equilibrium_angle_adamp(lr: float, wd: float, wd_ratio: float = 0.1) -> float:
+  """Radians per step at equilibrium, AdamP (:func:`normreg.adamp`): ``sqrt(2 eta wd r)``.
+
+  AdamP removes the radial part of Adam's step, so ``||w||^2`` obeys exactly
+  ``x <- (1 - eta wd r)^2 x + eta^2 ||d_perp||^2`` and the angle
+  ``eta ||d_perp|| / ||w||`` settles at ``sqrt(2 eta wd r)``: unlike AdamW's, no
+  ``(1-beta1)/(1+beta1)`` (the radial part of the momentum is gone). ``r`` is
+  the ``wd_ratio``.
+
+  >>> round(equilibrium_angle_adamp(1e-3, 1.0, 0.5), 6)
+  0.031623
+  """
+  _check(lr=lr, wd=wd)
+  return math.sqrt(2 * lr * wd * wd_ratio)
+
+
+def equilibrium_angle_sgdp(lr: float, wd: float, momentum: float = 0.9,
+                           wd_ratio: float = 0.1) -> float:
+  """Radians per step at equilibrium, SGDP (:func:`normreg.sgdp`): ``sqrt(2 eta wd r/(1-mu))``.
+
+  SGDP divides its decay by ``1 - mu`` and, like AdamP, keeps only the tangent
+  part of the momentum step.
+  """
+  _check(lr=lr, wd=wd, momentum=momentum)
+  return math.sqrt(2 * lr * wd * wd_ratio / (1 - momentum))
+
+
+def lion_sign_correlation(b1: float = 0.9, b2: float = 0.99, terms: int = 100000) -> float:
+  """``sum_k rho_k``: the summed autocorrelation of Lion's sign update per coordinate.
+
+  In the random-walk model (fresh Gaussian gradients ``g`` each step), Lion's
+  ``c_t = b1 m_{t-1} + (1-b1) g_t`` with ``m_t = b2 m_{t-1} + (1-b2) g_t`` is a
+  Gaussian process with ``corr(c_t, c_{t+k}) = b1 b2^(k-1) cov(c, m) / var(c)``;
+  the signs then correlate by the arcsine law, ``rho_k = (2/pi) arcsin(r_k)``.
+  """
+  var_m = (1 - b2) / (1 + b2)
+  var_c = b1 ** 2 * var_m + (1 - b1) ** 2
+  cov_cm = b1 * b2 * var_m + (1 - b1) * (1 - b2)
+  total, r = 0.0, b1 * cov_cm / var_c
+  for _ in range(terms):
+    total += 2 / math.pi * math.asin(min(r, 1.0))
+    r *= b2
+    if r < 1e-15:
+      break
+  return total
+
+
+def equilibrium_angle_lion(lr: float, wd: float, b1: float = 0.9, b2: float = 0.99) -> float:
+  """Radians per step at equilibrium, Lion with decoupled decay (``optax.lion``).
+
+  Kosson et al.'s random-walk balance with a correlated update: the norm grows
+  by the long-run diffusion of the updates, ``eta^2 D (1 + 2 sum_k rho_k)`` per
+  step, while each step turns by ``eta sqrt(D) / ||w||`` (a sign per coordinate),
+  so ``theta = sqrt(2 eta wd / (1 + 2 sum_k rho_k))`` with ``rho_k`` the sign
+  update's autocorrelation (:func:`lion_sign_correlation`). For ``b1 = 0.9,
+  b2 = 0.99`` that is ``0.148 sqrt(2 eta wd)``: Lion turns much less than its
+  step size suggests, because its successive steps nearly repeat.
+
+  >>> round(equilibrium_angle_lion(1e-3, 1.0) / math.sqrt(2e-3), 3)
+  0.148
+  """
+  _check(lr=lr, wd=wd, b1=b1)
+  return math.sqrt(2 * lr * wd / (1 + 2 * lion_sign_correlation(b1, b2)))
+
+
+def angle_nero(lr: float) -> float:
+  """Radians per step of :func:`normreg.nero`: ``arctan(eta)`` on average, ``~eta``.
+
+  Each balanced group steps by ``eta ||w|| g / rms(||g||)``, tangent to it (the
+  gradient of a scale-invariant group is), of length ``eta`` on average on the unit
+  sphere; there is no equilibrium to reach, the angle is set from the first step.
+  """
+  _check(lr=lr)
+  return math.atan(lr)
+
+
+def angle_adamh(lr: float) -> float:
+  """Radians per step of :func:`normreg.adamh`: at most ``arctan(eta)``, ``~eta``.
+
+  The step ``eta r_0 u/||u||`` has length ``eta r_0``; only its tangent part turns
+  the group, so the angle is ``arctan(eta sin(u, w))``: ``~eta`` when Adam's step is
+  nearly tangent (high dimensions), less when it has a radial part.
+  """
+  _check(lr=lr)
+  return math.atan(lr)
+
+
+def angle_rotational(target_angle: float) -> float:
+  """Radians per step of :func:`normreg.rotational`: ``arctan(target)``, from the first step.
+
+  The step is ``target r_0 u_perp / rms(||u_perp||)``, tangent, of expected length
+  about ``target r_0``; the angle holds from the first step (``rms`` starts at the
+  first step's own norm).
+  """
+  if not target_angle >= 0:
+    raise ValueError(f"target_angle must be >= 0, got {target_angle}.")
+  return math.atan(target_angle)
+
+
+def weight_decay_timescale(lr: float, wd: float, steps_per_epoch: Optional[int] = None
+                           ) -> float:
+  """The timescale of AdamW's weights as an average of updates (Wang & Aitchison 2024).
+
+  AdamW's ``w_t = (1 - eta wd) w_{t-1} - eta u_t`` makes ``w`` an exponential moving
+  average of ``-u/wd`` over ``tau_iter = 1/(eta wd)`` steps; in epochs
+  ``tau_iter / steps_per_epoch`` (returned when ``steps_per_epoch`` is given). The
+  paper recommends keeping ``tau_epoch`` fixed as model and data grow.
+
+  >>> weight_decay_timescale(1e-3, 0.1)
+  10000.0
+  >>> weight_decay_timescale(1e-3, 0.1, steps_per_epoch=500)
+  20.0
+  """
+  _check(lr=lr, wd=wd)
+  tau = math.inf if wd == 0 else 1 / (lr * wd)
+  return tau if steps_per_epoch is None else tau / steps_per_epoch
+
+
+def weight_decay_for_timescale(lr: float, tau: float,
+                               steps_per_epoch: Optional[int] = None) -> float:
+  """The ``wd`` that gives AdamW the timescale ``tau`` (steps, or epochs with
+  ``steps_per_epoch``): ``1 / (eta tau_iter)``, the inverse of
+  :func:`weight_decay_timescale`.
+
+  >>> weight_decay_for_timescale(1e-3, 20, steps_per_epoch=500)
+  0.1
+  """
+  _check(lr=lr)
+  if not tau > 0:
+    raise ValueError(f"tau must be > 0, got {tau}.")
+  tau_iter = tau * steps_per_epoch if steps_per_epoch is not None else tau
+  return 1 / (lr * tau_iter)

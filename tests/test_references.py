@@ -17,6 +17,10 @@ import pytest
 import normreg
 
 STEPS = 6
+
+
+
+
 SHAPES = {"unit": (4, 3), "tensor": (3, 5), "stacked": (2, 3, 4), "free": (3,)}
 GROUPS = {"unit": normreg.UNIT, "tensor": normreg.TENSOR, "stacked": normreg.unit(stack=1),
           "free": None}
@@ -339,6 +343,16 @@ OPTIMIZERS = {
     "elr_rescale": lambda g: optax.chain(normreg.scale_by_weight_norm(g), optax.sgd(0.05, 0.9)),
     "tangent": lambda g: optax.chain(optax.sgd(0.1, 0.9), normreg.tangent_projection(g)),
     "project": lambda g: optax.chain(optax.sgd(0.1, 0.9), normreg.project_to_sphere(g)),
+    "rotational": lambda g: normreg.rotational(optax.sgd(0.1, 0.9), g, 0.05),
+    "adamp": lambda g: normreg.adamp(0.01, g, weight_decay=1e-2),
+    "adamp_cosine": lambda g: normreg.adamp(0.01, g, weight_decay=1e-2, heuristic=True),
+    "sgdp": lambda g: normreg.sgdp(0.1, g, weight_decay=1e-3),
+    "nero": lambda g: normreg.nero(0.02, g),
+    "adamh": lambda g: normreg.adamh(0.02, g),
+    "corrected_decay": lambda g: optax.chain(
+        optax.trace(0.9), normreg.add_corrected_decayed_weights(
+            1e-2, optax.cosine_decay_schedule(0.1, 40), g),
+        optax.scale_by_learning_rate(optax.cosine_decay_schedule(0.1, 40))),
 }
 
 
@@ -348,3 +362,239 @@ def test_every_optimizer_lowers_a_fixed_loss(name):
   first, last = _toy_loss_run(OPTIMIZERS[name](_toy_groups()))
   assert last < 0.67 * first, (first, last)
   chex.assert_tree_all_finite(last)
+
+
+# ------------------------------------------------------- the angular-update family
+
+
+def _np_tangent(k, u, w):
+  return u - _np_dot(k, u, w) / _np_dot(k, w, w) * w
+
+
+def test_rotational_wrapper():
+  lr, mu, theta, beta = 0.1, 0.9, 0.05, 0.9
+
+  def ref(t, p, g, state):
+    if t == 0:
+      state["r0"] = {k: _np_norm(k, w) for k, w in p.items() if _grouped(k)}
+    out = {}
+    for k, w in p.items():
+      m = mu * state.get(("m", k), 0.0) + g[k]  # the inner optax.sgd(lr, momentum)
+      state[("m", k)] = m
+      u = -lr * m
+      if not _grouped(k):
+        out[k] = w + u
+        continue
+      u_perp = _np_tangent(k, u, w)
+      nu = beta * state.get(("nu", k), 0.0) + (1 - beta) * _np_dot(k, u_perp, u_perp)
+      state[("nu", k)] = nu
+      r0 = state["r0"][k]
+      stepped = w + theta * r0 * u_perp / np.sqrt(nu / (1 - beta ** (t + 1)))
+      out[k] = r0 * stepped / _np_norm(k, stepped)
+    return out, state
+
+  ours = _run_normreg(normreg.rotational(optax.sgd(lr, momentum=mu), GROUPS, theta, decay=beta))
+  _assert_same(ours, _run_reference(ref))
+
+
+def _np_adam(state, k, g, t, b1=0.9, b2=0.999, eps=1e-8):
+  m = b1 * state.get(("m", k), 0.0) + (1 - b1) * g
+  v = b2 * state.get(("v", k), 0.0) + (1 - b2) * g * g
+  state[("m", k)], state[("v", k)] = m, v
+  return (m / (1 - b1 ** (t + 1))) / (np.sqrt(v / (1 - b2 ** (t + 1))) + eps)
+
+
+def test_adamp_on_exact_groups():
+  lr, wd, ratio = 0.05, 0.2, 0.1
+
+  def ref(t, p, g, state):
+    out = {}
+    for k, w in p.items():
+      d = _np_adam(state, k, g[k], t)
+      if _grouped(k):
+        out[k] = w * (1 - lr * wd * ratio) - lr * _np_tangent(k, d, w)  # AdamP's order
+      else:
+        out[k] = w - lr * d
+    return out, state
+
+  ours = _run_normreg(normreg.adamp(lr, GROUPS, weight_decay=wd, wd_ratio=ratio))
+  _assert_same(ours, _run_reference(ref), rtol=5e-5, atol=5e-6)
+
+
+def _cosine_problem():
+  """Three 2-D leaves whose gradients are orthogonal to w per unit ("unit"), only as a
+  whole ("layer"), or not at all ("none"): one of each of the heuristic's branches."""
+  rng = np.random.default_rng(3)
+  params = {k: rng.standard_normal((5, 4)) for k in ("unit", "layer", "none")}
+  mats = {k: rng.standard_normal((20, 20)) / 4 for k in params}
+
+  def grad(xp, p):
+    out = {}
+    for k, w in p.items():
+      g = (mats[k] @ w.reshape(-1)).reshape(w.shape)
+      if k == "unit":
+        g = g - xp.sum(g * w, 0, keepdims=True) / xp.sum(w * w, 0, keepdims=True) * w
+      elif k == "layer":
+        g = g - xp.sum(g * w) / xp.sum(w * w) * w
+      out[k] = g
+    return out
+
+  return params, grad
+
+
+def test_adamp_cosine_heuristic():
+  """The paper's rule, written out: per unit if every unit's |cos(g, w)| < delta/sqrt(fan-in),
+  else per layer if |cos| < delta/sqrt(size), else no projection and full decay."""
+  lr, wd, ratio, delta = 0.05, 0.2, 0.1, 0.1
+  params, grad = _cosine_problem()
+  seen = set()
+  p, state, ref = {k: v.copy() for k, v in params.items()}, {}, []
+  for t in range(STEPS):
+    g = grad(np, p)
+    out = {}
+    for k, w in p.items():
+      d = _np_adam(state, k, g[k], t)
+      axes = (0,)
+      cos_u = np.abs(np.sum(g[k] * w, axes)) / np.sqrt(np.sum(g[k] ** 2, axes) *
+                                                       np.sum(w ** 2, axes))
+      cos_l = abs(np.sum(g[k] * w)) / np.sqrt(np.sum(g[k] ** 2) * np.sum(w ** 2))
+      if cos_u.max() < delta / np.sqrt(w.shape[0]):
+        n = w / np.sqrt(np.sum(w ** 2, axes, keepdims=True))
+        d, f = d - n * np.sum(n * d, axes, keepdims=True), ratio
+        seen.add(("unit", k))
+      elif cos_l < delta / np.sqrt(w.size):
+        n = w / np.sqrt(np.sum(w ** 2))
+        d, f = d - n * np.sum(n * d), ratio
+        seen.add(("layer", k))
+      else:
+        f = 1.0
+        seen.add(("none", k))
+      out[k] = w * (1 - lr * wd * f) - lr * d
+    p = out
+    ref.append(out)
+  assert seen == {("unit", "unit"), ("layer", "layer"), ("none", "none")}
+
+  tx = normreg.adamp(lr, None, weight_decay=wd, wd_ratio=ratio, heuristic=True, delta=delta)
+  jp = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+  state = tx.init(jp)
+  step = jax.jit(lambda p, s: tx.update(grad(jnp, p), s, p))
+  ours = []
+  for _ in range(STEPS):
+    u, state = step(jp, state)
+    jp = optax.apply_updates(jp, u)
+    ours.append({k: np.asarray(v, np.float64) for k, v in jp.items()})
+  _assert_same(ours, ref, rtol=5e-5, atol=5e-6)
+  # The same decisions as cosine_groups, the rule on concrete arrays:
+  found = normreg.cosine_groups(grad(np, params), params, delta=delta)
+  assert found == {"unit": normreg.UNIT, "layer": normreg.TENSOR, "none": None}
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgdp(nesterov):
+  lr, mu, wd, ratio = 0.05, 0.9, 0.1, 0.5
+
+  def ref(t, p, g, state):
+    out = {}
+    for k, w in p.items():
+      m = mu * state.get(k, 0.0) + g[k]
+      state[k] = m
+      d = g[k] + mu * m if nesterov else m
+      if _grouped(k):
+        out[k] = w * (1 - lr * wd * ratio / (1 - mu)) - lr * _np_tangent(k, d, w)
+      else:
+        out[k] = w - lr * d
+    return out, state
+
+  ours = _run_normreg(normreg.sgdp(lr, GROUPS, momentum=mu, nesterov=nesterov,
+                                   weight_decay=wd, wd_ratio=ratio))
+  _assert_same(ours, _run_reference(ref))
+
+
+def test_nero():
+  lr, beta = 0.05, 0.99
+
+  def ref(t, p, g, state):
+    if t == 0:
+      state["sigma"] = {k: max(np.sqrt(np.mean(w ** 2)), 1e-2) for k, w in p.items()
+                        if not _grouped(k)}
+    out = {}
+    for k, w in p.items():
+      if _grouped(k):
+        v = beta * state.get(k, 0.0) + (1 - beta) * _np_dot(k, g[k], g[k])
+        state[k] = v
+        stepped = w - lr * _np_norm(k, w) * g[k] / np.sqrt(v / (1 - beta ** (t + 1)))
+        centered = stepped - np.mean(stepped, axis=_np_axes(k, w.ndim), keepdims=True)
+        out[k] = centered / _np_norm(k, centered)
+      else:
+        v = beta * state.get(k, 0.0) + (1 - beta) * g[k] ** 2
+        state[k] = v
+        out[k] = w - lr * state["sigma"][k] * g[k] / np.sqrt(v / (1 - beta ** (t + 1)))
+    return out, state
+
+  ours = _run_normreg(normreg.nero(lr, GROUPS, b2=beta))
+  _assert_same(ours, _run_reference(ref))
+  for k in ("unit", "stacked"):  # balanced: zero mean, unit norm per group
+    w = ours[-1][k]
+    np.testing.assert_allclose(np.mean(w, axis=_np_axes(k, w.ndim)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(_np_norm(k, w), 1.0, rtol=1e-6)
+
+
+def test_adamh():
+  lr, lr_free = 0.05, 0.01
+
+  def ref(t, p, g, state):
+    if t == 0:
+      state["r0"] = {k: _np_norm(k, w) for k, w in p.items() if _grouped(k)}
+    out = {}
+    for k, w in p.items():
+      u = _np_adam(state, k, g[k], t)
+      if _grouped(k):
+        r0 = state["r0"][k]
+        stepped = w - lr * r0 * u / _np_norm(k, u)
+        out[k] = r0 * stepped / _np_norm(k, stepped)
+      else:
+        out[k] = w - lr_free * u
+    return out, state
+
+  ours = _run_normreg(normreg.adamh(lr, GROUPS, ungrouped_learning_rate=lr_free))
+  _assert_same(ours, _run_reference(ref), rtol=5e-5, atol=5e-6)
+
+
+def test_corrected_decay_follows_lr_squared_over_peak():
+  peak, wd, mu = 0.1, 0.05, 0.9
+  schedule = optax.cosine_decay_schedule(peak, STEPS)
+
+  def ref(t, p, g, state):
+    lr = peak * 0.5 * (1 + np.cos(np.pi * t / STEPS))
+    out = {}
+    for k, w in p.items():
+      m = mu * state.get(k, 0.0) + g[k]
+      state[k] = m
+      decay = wd * lr / peak * w if _grouped(k) else 0.0
+      out[k] = w - lr * (m + decay)  # decay lambda lr^2 / lr_max on w
+    return out, state
+
+  ours = _run_normreg(optax.chain(optax.trace(mu),
+                                  normreg.add_corrected_decayed_weights(wd, schedule, GROUPS),
+                                  optax.scale_by_learning_rate(schedule)))
+  _assert_same(ours, _run_reference(ref))
+
+
+LAUNCHER = [(m, o) for m in ("l2", "decoupled", "spherical", "elr_rescale", "tangent", "exp_lr",
+                             "rotational", "adamp", "nero", "hyperball", "none")
+            for o in ("sgd", "adam")
+            if not (m == "exp_lr" and o == "adam") and not (m == "hyperball" and o == "sgd")]
+
+
+@pytest.mark.parametrize("method, optimizer", LAUNCHER)
+def test_every_launcher_method_lowers_a_fixed_loss(method, optimizer):
+  """``trainer.make_optimizer``'s chain for each --method x --optimizer, on the toy."""
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from experiments.config import Config  # pylint: disable=g-import-not-at-top
+  lr = {"sgd": 0.1, "adam": 0.01}[optimizer] if method not in ("nero", "hyperball") else 0.02
+  lam = {"l2": 1e-3, "decoupled": 1e-2, "exp_lr": 1e-3, "rotational": 1e-3,
+         "adamp": 1e-2}.get(method)
+  config = Config(method=method, optimizer=optimizer, lr=lr, lam=lam, momentum=0.9).validate()
+  tx = trainer.make_optimizer(config, _toy_groups(), trainer.make_schedule(config, 40))
+  first, last = _toy_loss_run(tx)
+  assert last < 0.67 * first, (first, last)

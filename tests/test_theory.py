@@ -230,3 +230,66 @@ def test_exponential_lr_without_momentum_is_one_minus_eta_lam():
   assert theory.exponential_lr_momentum_init(0.1, 0.01, 0.0) == 0.0
   with pytest.raises(ValueError, match="no real root"):
     theory.exponential_lr_rate(0.1, 0.1, momentum=0.9)  # eta*lam_wd > (1 - sqrt(mu))^2
+
+
+# ------------------------------------------------------ the angular-update family
+
+
+def test_adamp_equilibrium_angle():
+  # Started near its equilibrium norm (AdamP's decay is slow to close a large gap).
+  lr, wd, ratio = 1e-3, 1.0, 0.5
+  x_eq = lr * D * (1 - 0.9) / (1 + 0.9) / (2 * wd * ratio)  # eta E||d_perp||^2 / (2 wd r)
+  angles = _simulate(normreg.adamp(lr, GROUPS, weight_decay=wd, wd_ratio=ratio), 4000,
+                     init_norm=np.sqrt(x_eq))[1]
+  assert angles[-1500:].mean() == pytest.approx(theory.equilibrium_angle_adamp(lr, wd, ratio),
+                                                rel=RTOL)
+  # Not AdamW's formula: the projection removed the momentum's radial part.
+  assert angles[-1500:].mean() > 2 * theory.equilibrium_angle_adamw(lr, wd * ratio, 0.9)
+
+
+def test_sgdp_equilibrium_angle():
+  lr, wd, mu, ratio = 0.1, 1e-2, 0.9, 0.5
+  angles = _simulate(normreg.sgdp(lr, GROUPS, momentum=mu, weight_decay=wd, wd_ratio=ratio),
+                     4000)[1]
+  assert angles[-1000:].mean() == pytest.approx(
+      theory.equilibrium_angle_sgdp(lr, wd, mu, ratio), rel=RTOL)
+
+
+def test_lion_equilibrium_angle():
+  lr, wd = 1e-3, 1.0
+  angles = _simulate(optax.lion(lr, weight_decay=wd), 6000)[1]
+  assert angles[-1500:].mean() == pytest.approx(theory.equilibrium_angle_lion(lr, wd),
+                                                rel=RTOL)
+
+
+@pytest.mark.parametrize("make, angle", [
+    (lambda: normreg.nero(0.01, GROUPS), theory.angle_nero(0.01)),
+    (lambda: normreg.adamh(0.01, GROUPS), theory.angle_adamh(0.01)),
+    (lambda: normreg.rotational(optax.sgd(0.1, momentum=0.9), GROUPS, 0.02),
+     theory.angle_rotational(0.02)),
+])
+def test_angle_set_from_the_first_steps(make, angle):
+  angles = _simulate(make(), 1000)[1]
+  # No transient (the first step of Nero also balances the random init: left out).
+  assert angles[1:50].mean() == pytest.approx(angle, rel=0.15)
+  assert angles[-500:].mean() == pytest.approx(angle, rel=RTOL)
+
+
+def test_weight_decay_timescale_is_the_ema_horizon_of_adamw():
+  # A constant gradient: Adam's step is sign(g), so w_t = -(1 - (1 - eta wd)^t) sign(g)/wd,
+  # an average of -sign(g)/wd over tau = 1/(eta wd) steps: 1 - 1/e of the way at tau.
+  lr, wd = 1e-2, 0.5
+  tau = theory.weight_decay_timescale(lr, wd)
+  tx = optax.adamw(lr, b1=0.0, b2=0.0, eps=0.0, weight_decay=wd)
+  w, state = {"w": jnp.zeros(3)}, None
+  state = tx.init(w)
+  g = {"w": jnp.array([1.0, -2.0, 0.5])}
+  crossed = None
+  for t in range(1, int(3 * tau)):
+    u, state = tx.update(g, state, w)
+    w = optax.apply_updates(w, u)
+    if crossed is None and abs(float(w["w"][0])) >= (1 - np.exp(-1)) / wd:
+      crossed = t
+  assert crossed == pytest.approx(tau, rel=0.02)
+  assert theory.weight_decay_timescale(lr, wd, steps_per_epoch=50) == pytest.approx(tau / 50)
+  assert theory.weight_decay_for_timescale(lr, tau / 50, steps_per_epoch=50) == pytest.approx(wd)
