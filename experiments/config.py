@@ -19,12 +19,16 @@ from experiments import errors
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
 MODELS = ("cnn", "resnet20", "scan_cnn")
 NORMS = ("batch", "layer", "group", "weight", "none")
-METHODS = ("l2", "decoupled", "spherical", "elr_rescale", "tangent", "exp_lr", "none")
+METHODS = ("l2", "decoupled", "spherical", "elr_rescale", "tangent", "exp_lr", "rotational",
+           "adamp", "nero", "hyperball", "none")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "bfloat16")
 # Methods that take --lam, and its default there.
-LAM_METHODS = ("l2", "decoupled", "exp_lr")
+LAM_METHODS = ("l2", "decoupled", "exp_lr", "rotational", "adamp")
+# Methods whose grouped weights turn at a set angle rate: their logged effective lr is
+# that rate (lr, or rotational's target angle), not eta/||w||^p.
+ANGLE_METHODS = ("spherical", "elr_rescale", "rotational", "nero", "hyperball")
 DEFAULT_LAM = 5e-4
 
 
@@ -55,6 +59,8 @@ class Config:
   init_scale: float = 1.0
   ungrouped_lr: Optional[float] = None
   norm_eps: Optional[float] = None
+  corrected_decay: bool = False
+  adamp_cosine: bool = False
 
   @property
   def lam_value(self) -> float:
@@ -94,6 +100,18 @@ class Config:
       raise errors.InputError(f"--norm_eps must be > 0, got {self.norm_eps}.")
     if self.ungrouped_lr is not None and not self.ungrouped_lr > 0:
       raise errors.InputError(f"--ungrouped_lr must be > 0, got {self.ungrouped_lr}.")
+    if self.corrected_decay and self.method != "decoupled":
+      raise errors.InputError(f"--corrected_decay corrects decoupled weight decay; it needs "
+                              f"--method=decoupled, got --method={self.method}.")
+    if self.adamp_cosine and self.method != "adamp":
+      raise errors.InputError(f"--adamp_cosine is AdamP's heuristic; it needs --method=adamp, "
+                              f"got --method={self.method}.")
+    if self.method == "hyperball" and self.optimizer != "adam":
+      raise errors.InputError("--method=hyperball is Hyperball Adam (AdamH); it needs "
+                              f"--optimizer=adam, got --optimizer={self.optimizer}.")
+    if self.method in ("adamp", "nero") and self.ungrouped_lr is not None:
+      raise errors.InputError(f"--method={self.method} has one learning rate for every "
+                              "parameter: drop --ungrouped_lr.")
     if self.method == "exp_lr":
       if self.optimizer != "sgd":
         raise errors.InputError("--method=exp_lr is SGD's twin of coupled L2 (Li & Arora 2019); it "
@@ -142,7 +160,12 @@ _HELP = {
               "decoupled (optax add_decayed_weights, +lam*w), spherical (unit norm, no lam), "
               "elr_rescale (update * ||w||^p), tangent (radial part of the update removed), "
               "exp_lr (no L2; their learning rate grows as lr*rho^(-2t-1), the exact twin of "
-              "l2 with the same --lam: Li & Arora 2019), none.",
+              "l2 with the same --lam: Li & Arora 2019), rotational (Kosson et al. 2024: norm "
+              "kept, each unit turned by the equilibrium angle of l2 (sgd) or AdamW (adam) "
+              "with this --lam), adamp (AdamP/SGDP: radial part removed, decay --lam x 0.1), "
+              "nero (Nero: balanced units, relative steps of angle ~lr; --optimizer and "
+              "--momentum unused), hyperball (AdamH: normalized Adam step on a fixed-norm "
+              "sphere; --optimizer=adam), none.",
     "optimizer": f"Base optimizer: one of {', '.join(OPTIMIZERS)}.",
     "lr": "Peak learning rate (> 0).",
     "momentum": "Heavy-ball momentum for SGD (Adam uses its own b1).",
@@ -157,6 +180,10 @@ _HELP = {
     "log_every": "Log train metrics every this many steps.",
     "augment": "Random crop and flip (CIFAR-style) inside the jitted step.",
     "dtype": "Compute dtype of the network (params and optimizer state stay float32).",
+    "corrected_decay": "With --method=decoupled: decay scaled by lr_t/lr_max (Defazio 2025), "
+                       "so that the equilibrium follows a decaying --schedule.",
+    "adamp_cosine": "With --method=adamp: AdamP's cosine heuristic decides, at every step, "
+                    "which weights to project (instead of the exact groups).",
     "norm_eps": "Epsilon of the normalization layers (default 1e-5). It breaks their scale "
                 "invariance at about eps/var; 1e-30 makes it exact (the reproduction's "
                 "exact-equivalence runs).",

@@ -152,10 +152,10 @@ def grid(config: Config, lrs: Sequence[float], lams: Optional[Sequence[Optional[
       configs.append(dataclasses.replace(config, method=method, lr=lr, lam=lam, seed=seed))
   for c in configs:
     c.validate()
-    if c.method == "exp_lr":
-      raise errors.InputError("--method=exp_lr cannot be swept: its grouped learning rate is fixed "
-                       "when the chain is built, not injected; run it with "
-                       "experiments.train.")
+    if c.method in ("exp_lr", "rotational"):
+      raise errors.InputError(f"--method={c.method} cannot be swept: its grouped rate is "
+                              "computed from --lr and --lam when the chain is built, not "
+                              "injected; run it with experiments.train.")
   return configs
 
 

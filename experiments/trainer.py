@@ -44,6 +44,7 @@ from experiments import checkpoint as ckpt_lib
 from experiments import errors
 from experiments import records
 from experiments import data as data_lib
+from experiments import config as config_lib
 from experiments.config import Config
 
 
@@ -192,9 +193,21 @@ def make_schedule(config: Config, total_steps: int) -> optax.Schedule:
       config.lr, {int(total_steps * 0.5): 0.1, int(total_steps * 0.75): 0.1})
 
 
+def rotational_target(config: Config) -> float:
+  """The angle per step ``--method=rotational`` targets: the equilibrium angle of the same
+  recipe with its decay, SGD + coupled L2 (``lam_wd = 2 lam``) or AdamW (``b1 = 0.9``)."""
+  if config.optimizer == "sgd":
+    return theory.equilibrium_angle_sgd(config.lr, 2 * config.lam_value, config.momentum)
+  return theory.equilibrium_angle_adamw(config.lr, config.lam_value, 0.9)
+
+
 def grouped_schedule(config: Config, schedule: optax.Schedule) -> optax.Schedule:
   """The learning rate of the grouped weights: ``schedule``, except for ``--method=exp_lr``
-  whose rate grows as ``lr * alpha**(-2t-1)`` (``normreg.theory.exponential_lr_schedule``)."""
+  whose rate grows as ``lr * alpha**(-2t-1)`` (``normreg.theory.exponential_lr_schedule``)
+  and ``--method=rotational`` whose rate is its target angle, on the schedule's shape."""
+  if config.method == "rotational":
+    target = rotational_target(config)
+    return lambda t: schedule(t) * (target / config.lr)
   if config.method == "exp_lr":
     return theory.exponential_lr_schedule(config.lr, 2 * config.lam_value,
                                           config.momentum if config.optimizer == "sgd" else 0.0)
@@ -257,6 +270,30 @@ def make_optimizer(config: Config, groups, schedule: optax.Schedule
   if config.method == "tangent":
     # The base step with its radial part removed (AdamP-style projection).
     return optax.chain(direction(), rates(), normreg.tangent_projection(groups))
+  if config.method == "decoupled" and config.corrected_decay:
+    # Defazio (2025): the decay times lr_t/lr_max, so w decays by lam*lr_t^2/lr_max a step.
+    return optax.chain(direction(), normreg.add_corrected_decayed_weights(
+        config.lam_value, schedule, groups, peak_learning_rate=config.lr), rates())
+  if config.method == "rotational":
+    # Kosson et al. (2024): the base optimizer's direction (no decay), each grouped unit
+    # kept at its initial norm and turned by the L2/AdamW recipe's equilibrium angle.
+    # The inner step of the grouped weights has no learning rate (the wrapper normalizes it
+    # and sets its angle on the schedule); the other parameters keep theirs.
+    inner = optax.chain(direction(), normreg.scale_by_learning_rates(
+        1.0, groups, ungrouped if ungrouped is not None else schedule))
+    return normreg.rotational(inner, groups, grouped_schedule(config, schedule))
+  if config.method == "adamp":
+    # Heo et al. (2021): the radial part removed on the exact groups (or AdamP's cosine
+    # test), decoupled decay --lam times wd_ratio 0.1 there.
+    if sgd:
+      return normreg.sgdp(schedule, groups, momentum=mu, weight_decay=config.lam_value,
+                          heuristic=config.adamp_cosine)
+    return normreg.adamp(schedule, groups, weight_decay=config.lam_value,
+                         heuristic=config.adamp_cosine)
+  if config.method == "nero":
+    return normreg.nero(schedule, groups)
+  if config.method == "hyperball":
+    return normreg.adamh(schedule, groups, ungrouped_learning_rate=ungrouped)
   if config.method == "exp_lr":
     # Li & Arora (2019): no L2, and the grouped weights' rate grows as lr*alpha^(-2t-1); with
     # momentum their buffer starts at k*w0 (normreg.theory). Same network as --method=l2.
@@ -315,7 +352,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mean, std, *,
     first_bad = jnp.where(bad, state.step, state.first_bad_step)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     new_state = TrainState(state.step + 1, params, rest, opt_state, first_bad)
-    return new_state, {"loss": loss, "accuracy": accuracy}
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                             for g in jax.tree.leaves(grads)))
+    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm}
 
   return step
 
@@ -365,7 +404,7 @@ def layer_metrics(before, after, groups, learning_rate, power: int, rescaled: bo
 def make_layer_metrics(config: Config, groups) -> Callable:
   """:func:`layer_metrics` of ``config``'s recipe: ``(before, after, learning_rate) -> dict``."""
   return functools.partial(layer_metrics, groups=groups, power=elr_power(config),
-                           rescaled=config.method in ("elr_rescale", "spherical"))
+                           rescaled=config.method in config_lib.ANGLE_METHODS)
 
 
 def eval_batches(images, labels, batch_size: int, axis: int = 0):

@@ -1,0 +1,39 @@
+"""``python -m experiments.compare --size=smoke`` runs every method and writes its report.
+
+The numbers at this size are a test of the code, not a comparison (the committed
+``experiments/COMPARISON.md`` is the ``cpu`` size).
+"""
+
+import json
+import os
+
+import pytest
+
+from experiments import compare
+
+DATA = os.environ.get("NORMREG_CIFAR10_DIR")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA, reason="set NORMREG_CIFAR10_DIR to the extracted CIFAR-10 copy")
+def test_smoke_comparison_writes_every_method(tmp_path):
+  results = compare.run("smoke", str(tmp_path / "runs"), str(tmp_path / "report"), DATA)
+  rows = results["models"]["cnn (width 4)"]["methods"]
+  assert set(rows) == set(compare.METHODS)
+  for name, row in rows.items():
+    assert 0.0 <= row["acc"] <= 1.0 and len(row["accs"]) == 2, name
+    assert row["step_time"] > 0, name
+    # Every method with a target gets a measured-to-target ratio; the others none.
+    assert (row["angle_ratio"] is None) == (compare.METHODS[name][2] is None), name
+  assert rows["none"]["step_time"] == pytest.approx(1.0)
+  # The methods that set their angle hit it within a few percent even at this size.
+  for name in ("rotational", "nero", "hyperball"):
+    assert 0.8 < rows[name]["angle_ratio"] < 1.2, (name, rows[name]["angle_ratio"])
+  heuristic = results["models"]["cnn (width 4)"]["heuristic"]
+  assert heuristic["decisions"] > 0 and 0.0 <= heuristic["disagree"] <= 1.0
+  report = (tmp_path / "report" / "COMPARISON.md").read_text()
+  assert report.count("| rotational |") == 2  # the settings table and the results table
+  with open(tmp_path / "report" / "comparison.json") as f:
+    assert json.load(f)["size"] == "smoke"
+  for figure in ("accuracy.png", "angles.png", "grad_norm.png"):
+    assert (tmp_path / "report" / "figures" / "comparison" / figure).exists()
