@@ -47,13 +47,13 @@ from experiments import trainer
 from experiments.config import Config
 
 SIZES = {
-    # images, epochs, batch, seeds at the best rate, the lr grid, and (model, width) pairs.
-    "smoke": dict(train_size=256, test_size=128, epochs=2, batch_size=32, seeds=2,
-                  grid=(1.0,), models=(("cnn", 4),)),
-    "cpu": dict(train_size=10000, test_size=2000, epochs=4, batch_size=64, seeds=3,
-                grid=(1 / 3, 1.0, 3.0), models=(("cnn", 8), ("resnet20", 8))),
-    "full": dict(train_size=None, test_size=None, epochs=30, batch_size=128, seeds=3,
-                 grid=(1 / 3, 1.0, 3.0), models=(("cnn", 64), ("resnet20", 16))),
+    # images, batch, seeds at the best rate, the lr grid, and (model, width, epochs).
+    "smoke": dict(train_size=256, test_size=128, batch_size=32, seeds=2, grid=(1.0,),
+                  models=(("cnn", 4, 2),)),
+    "cpu": dict(train_size=10000, test_size=2000, batch_size=64, seeds=3,
+                grid=(1 / 3, 1.0, 3.0), models=(("cnn", 8, 4), ("resnet20", 8, 2))),
+    "full": dict(train_size=None, test_size=None, batch_size=128, seeds=3,
+                 grid=(1 / 3, 1.0, 3.0), models=(("cnn", 64, 30), ("resnet20", 16, 30))),
 }
 LR_GRID = SIZES["cpu"]["grid"]
 MOMENTUM = 0.9
@@ -81,12 +81,13 @@ METHODS: dict[str, tuple[dict[str, Any], float, Optional[Callable[[float, float]
 }
 
 
-def method_config(cache: cache_lib.RunCache, model: str, width: int, name: str,
-                  factor: float, seed: int) -> Config:
+def method_config(cache: cache_lib.RunCache, model: tuple, name: str, factor: float,
+                  seed: int) -> Config:
+  """``(model, width, epochs)``'s run of method ``name`` at its base rate times ``factor``."""
   settings, lr, _ = METHODS[name]
-  overrides = dict(settings)
-  return cache.config(model=model, width=width, lr=float(f"{lr * factor:.5g}"), seed=seed,
-                      **overrides)
+  model, width, epochs = model
+  return cache.config(model=model, width=width, epochs=epochs, seed=seed,
+                      lr=float(f"{lr * factor:.5g}"), **settings)
 
 
 def run_name(model: str, name: str, lr: float, seed: int) -> str:
@@ -122,20 +123,20 @@ def images_per_sec(run: plot_lib.Run) -> float:
   return float(np.median(speeds)) if speeds else float("nan")
 
 
-def compare_method(cache: cache_lib.RunCache, model: str, width: int, name: str,
+def compare_method(cache: cache_lib.RunCache, model: tuple, name: str,
                    grid) -> dict[str, Any]:
   """The lr grid (seed 0), then the best rate with the other seeds."""
   tuned = {}
   for factor in grid:
-    config = method_config(cache, model, width, name, factor, 0)
-    run = cache.train(run_name(model, name, config.lr, 0), config)
+    config = method_config(cache, model, name, factor, 0)
+    run = cache.train(run_name(model[0], name, config.lr, 0), config)
     tuned[config.lr] = cache_lib.final_accuracy(run)
   best_lr = max(tuned, key=tuned.get)
   factor = best_lr / METHODS[name][1]
   runs = []
   for seed in cache.seeds:
-    config = method_config(cache, model, width, name, factor, seed)
-    runs.append(cache.train(run_name(model, name, config.lr, seed), config))
+    config = method_config(cache, model, name, factor, seed)
+    runs.append(cache.train(run_name(model[0], name, config.lr, seed), config))
   accs = [cache_lib.final_accuracy(r) for r in runs]
   measured, target, ratio = angle_ratio(runs[0], name)
   return {"grid": {str(k): v for k, v in tuned.items()}, "best_lr": best_lr,
@@ -193,10 +194,9 @@ class _HeuristicProbe:
                  "exact": {p: (str(g) if g else None) for p, g in self.exact.items()}}, f)
 
 
-def heuristic_disagreement(cache: cache_lib.RunCache, model: str, width: int
-                           ) -> dict[str, Any]:
-  config = method_config(cache, model, width, "sgdp", 1.0, 0)
-  run = cache.train(f"{model}_heuristic_probe", config, extra_files=["heuristic.json"],
+def heuristic_disagreement(cache: cache_lib.RunCache, model: tuple) -> dict[str, Any]:
+  config = method_config(cache, model, "sgdp", 1.0, 0)
+  run = cache.train(f"{model[0]}_heuristic_probe", config, extra_files=["heuristic.json"],
                     on_step=lambda path: _HeuristicProbe(cache, config, path))
   with open(os.path.join(run.workdir, "heuristic.json")) as f:
     data = json.load(f)
@@ -222,7 +222,7 @@ def run(size: str, workdir: str, out: str, data_dir: Optional[str],
   dataset = data_lib.load("folder", data_dir=data_dir, train_size=s["train_size"],
                           test_size=s["test_size"], seed=0)
   steps_per_epoch = dataset.train_images.shape[0] // s["batch_size"]
-  base = Config(dataset="folder", data_dir=data_dir, norm="batch", epochs=s["epochs"],
+  base = Config(dataset="folder", data_dir=data_dir, norm="batch",
                 batch_size=s["batch_size"], train_size=s["train_size"],
                 test_size=s["test_size"], momentum=MOMENTUM, schedule="cosine",
                 log_every=max(1, steps_per_epoch // 8))
@@ -232,15 +232,15 @@ def run(size: str, workdir: str, out: str, data_dir: Optional[str],
       "size": size, "command": command or f"python -m experiments.compare --size={size}",
       **cache_lib.environment(),
       "train_images": int(dataset.train_images.shape[0]),
-      "test_images": int(dataset.test_images.shape[0]), "steps": cache.total_steps,
+      "test_images": int(dataset.test_images.shape[0]), "steps_per_epoch": steps_per_epoch,
       "base": dataclasses.asdict(base), "grid": list(s["grid"]), "models": {}}
-  for model, width in s["models"]:
-    rows = {name: compare_method(cache, model, width, name, s["grid"]) for name in METHODS}
+  for model in s["models"]:
+    rows = {name: compare_method(cache, model, name, s["grid"]) for name in METHODS}
     base_speed = rows["none"]["images_per_sec"]
     for row in rows.values():
       row["step_time"] = base_speed / row["images_per_sec"]
-    results["models"][f"{model} (width {width})"] = {
-        "methods": rows, "heuristic": heuristic_disagreement(cache, model, width)}
+    results["models"][f"{model[0]} (width {model[1]}, {model[2]} epochs)"] = {
+        "methods": rows, "heuristic": heuristic_disagreement(cache, model)}
   results["seconds"] = time.perf_counter() - start
   cache_lib.write_json(results, cache, os.path.join(out, "comparison.json"))
   figures = make_figures(cache, results, os.path.join(out, "figures", "comparison"))
@@ -320,9 +320,9 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
       f"(each timed when trained; cached), {r['seconds'] / 60:.1f} minutes for this "
       "invocation.",
       f"- Data: {r['train_images']} training and {r['test_images']} test images of the "
-      f"CIFAR-10 copy; {r['base']['epochs']} epochs, batch {r['base']['batch_size']} "
-      f"({r['steps']} steps), cosine schedule to 0, SGD momentum {MOMENTUM} where SGD is the "
-      f"base, BatchNorm.",
+      f"CIFAR-10 copy; batch {r['base']['batch_size']} ({r['steps_per_epoch']} steps an "
+      f"epoch, epochs per model below), cosine schedule to 0, SGD momentum {MOMENTUM} where "
+      f"SGD is the base, BatchNorm.",
       f"- Each method's learning rate: its base rate times {', '.join(f'{g:.3g}' for g in r['grid'])} "
       f"(seed 0), then the best with {len(r['models'][next(iter(r['models']))]['methods']['none']['accs'])} "
       "seeds. Accuracy: mean (standard error of the mean).",
