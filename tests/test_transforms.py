@@ -19,8 +19,9 @@ def _np_unit_norm(w, group):
   return np.sqrt(np.sum(w ** 2, axis=axes, keepdims=True))
 
 
-def _run(tx, params, steps, key=KEY, loss=toy.loss):
-  """Trains ``steps`` steps with a jitted step; returns the params after each."""
+def _run(tx, params, steps, key=KEY, loss=toy.loss, keys=None):
+  """Trains ``steps`` steps with a jitted step (batches from ``keys``, default
+  ``split(key, steps)``); returns the params after each."""
   state = tx.init(params)
 
   @jax.jit
@@ -30,7 +31,7 @@ def _run(tx, params, steps, key=KEY, loss=toy.loss):
     return optax.apply_updates(params, updates), state
 
   history = []
-  for k in jax.random.split(key, steps):
+  for k in jax.random.split(key, steps) if keys is None else keys:
     params, state = step(params, state, *toy.batch(k))
     history.append(params)
   return history
@@ -102,6 +103,36 @@ def test_spherical_trajectory_is_independent_of_initial_scale(name):
     chex.assert_trees_all_close(toy.apply(p, x), toy.apply(q, x), rtol=1e-3, atol=1e-4)
   # The first step already agrees: the point stepped from is w/||w||.
   chex.assert_trees_all_close(base[0]["w1"], scaled[0]["w1"], rtol=2e-5, atol=2e-6)
+
+
+def _unit_grouped(params):
+  """toy params with w1 rescaled to unit norm per unit and w2 as a whole."""
+  out = dict(params)
+  out["w1"] = params["w1"] / jnp.linalg.norm(params["w1"], axis=0, keepdims=True)
+  out["w2"] = params["w2"] / jnp.linalg.norm(params["w2"])
+  return out
+
+
+def test_naive_chain_differs_only_by_its_first_gradient():
+  params = _unit_grouped(toy.init(KEY))
+  naive = lambda lr, mu: optax.chain(optax.sgd(lr, momentum=mu or None),
+                                     normreg.project_to_sphere(toy.GROUPS))
+  # On the unit sphere the naive chain is spherical_sgd, step for step, momentum included.
+  for a, b in zip(_run(naive(0.2, 0.9), params, 8),
+                  _run(normreg.spherical_sgd(0.2, toy.GROUPS, momentum=0.9), params, 8)):
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+  # From a*w0 (a = 4) without momentum: its first step is spherical_sgd's at lr/a (the
+  # gradient at a*w0 is grad L(w0)/a) ...
+  scaled = toy.scale_grouped(params, jnp.full((toy.HIDDEN,), 4.0))
+  keys = jax.random.split(KEY, 5)
+  first, *rest = _run(naive(0.2, 0.0), scaled, 5, keys=keys)
+  expected = _run(normreg.spherical_sgd(0.2 / 4, toy.GROUPS), params, 1, keys=keys[:1])[0]
+  chex.assert_trees_all_close(first["w1"], expected["w1"], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(first["w2"], expected["w2"], rtol=1e-5, atol=1e-6)
+  # ... and from there on (on the sphere) it is spherical_sgd again.
+  from_first = _run(normreg.spherical_sgd(0.2, toy.GROUPS), first, 4, keys=keys[1:])
+  for a, b in zip(rest, from_first):
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_naive_chain_is_not_scale_invariant():
