@@ -42,7 +42,11 @@ _SCRIPT = textwrap.dedent("""
           state = trainer.train_and_evaluate(config, workdir, dataset=ds, progress=False,
                                              devices=devices)
         leaves = jax.tree.leaves(state.params)
-        assert all(len(x.sharding.device_set) == len(devices) for x in leaves)
+        for x in jax.tree.leaves(state):  # replicated: the whole array on every device
+          assert len(x.sharding.device_set) == len(devices)
+          assert x.sharding.is_fully_replicated, x.sharding
+          assert tuple(x.sharding.spec) in ((), (None,) * x.ndim), x.sharding.spec
+          assert all(s.data.shape == x.shape for s in x.addressable_shards)
         finals.append([np.asarray(x) for x in leaves])
       err = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12))
                 for a, b in zip(*finals))
@@ -82,7 +86,26 @@ def test_bfloat16_compute_keeps_float32_params_and_state(tmp_path):
   for leaf in jax.tree.leaves((state.params, state.opt_state)):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
       assert leaf.dtype == jnp.float32
-  model = trainer.create_model(config, 4, 3)
-  x = jnp.zeros((2, 8, 8, 3))
-  assert model(x).dtype == jnp.bfloat16  # the network computes in bf16
   assert np.all(np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])))
+
+
+def test_bfloat16_inside_the_jitted_train_step():
+  """The compiled step itself: its convolutions run in bf16 (from the lowered program),
+  while the params and optimizer state it returns are float32."""
+  config = Config(dataset="cifar10", method="spherical", model="cnn", width=4, epochs=1,
+                  batch_size=16, log_every=2, lr=0.05, dtype="bfloat16")
+  ds = runs.tiny_dataset()
+  model, schedule, tx, state = trainer.initial_state(config, ds)
+  mean, std = (jnp.asarray(a) for a in trainer.data_lib.channel_stats(ds.train_images))
+  step = jax.jit(trainer.make_train_step(model.graphdef, tx, mean, std, augment=True,
+                                         key=jax.random.key(0)))
+  args = (state, jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels),
+          jnp.arange(16, dtype=jnp.int32))
+  hlo = step.lower(*args).as_text()
+  convs = [l for l in hlo.splitlines() if "stablehlo.convolution" in l]
+  assert convs and all("xbf16>" in l.split("->")[-1] for l in convs), convs[:2]
+  new_state, metrics = step(*args)
+  for leaf in jax.tree.leaves((new_state.params, new_state.opt_state)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32
+  assert np.isfinite(float(metrics["loss"]))

@@ -315,3 +315,26 @@ def test_mismatched_groups_fail_at_init(name):
       normreg.unit_norms(params, groups)
     else:
       TRANSFORMS[name](groups).init(params)
+
+
+@pytest.mark.parametrize("layer_norm, bias", [(False, False), (True, True)])
+def test_rescale_groups_keeps_the_function(layer_norm, bias):
+  params = stacked.init(KEY, bias=bias)
+  groups = stacked.groups(True, layer_norm, bias)
+  rng = np.random.default_rng(0)
+  scaled = normreg.rescale_groups(params, groups, lambda shape: rng.uniform(0.25, 4.0, shape))
+  x, _ = stacked.batch(jax.random.key(1))
+  np.testing.assert_allclose(stacked.apply_stacked(scaled, x, layer_norm=layer_norm),
+                             stacked.apply_stacked(params, x, layer_norm=layer_norm),
+                             rtol=1e-4, atol=1e-5)
+  factor = np.asarray(scaled["layers"]["kernel"]) / np.asarray(params["layers"]["kernel"])
+  if bias:  # one factor per layer, shared by the joint kernel and bias
+    per_layer = factor.reshape(stacked.L, -1)
+    np.testing.assert_allclose(per_layer, per_layer[:, :1] * np.ones_like(per_layer), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(scaled["layers"]["bias"]) /
+                               np.asarray(params["layers"]["bias"]), per_layer[:, :stacked.H],
+                               rtol=1e-5)
+  else:  # one factor per (layer, unit)
+    assert len(np.unique(np.round(factor[:, 0, :], 6))) == stacked.L * stacked.H
+  assert scaled["head"] is params["head"] or np.array_equal(scaled["head"]["kernel"],
+                                                            params["head"]["kernel"])

@@ -1,0 +1,167 @@
+"""Mutation testing of the library with mutmut: ``python -m benchmarks.mutation``.
+
+Copies the tracked files to a scratch folder, adds a ``[mutmut]`` section to its
+setup.cfg (the modules below, the fast tests, a fork server so that JAX is imported
+once), runs ``mutmut run`` there and writes ``benchmarks/MUTATION.md``: per module
+the mutants killed and survived, the score, and every surviving mutant with its
+diff, marked equivalent (with the reason, from :data:`EQUIVALENT`) or not. Not part
+of CI (an hour on a 2-core CPU); run it after a change to the mathematics.
+
+::
+
+  pip install mutmut
+  python -m benchmarks.mutation                       # every module below
+  python -m benchmarks.mutation --modules=sphere,metrics --report=/tmp/m.md
+
+Statements starting with ``raise`` or a ``logging.`` call are not mutated: their
+strings are messages, and the conditions that raise are mutated where they are
+written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+MODULES = ("groups", "detect", "penalty", "rescale", "sphere", "optimizers", "metrics",
+           "theory", "reductions", "angular")
+TESTS = ("tests/test_transforms.py", "tests/test_references.py", "tests/test_groups.py",
+         "tests/test_detect.py", "tests/test_theory.py", "tests/test_setups.py",
+         "tests/test_equivalences.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Surviving mutants that cannot change any result, by mutmut's name, with why. Reviewed by
+# hand; a new survivor is not equivalent until it is listed here.
+EQUIVALENT_FILE = os.path.join(REPO, "benchmarks", "mutation_equivalent.json")
+
+_MODULES = flags.DEFINE_list("modules", list(MODULES), "normreg modules to mutate.")
+_REPORT = flags.DEFINE_string("report", os.path.join(REPO, "benchmarks", "MUTATION.md"),
+                              "Where the report goes.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch folder (default: a new temporary "
+                               "one); a rerun on the same folder reuses mutmut's cache.")
+_CHILDREN = flags.DEFINE_integer("max_children", os.cpu_count() or 1,
+                                 "Mutants tested in parallel.")
+
+
+def prepare(workdir: str, modules) -> None:
+  files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+  for name in files:
+    os.makedirs(os.path.join(workdir, os.path.dirname(name)), exist_ok=True)
+    shutil.copy2(os.path.join(REPO, name), os.path.join(workdir, name))
+  with open(os.path.join(workdir, "setup.cfg"), "a") as f:
+    f.write("\n[mutmut]\nsource_paths = normreg/\n")
+    f.write("only_mutate =\n" + "".join(f"    normreg/{m}.py\n" for m in modules))
+    f.write("pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in TESTS))
+    # One argument a line: mutmut passes each line to pytest as one argv entry.
+    f.write("pytest_add_cli_args =\n" + "".join(
+        f"    {a}\n" for a in ("-p", "no:cacheprovider", "-q", "-x", "-m", "not slow")))
+    f.write("do_not_mutate_patterns =\n    ^\\s*raise \\b\n    logging\\.\n")
+    f.write("process_isolation = forkserver\n")
+
+
+def collect(workdir: str) -> dict[str, dict[str, int | None]]:
+  """``{module: {mutant: exit code}}`` from mutmut's ``.meta`` files (1 killed, 0 survived,
+  None not run, others timeout/crash)."""
+  out = {}
+  for name in sorted(os.listdir(os.path.join(workdir, "mutants", "normreg"))):
+    if name.endswith(".py.meta"):
+      with open(os.path.join(workdir, "mutants", "normreg", name)) as f:
+        out[name[:-len(".py.meta")]] = json.load(f)["exit_code_by_key"]
+  return out
+
+
+def diff_of(workdir: str, mutant: str) -> str:
+  shown = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=workdir,
+                         capture_output=True, text=True).stdout
+  return "\n".join(l for l in shown.splitlines()[1:] if l.startswith(("+", "-", "@")) and
+                   not l.startswith(("+++", "---")))
+
+
+def write_report(workdir: str, results, equivalent: dict[str, str], path: str,
+                 seconds: float, command: str) -> dict:
+  lines = ["# Mutation testing of normreg", "",
+           f"- Command: `{command}` (mutmut {_mutmut_version()}), {seconds / 60:.0f} minutes "
+           f"on {os.cpu_count()} CPU cores.",
+           f"- Tests: {', '.join(f'`{t}`' for t in TESTS)}, without the `slow` ones.",
+           "- Not mutated: statements starting with `raise` or a `logging.` call (messages).",
+           "- Score: killed / (mutants run - equivalent survivors). Equivalent survivors are "
+           f"listed, with why, in `{os.path.relpath(EQUIVALENT_FILE, REPO)}`.", "",
+           "| module | mutants | killed | survived | equivalent | timeouts/crashes | score |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  totals = dict(mutants=0, killed=0, survived=0, equivalent=0, other=0)
+  survivors = []
+  for module, codes in results.items():
+    ran = {k: v for k, v in codes.items() if v is not None}
+    killed = sum(v == 1 for v in ran.values())
+    survived = [k for k, v in ran.items() if v == 0]
+    eq = [k for k in survived if k in equivalent]
+    other = len(ran) - killed - len(survived)
+    score = killed / max(len(ran) - len(eq), 1)
+    lines.append(f"| {module} | {len(ran)} | {killed} | {len(survived)} | {len(eq)} | {other} | "
+                 f"{100 * score:.1f}% |")
+    for k, v in (("mutants", len(ran)), ("killed", killed), ("survived", len(survived)),
+                 ("equivalent", len(eq)), ("other", other)):
+      totals[k] += v
+    survivors += survived
+  score = totals["killed"] / max(totals["mutants"] - totals["equivalent"], 1)
+  lines += [f"| **all** | {totals['mutants']} | {totals['killed']} | {totals['survived']} | "
+            f"{totals['equivalent']} | {totals['other']} | **{100 * score:.1f}%** |", ""]
+  lines += ["## Surviving mutants", ""]
+  for mutant in survivors:
+    why = equivalent.get(mutant)
+    lines += [f"### `{mutant}`: {'equivalent: ' + why if why else '**not equivalent**'}", "",
+              "```diff", diff_of(workdir, mutant), "```", ""]
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return {**totals, "score": score}
+
+
+def _mutmut_version() -> str:
+  try:
+    import mutmut  # pylint: disable=g-import-not-at-top
+    return mutmut.__version__
+  except (ImportError, AttributeError):
+    return "?"
+
+
+def main(argv):
+  del argv
+  unknown = set(_MODULES.value) - set(MODULES)
+  if unknown:
+    sys.exit(f"benchmarks.mutation: error: --modules: {sorted(unknown)} are not among "
+             f"{', '.join(MODULES)}.")
+  if shutil.which("mutmut") is None and subprocess.run(
+      [sys.executable, "-m", "mutmut", "--version"], capture_output=True).returncode:
+    sys.exit("benchmarks.mutation: error: mutmut is not installed: pip install mutmut")
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="normreg-mutation-")
+  if not os.path.exists(os.path.join(workdir, "setup.cfg")):
+    prepare(workdir, _MODULES.value)
+  start = time.perf_counter()
+  subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
+                  str(_CHILDREN.value)], cwd=workdir, check=False,
+                 stdout=subprocess.DEVNULL)
+  seconds = time.perf_counter() - start
+  equivalent = {}
+  if os.path.exists(EQUIVALENT_FILE):
+    with open(EQUIVALENT_FILE) as f:
+      equivalent = json.load(f)
+  command = "python -m benchmarks.mutation " + " ".join(
+      a for a in sys.argv[1:] if not re.match(r"--(workdir|report)", a))
+  totals = write_report(workdir, collect(workdir), equivalent, _REPORT.value, seconds,
+                        command.strip())
+  print(json.dumps(totals))
+  print(f"report: {_REPORT.value}; mutants in {workdir}")
+
+
+if __name__ == "__main__":
+  app.run(main)
