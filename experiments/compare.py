@@ -58,7 +58,7 @@ SIZES = {
 LR_GRID = SIZES["cpu"]["grid"]
 MOMENTUM = 0.9
 L2 = 5e-4
-WD = 5e-3  # SGDW's decay: lr * wd = 5e-4 a step at lr 0.1, as L2's 2 * lam * lr / (1 - mu)
+WD = 1e-2  # SGDW's decay: lr * wd = 1e-3 a step at lr 0.1, as L2's 2 * lam * lr / (1 - mu)
 
 # name -> (launcher settings, base learning rate, target angle(lr_t, lr_max) or None)
 METHODS: dict[str, tuple[dict[str, Any], float, Optional[Callable[[float, float], float]]]] = {

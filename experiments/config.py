@@ -169,8 +169,9 @@ _HELP = {
     "optimizer": f"Base optimizer: one of {', '.join(OPTIMIZERS)}.",
     "lr": "Peak learning rate (> 0).",
     "momentum": "Heavy-ball momentum for SGD (Adam uses its own b1).",
-    "lam": f"L2 coefficient for --method=l2 and exp_lr (lam*||w||^2) or decay for decoupled "
-           f"(+lam*w); default {DEFAULT_LAM}.",
+    "lam": f"L2 coefficient (lam*||w||^2) for --method=l2, exp_lr and rotational (whose "
+           f"angle is L2's equilibrium), or decoupled decay (+lam*w, times lr) for decoupled "
+           f"and adamp; default {DEFAULT_LAM}.",
     "schedule": "Learning-rate schedule: constant, cosine (to 0), step (x0.1 at 50% and 75%).",
     "epochs": "Epochs to train.",
     "batch_size": "Global batch size.",

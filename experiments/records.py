@@ -13,13 +13,15 @@ run with ``tensorboard --logdir WORKDIR`` (``pip install tensorboard``).
 Only one process writes (process 0 of a multi-host run), and nothing is
 created before the first record, so a run that fails before its first step
 leaves no files behind. A run resumed from step ``T`` drops the records after
-``T`` from both (``purge_step`` for the events).
+``T`` from both (``purge_step`` for the events); one restarted without a
+checkpoint drops them all.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 TENSORBOARD_DIR = "tensorboard"
@@ -42,8 +44,10 @@ class RunLog:
     self.enabled, self.tensorboard = enabled, tensorboard
     self.resume_step = resume_step
     self._writer = None
-    if enabled and resume_step:
+    if enabled:  # a restart drops what came after its checkpoint (all, without one)
       truncate(self.path, resume_step)
+      if not resume_step and os.path.isdir(self.tb_dir):
+        shutil.rmtree(self.tb_dir)
 
   def _tb(self):
     if self._writer is None:

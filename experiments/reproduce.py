@@ -293,12 +293,17 @@ def _window(run: plot_lib.Run) -> list[dict[str, Any]]:
 
 
 def drift(run: plot_lib.Run) -> float:
-  """Relative change of the mean unit norm from the first to the second half of the window."""
+  """Relative change of the mean unit norm from the first to the second half of the window;
+  NaN for a diverged run or one with no records in either half."""
+  if diverged(run) or not run.train:
+    return float("nan")
   last = run.train[-1]["step"]
   mid = (1 + WINDOW_START) / 2 * last
   norm = lambda r: np.mean([l["norm"] for l in r["layers"].values()])
   first = [norm(r) for r in _window(run) if r["step"] <= mid]
   second = [norm(r) for r in _window(run) if r["step"] > mid]
+  if not first or not second:
+    return float("nan")
   return float(np.mean(second) / np.mean(first) - 1)
 
 
@@ -312,6 +317,9 @@ def check_stationary(run: plot_lib.Run) -> None:
   if time_constant(config) is None or max_drift is None:
     return
   d = drift(run)
+  if np.isnan(d) and not diverged(run):
+    raise TooShortError(f"the run in {run.workdir} has too few records in its measurement "
+                        "window to tell whether it settled; log more often (--log_every).")
   if abs(d) > max_drift:
     raise TooShortError(
         f"the run in {run.workdir} (--method={config.method} --optimizer={config.optimizer} "
@@ -397,7 +405,7 @@ def claim_no_regularization(runner: Runner) -> dict[str, Any]:
         "lr": lr, "lam": lam, "eta_lam": lr * lam, "acc": mean, "acc_std": std,
         "angle": _tail_mean(runs, "angle"), "elr": _tail_mean(runs, "elr"),
         "norm": _tail_mean(runs, "norm"), "diverged": sum(map(diverged, runs)),
-        "drift": float(np.max(np.abs([drift(r) for r in runs]))),
+        "drift": float(np.nanmax(np.abs([drift(r) for r in runs] + [0.0]))),
         "time_constant": time_constant(runner.config(method="l2", lr=lr, lam=lam))}
   return out
 
@@ -477,7 +485,7 @@ def claim_spherical(runner: Runner, l2: dict[str, Any], norm: str = "batch") -> 
   grid, mapped_runs, mapped = {}, None, None
   for factor in SPHERICAL_LR_FACTORS:
     overrides = dict(method="spherical", lr=float(f"{eta_s * factor:.5g}"), norm=norm,
-                     ungrouped_lr=best.get("ungrouped_lr") or UNGROUPED_LR)
+                     ungrouped_lr=UNGROUPED_LR)
     runs = runner.seeds_of(_name(f"spherical_{norm}", overrides["lr"]), **overrides)
     mean, std = _acc(runs)
     grid[overrides["lr"]] = {"acc": mean, "acc_std": std, "angle": _tail_mean(runs, "angle"),

@@ -123,7 +123,8 @@ def grid(config: Config, lrs: Sequence[float], lams: Optional[Sequence[Optional[
     lrs: peak learning rates.
     lams: L2 coefficients (``None`` in the list: the default,
       ``config_lib.DEFAULT_LAM``); default ``[config.lam]``. They apply to the
-      methods that have one (``l2``, ``decoupled``); the other methods of a
+      methods that have one (``config_lib.LAM_METHODS``: ``l2``, ``decoupled``,
+      ``exp_lr``, ``rotational``, ``adamp``); the other methods of a
       mixed ``methods`` list get one run per ``(lr, seed)``. ``lams`` with only
       methods that have no ``lam`` is an error naming ``--lam``.
     seeds: seeds (init, data order, augmentation); default ``[config.seed]``.
@@ -418,7 +419,7 @@ def check_chunking(max_runs_per_chunk: Optional[int], vmap_size: Optional[int]) 
 
 def device_free_bytes(device: Optional[jax.Device] = None) -> Optional[int]:
   """Free memory of ``device`` from ``memory_stats()``; ``None`` where unknown (CPU)."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   try:
     stats = device.memory_stats()
   except Exception:  # pylint: disable=broad-except
@@ -625,7 +626,9 @@ class _SequentialChunk:
     shared = _chunk_data(datasets[:1], per_run=False)
     self.data = [shared if ds is datasets[0] else _chunk_data([ds], per_run=False)
                  for ds in datasets]
-    self.states = [jax.device_put(s) for s in states]
+    # Copies: the step donates its state, and the runs' initial states may share buffers
+    # (the same init for every learning rate), which a donation would delete.
+    self.states = [jax.tree.map(jnp.copy, s) for s in states]
     self.keys = keys
     self._step = program.jitted("train_step", False, vmapped=False)
     self._eval = program.jitted("eval_step", False, vmapped=False)

@@ -223,12 +223,13 @@ def make_optimizer(config: Config, groups, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
   """The optax chain of ``--method`` on top of ``--optimizer``. Order, commented.
 
-  Every chain ends in :func:`normreg.scale_by_learning_rates`: ``schedule`` for
-  the grouped weights and, with ``--ungrouped_lr``, the same schedule scaled to
-  that peak for the other parameters (``optax.scale_by_learning_rate`` of
-  ``schedule`` for all without it). Without ``--ungrouped_lr`` the chains are
-  ``optax.sgd``, ``optax.adam`` and ``optax.adamw`` written out, with the same
-  numbers.
+  The chains built here end in :func:`normreg.scale_by_learning_rates`:
+  ``schedule`` for the grouped weights and, with ``--ungrouped_lr``, the same
+  schedule scaled to that peak for the other parameters. The packaged
+  optimizers (spherical, adamp/sgdp, nero, hyperball, rotational) take the
+  schedules themselves. Without ``--ungrouped_lr`` the chains of ``none``,
+  ``l2`` and ``decoupled`` are ``optax.sgd``, ``optax.adam`` and
+  ``optax.adamw`` written out, with the same numbers.
   """
   sgd = config.optimizer == "sgd"
   mu = config.momentum
@@ -244,15 +245,19 @@ def make_optimizer(config: Config, groups, schedule: optax.Schedule
       return optax.trace(decay=mu) if mu else optax.identity()
     return optax.scale_by_adam()
 
-  def rates(grouped=None):
-    return normreg.scale_by_learning_rates(grouped or grouped_schedule(config, schedule),
-                                           groups, ungrouped)
+  def rates():
+    return normreg.scale_by_learning_rates(grouped_schedule(config, schedule), groups,
+                                           ungrouped)
 
   if config.method == "none":
     return optax.chain(direction(), rates())
   if config.method == "l2":
     # Coupled: the gradient of lam*||w||^2 joins the data gradient before the optimizer.
     return optax.chain(normreg.add_l2_penalty(config.lam_value, groups), direction(), rates())
+  if config.method == "decoupled" and config.corrected_decay:
+    # Defazio (2025): the decay times lr_t/lr_max, so w decays by lam*lr_t^2/lr_max a step.
+    return optax.chain(direction(), normreg.add_corrected_decayed_weights(
+        config.lam_value, schedule, groups, peak_learning_rate=config.lr), rates())
   if config.method == "decoupled":
     # SGDW / AdamW: the direction (momentum or Adam) of the gradient only, then + lam*w,
     # then the learning rate (so the decay is multiplied by it, as in optax.adamw).
@@ -270,10 +275,6 @@ def make_optimizer(config: Config, groups, schedule: optax.Schedule
   if config.method == "tangent":
     # The base step with its radial part removed (AdamP-style projection).
     return optax.chain(direction(), rates(), normreg.tangent_projection(groups))
-  if config.method == "decoupled" and config.corrected_decay:
-    # Defazio (2025): the decay times lr_t/lr_max, so w decays by lam*lr_t^2/lr_max a step.
-    return optax.chain(direction(), normreg.add_corrected_decayed_weights(
-        config.lam_value, schedule, groups, peak_learning_rate=config.lr), rates())
   if config.method == "rotational":
     # Kosson et al. (2024): the base optimizer's direction (no decay), each grouped unit
     # kept at its initial norm and turned by the L2/AdamW recipe's equilibrium angle.

@@ -90,7 +90,7 @@ def rotational(inner: optax.GradientTransformation, groups: groups_lib.GroupsOrF
   so ``||w||`` stays at its initial ``r_0`` and the expected angle of a step is
   ``theta_t`` from the first step on (``nu_1 = ||u_perp||^2``), with no warm-up
   to an equilibrium (Kosson et al. 2024, sec. 5). Ungrouped leaves get ``u``.
-  Choose ``target_angle`` as the equilibrium angle of the recipe it replaces
+  A unit that is zero at init has ``r_0 = 0`` and stays at zero. Choose ``target_angle`` as the equilibrium angle of the recipe it replaces
   (:func:`normreg.theory.equilibrium_angle_sgd`,
   :func:`normreg.theory.equilibrium_angle_adamw`). **Last in a chain** (it
   computes where the grouped params end up).
@@ -230,8 +230,8 @@ def _projected_decayed(caller: str, direction: optax.GradientTransformation,
       def one(u, g, w):
         if masked(u):
           return u
-        if w.ndim <= 1:
-          return -lr * u
+        if w.ndim <= 1:  # never projected, fully decayed (AdamP's code: wd_ratio 1)
+          return (-lr * (u + decay * w.astype(u.dtype))).astype(u.dtype)
         u_perp, chosen = _cosine_projection(u, g, w, delta, eps)
         factor = jnp.where(chosen, wd_ratio, 1.0) * decay
         return (-lr * (u_perp + factor * w.astype(u_perp.dtype))).astype(u.dtype)
@@ -246,7 +246,7 @@ def _projected_decayed(caller: str, direction: optax.GradientTransformation,
           return u
         if groups_lib.path_str(path) in resolved.by_path:
           return (-lr * (u + decay * wd_ratio * w.astype(u.dtype))).astype(u.dtype)
-        return -lr * u
+        return (-lr * u).astype(u.dtype)
 
       out = jax.tree_util.tree_map_with_path(one, d_perp, params, is_leaf=masked)
     return out, (inner_state, count + 1)
@@ -274,8 +274,10 @@ def adamp(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
   norm growth that momentum adds (Heo et al. 2021, sec. 3); the equilibrium
   angle is ``sqrt(2 eta lambda r)`` (:func:`normreg.theory.equilibrium_angle_adamp`).
   With ``heuristic=True`` the grouped leaves are those the paper's cosine test
-  picks at every step (:func:`cosine_groups`; leaves with ``ndim > 1``, decay
-  ``lambda`` on the others of them), and ``groups`` is ignored.
+  picks at every step (:func:`cosine_groups`, among leaves with ``ndim > 1``),
+  every other leaf (1-D ones too) gets the full decay ``lambda``, as in the
+  paper's code, and ``groups`` is ignored: mask the leaves that should not
+  decay with ``optax.masked``.
 
   Args:
     learning_rate: ``eta > 0``, float or schedule.
@@ -368,12 +370,16 @@ def nero(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
   def init_fn(params):
     resolved = groups_lib.resolve(groups, params, "nero")
     grouped = {p: jnp.zeros_like(n) for p, n in reductions.norms(resolved, params).items()}
+
+    def free(path, w):  # an ungrouped array leaf (not a None / optax.MaskedNode)
+      return not (groups_lib._leaf_or_masked(w) or groups_lib.path_str(path) in resolved.by_path)
+
     ungrouped = jax.tree_util.tree_map_with_path(
-        lambda path, w: None if groups_lib.path_str(path) in resolved.by_path else
-        jnp.zeros(w.shape, jnp.float32), params, is_leaf=groups_lib._leaf_or_masked)
+        lambda path, w: jnp.zeros(w.shape, jnp.float32) if free(path, w) else None,
+        params, is_leaf=groups_lib._leaf_or_masked)
     scale = jax.tree_util.tree_map_with_path(
-        lambda path, w: None if groups_lib.path_str(path) in resolved.by_path else
-        jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(w.astype(jnp.float32)))), min_scale),
+        lambda path, w: jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(w.astype(jnp.float32)))),
+                                    min_scale) if free(path, w) else None,
         params, is_leaf=groups_lib._leaf_or_masked)
     return NeroState(jnp.zeros([], jnp.int32), grouped, ungrouped, scale)
 
@@ -488,7 +494,7 @@ def adamh(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
         return d
       if groups_lib.path_str(path) in resolved.by_path:
         return (new - w.astype(new.dtype)).astype(d.dtype)
-      return -lr_other * d
+      return (-lr_other * d).astype(d.dtype)
 
     out = jax.tree_util.tree_map_with_path(out_fn, u, projected, params,
                                            is_leaf=groups_lib._leaf_or_masked)
@@ -522,7 +528,12 @@ def add_corrected_decayed_weights(weight_decay: float, learning_rate: ScalarOrSc
     weight_decay: ``lambda >= 0``.
     learning_rate: the schedule ``eta_t`` the chain uses (a float: no correction).
     groups: groups pytree, or a callable ``params -> groups``.
-    peak_learning_rate: ``eta_max``; default ``learning_rate(0)``.
+    peak_learning_rate: ``eta_max``; default ``learning_rate(0)``, which is right
+      for a decaying schedule but not after a warmup (``learning_rate(0)`` is then
+      below the peak, or 0): pass the peak there.
+
+  Raises:
+    ValueError: if ``eta_max`` (given or ``learning_rate(0)``) is not > 0.
 
   References:
     Defazio, *Why Gradients Rapidly Increase Near the End of Training*, 2025
@@ -531,6 +542,11 @@ def add_corrected_decayed_weights(weight_decay: float, learning_rate: ScalarOrSc
   _checks.non_negative("weight_decay", weight_decay, "add_corrected_decayed_weights")
   peak = peak_learning_rate if peak_learning_rate is not None else (
       learning_rate(0) if callable(learning_rate) else learning_rate)
+  if not float(peak) > 0:
+    where = "peak_learning_rate" if peak_learning_rate is not None else (
+        "learning_rate(0) (a warmup? pass peak_learning_rate)")
+    raise ValueError(f"add_corrected_decayed_weights: eta_max = {where} must be > 0, got "
+                     f"{float(peak)}.")
 
   def init_fn(params):
     groups_lib.resolve(groups, params, "add_corrected_decayed_weights")

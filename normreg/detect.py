@@ -14,7 +14,9 @@ So one vector-Jacobian product per random ``r`` (a few of them, vmapped: one
 compiled program for all leaves) gives every gradient ``J^T r``, and every
 candidate grouping is tested on it without running ``f`` again: the per-group
 sums ``<J^T r, w>_G`` must vanish against the same sums along a random direction
-of the same norm (``<J^T r, d>_G``), which says how much the leaf matters at all.
+of the same norm (``<J^T r, d>_G``), which says how much the leaf matters at all:
+the root mean square of the first (over the groups, summed, and the probes ``r``)
+must be at most ``rtol`` times that of the second.
 The candidates of a leaf of shape ``(s_1, ..., out)`` are, finest first: per
 copy of its ``k`` leading axes and per unit (``unit(stack=k)``), then per unit,
 then per copy (``tensor(stack=k)``), then the whole tensor; the finest that
@@ -273,4 +275,6 @@ def _joint_candidates(shapes: list[tuple[int, ...]]) -> list[groups_lib.Group]:
     if (len({group.group_shape(s) for s in shapes}) == 1
         and any(len(s) - stack >= 2 for s in shapes)):
       out.append(group)
-  return sorted(out, key=lambda g: -math.prod(g.group_shape(shapes[0])))
+  # Most groups first; ties (a set's order is arbitrary) by kind, then fewer stack axes.
+  return sorted(out, key=lambda g: (-math.prod(g.group_shape(shapes[0])), g.kind.value,
+                                    g.stack))

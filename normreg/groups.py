@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import re
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -115,7 +114,7 @@ class Group:
   def check_shape(self, shape: Sequence[int], where: str) -> None:
     """Raises ``ValueError`` if a leaf of ``shape`` cannot carry this group."""
     need = self.stack + (1 if self.kind is Invariance.UNIT else 0)
-    if len(shape) < max(need, 1 if self.kind is Invariance.UNIT else 0):
+    if len(shape) < need:
       raise ValueError(f"{where}: a {self} group needs at least {need} axes, the leaf has "
                        f"shape {tuple(shape)}.")
 
@@ -470,7 +469,3 @@ def summary(groups: Groups) -> str:
   leaves, _ = jax.tree_util.tree_flatten_with_path(groups, is_leaf=_is_none)
   return "\n".join(f"{path_str(p):48s} {as_group(g, 'summary') or '-'}" for p, g in leaves)
 
-
-def group_count(group: Group, shape: Sequence[int]) -> int:
-  """How many groups a leaf of ``shape`` holds (before joining)."""
-  return math.prod(group.group_shape(shape))

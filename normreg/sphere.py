@@ -63,7 +63,9 @@ def project_to_sphere(groups: groups_lib.GroupsOrFn,
     groups: groups pytree, or a callable ``params -> groups``.
     radius: ``r > 0``, or ``"init"`` to keep each unit at the norm it had when
       ``init`` was called (stored in the state). A unit that is zero at init
-      stays at zero with ``"init"``.
+      stays at zero with ``"init"``; with a number ``r`` a zero unit has no
+      direction (``w_hat = 0``, its norm floored as ``optax.safe_norm``) and
+      goes to ``r u / ||u||``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; it needs ``params``.

@@ -98,6 +98,14 @@ def test_interrupted_run_resumes_exactly(tmp_path, method):
   steps = [(r["kind"], r["step"]) for r in runs.read_metrics(str(tmp_path / "cut"))]
   assert len(steps) == len(set(steps))
   assert steps == [(r["kind"], r["step"]) for r in runs.read_metrics(str(tmp_path / "full"))]
+  if method == "l2":  # killed before the first checkpoint: the restart starts afresh
+    trainer.train_and_evaluate(config, str(tmp_path / "early"), dataset=ds, progress=False,
+                               interrupt_after_step=2)
+    assert runs.read_metrics(str(tmp_path / "early"))  # (it had logged step 2)
+    trainer.train_and_evaluate(config, str(tmp_path / "early"), dataset=ds, progress=False)
+    def steps_and_losses(folder):
+      return [(r["kind"], r["step"], r["loss"]) for r in runs.read_metrics(str(folder))]
+    assert steps_and_losses(tmp_path / "early") == steps_and_losses(tmp_path / "full")
 
 
 def test_train_step_traces_once():

@@ -423,10 +423,12 @@ def test_adamp_on_exact_groups():
 
 def _cosine_problem():
   """Three 2-D leaves whose gradients are orthogonal to w per unit ("unit"), only as a
-  whole ("layer"), or not at all ("none"): one of each of the heuristic's branches."""
+  whole ("layer"), or not at all ("none"), and a 1-D "bias" (never projected, fully
+  decayed): one of each of the heuristic's branches."""
   rng = np.random.default_rng(3)
   params = {k: rng.standard_normal((5, 4)) for k in ("unit", "layer", "none")}
-  mats = {k: rng.standard_normal((20, 20)) / 4 for k in params}
+  params["bias"] = rng.standard_normal(4)
+  mats = {k: rng.standard_normal((w.size, w.size)) / 4 for k, w in params.items()}
 
   def grad(xp, p):
     out = {}
@@ -454,6 +456,9 @@ def test_adamp_cosine_heuristic():
     out = {}
     for k, w in p.items():
       d = _np_adam(state, k, g[k], t)
+      if w.ndim == 1:  # AdamP's code: no projection, wd_ratio 1
+        out[k] = w * (1 - lr * wd) - lr * d
+        continue
       axes = (0,)
       cos_u = np.abs(np.sum(g[k] * w, axes)) / np.sqrt(np.sum(g[k] ** 2, axes) *
                                                        np.sum(w ** 2, axes))
@@ -486,7 +491,7 @@ def test_adamp_cosine_heuristic():
   _assert_same(ours, ref, rtol=5e-5, atol=5e-6)
   # The same decisions as cosine_groups, the rule on concrete arrays:
   found = normreg.cosine_groups(grad(np, params), params, delta=delta)
-  assert found == {"unit": normreg.UNIT, "layer": normreg.TENSOR, "none": None}
+  assert found == {"unit": normreg.UNIT, "layer": normreg.TENSOR, "none": None, "bias": None}
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -574,10 +579,18 @@ def test_corrected_decay_follows_lr_squared_over_peak():
       out[k] = w - lr * (m + decay)  # decay lambda lr^2 / lr_max on w
     return out, state
 
+  reference = _run_reference(ref)
   ours = _run_normreg(optax.chain(optax.trace(mu),
                                   normreg.add_corrected_decayed_weights(wd, schedule, GROUPS),
                                   optax.scale_by_learning_rate(schedule)))
-  _assert_same(ours, _run_reference(ref))
+  _assert_same(ours, reference)
+  # The launcher's --method=decoupled --corrected_decay builds the same chain (and not
+  # plain SGDW's, whose decay would not follow lr_t / lr_max).
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from experiments.config import Config  # pylint: disable=g-import-not-at-top
+  config = Config(method="decoupled", corrected_decay=True, lam=wd, lr=peak, momentum=mu)
+  _assert_same(_run_normreg(trainer.make_optimizer(config.validate(), GROUPS, schedule)),
+               reference)
 
 
 LAUNCHER = [(m, o) for m in ("l2", "decoupled", "spherical", "elr_rescale", "tangent", "exp_lr",

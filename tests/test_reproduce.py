@@ -211,3 +211,22 @@ def test_the_default_report_goes_under_the_workdir_not_over_the_committed_one():
   assert reproduce.report_dir_for("runs/reproduce", "smoke", None) == os.path.join(
       "runs/reproduce", "smoke", "report")
   assert reproduce.report_dir_for("runs/reproduce", "long", "experiments") == "experiments"
+
+
+def _synthetic_run(tmp_path, norms, steps):
+  from experiments import plot  # pylint: disable=g-import-not-at-top
+  train = [{"step": s, "layers": {"a": {"norm": n}, "b": {"norm": 2 * n}}}
+           for s, n in zip(steps, norms)]
+  return plot.Run(str(tmp_path), {}, train, [], "synthetic")
+
+
+def test_drift_compares_the_two_halves_of_the_window(tmp_path):
+  # Window: steps > 75 of 100; halves split at 87.5. Layer means 1.5*n.
+  run = _synthetic_run(tmp_path, [9.0, 1.0, 1.0, 1.2, 1.2], [50, 80, 85, 90, 100])
+  assert math.isclose(reproduce.drift(run), 0.2, rel_tol=1e-9)
+  # No record in the window's first half: nothing to compare.
+  assert math.isnan(reproduce.drift(_synthetic_run(tmp_path, [1.0, 1.0], [50, 100])))
+  # A diverged run has no drift either.
+  from experiments import cache  # pylint: disable=g-import-not-at-top
+  (tmp_path / cache.DIVERGED).write_text("step 1")
+  assert math.isnan(reproduce.drift(run))
