@@ -5,8 +5,8 @@ Prints three tables, measured in one process on the default JAX device:
 1. *Step overhead*: the median time of the jitted train step
    (``experiments.trainer.make_train_step``, augmentation on) of the base
    optimizer alone (``--method=none``: ``optax.sgd``, momentum 0.9) and of each
-   normreg recipe (l2, decoupled, spherical, elr_rescale, tangent) on the same
-   model and data, and ``ratio = recipe / base``. Targets: ratio <= 1.02 on
+   normreg recipe (``--recipes``; default l2, decoupled, spherical,
+   elr_rescale, tangent) on the same model and data, and ``ratio = recipe / base``. Targets: ratio <= 1.02 on
    GPU, <= 1.05 on CPU.
 2. *Throughput*: training images per second (batch / median step time) of the
    paper's CNN (width 64) and ResNet-20 (width 16) at ``--throughput_batch``.
@@ -74,6 +74,9 @@ _THROUGHPUT_STEPS = flags.DEFINE_integer("throughput_steps", 3, "Timed steps per
                                          "throughput table.")
 _GRID_SIZE = flags.DEFINE_integer("grid_size", 8, "Recipes in the grid table (lr x lam of l2).")
 _GRID_ROUNDS = flags.DEFINE_integer("grid_rounds", 2, "Timed rounds of the grid table.")
+_RECIPES = flags.DEFINE_list("recipes", list(RECIPES), "--method of each recipe of the "
+                              "overhead table (METHOD:adam for --optimizer=adam), e.g. "
+                              "rotational,adamp,nero,hyperball:adam.")
 _TABLES = flags.DEFINE_list("tables", ["overhead", "throughput", "grid"], "Tables to print.")
 
 
@@ -90,8 +93,11 @@ def random_dataset(n: int, seed: int = 0) -> data_lib.Dataset:
 
 
 def base_config(model: str, width, batch_size: int, method: str = BASE) -> Config:
+  """``method`` is ``--method``, or ``METHOD:adam`` for ``--optimizer=adam``."""
+  method, _, optimizer = method.partition(":")
   return Config(dataset="cifar10", model=model, width=width, norm="batch", method=method,
-                optimizer="sgd", momentum=0.9, lr=0.1, batch_size=batch_size, augment=True)
+                optimizer=optimizer or "sgd", momentum=0.9, lr=0.1, batch_size=batch_size,
+                augment=True).validate()
 
 
 @dataclasses.dataclass
@@ -135,7 +141,8 @@ def single_run(config: Config, ds: data_lib.Dataset, device_data: tuple) -> Time
   state = trainer.TrainState(jnp.int32(0), model.params, model.rest, tx.init(model.params),
                              jnp.int32(-1))
   idx = jnp.arange(config.batch_size, dtype=jnp.int32)
-  return Timed(config.method, step, state, (images, labels, idx))
+  name = config.method + (":adam" if config.optimizer == "adam" else "")
+  return Timed(name, step, state, (images, labels, idx))
 
 
 _BUILT: dict = {}
@@ -184,11 +191,11 @@ def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]
 
 
 def overhead_table(model: str, width, batch_sizes: Sequence[int], steps: int,
-                   warmup: int) -> None:
+                   warmup: int, recipes: Sequence[str] = RECIPES) -> None:
   target = TARGETS.get(jax.default_backend(), 1.05)
   rows = []
   for batch in batch_sizes:
-    timed = [built(model, width, batch, m) for m in (BASE,) + RECIPES]
+    timed = [built(model, width, batch, m) for m in (BASE, *recipes)]
     warm_up(timed, warmup)
     interleave(timed, steps)
     base = timed[0].median
@@ -294,12 +301,18 @@ def main(argv: Sequence[str]) -> None:
   unknown = set(_TABLES.value) - {"overhead", "throughput", "grid"}
   if unknown:
     raise app.UsageError(f"--tables: unknown {sorted(unknown)}")
+  for recipe in _RECIPES.value:
+    try:
+      base_config(_MODEL.value, _WIDTH.value, batch_sizes[0], recipe)
+    except ValueError as e:
+      raise app.UsageError(f"--recipes: {recipe!r}: {e}") from None
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # the tables only (-v 0 for the groups found)
   header()
   t0 = time.perf_counter()
   if "overhead" in _TABLES.value:
-    overhead_table(_MODEL.value, _WIDTH.value, batch_sizes, _STEPS.value, _WARMUP.value)
+    overhead_table(_MODEL.value, _WIDTH.value, batch_sizes, _STEPS.value, _WARMUP.value,
+                   _RECIPES.value)
   if "throughput" in _TABLES.value:
     throughput_table(_THROUGHPUT_BATCH.value, _THROUGHPUT_STEPS.value, _WARMUP.value)
   if "grid" in _TABLES.value:

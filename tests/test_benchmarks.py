@@ -23,11 +23,12 @@ def _run(*flags):
 @pytest.mark.slow
 def test_prints_overhead_and_grid_tables():
   result = _run("--model=cnn", "--width=4", "--batch_sizes=8", "--steps=2", "--warmup=1",
-                "--tables=overhead,grid", "--grid_size=2", "--grid_rounds=1")
+                "--tables=overhead,grid", "--grid_size=2", "--grid_rounds=1",
+                "--recipes=l2,decoupled,spherical,elr_rescale,tangent,hyperball:adam")
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   assert "1. step overhead: cnn (width 4)" in out
-  for recipe in ("l2", "decoupled", "spherical", "elr_rescale", "tangent"):
+  for recipe in ("l2", "decoupled", "spherical", "elr_rescale", "tangent", "hyperball:adam"):
     row = re.search(rf"^{recipe}\s+8\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(ok|over)$", out,
                     re.MULTILINE)
     assert row, f"no overhead row for {recipe}:\n{out}"
@@ -48,6 +49,7 @@ def test_prints_overhead_and_grid_tables():
     ("--batch_sizes=0", "--batch_sizes and --steps must be positive"),
     ("--batch_sizes=x", "--batch_sizes"),
     ("--tables=speed", "--tables: unknown"),
+    ("--recipes=l2,sharpness", "--recipes: 'sharpness'"),
 ])
 def test_bad_flags_are_refused(flag, message):
   result = _run(flag)
