@@ -20,6 +20,7 @@ written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -140,8 +141,7 @@ def main(argv):
   if unknown:
     sys.exit(f"benchmarks.mutation: error: --modules: {sorted(unknown)} are not among "
              f"{', '.join(MODULES)}.")
-  if shutil.which("mutmut") is None and subprocess.run(
-      [sys.executable, "-m", "mutmut", "--version"], capture_output=True).returncode:
+  if importlib.util.find_spec("mutmut") is None:
     sys.exit("benchmarks.mutation: error: mutmut is not installed: pip install mutmut")
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="normreg-mutation-")
   if not os.path.exists(os.path.join(workdir, "setup.cfg")):

@@ -81,6 +81,18 @@ METHODS: dict[str, tuple[dict[str, Any], float, Optional[Callable[[float, float]
 }
 
 
+# name -> the rate (1 / time constant, per step) at which its norm approaches equilibrium at
+# learning rate lr_t (peak lr_max), for the methods that reach an equilibrium rather than set
+# their angle. SGDP: SGDW's with its decay wd * wd_ratio / (1 - mu).
+SETTLE = 4  # time constants before an equilibrium is measured (as experiments.reproduce)
+RELAXATION: dict[str, Callable[[float, float], float]] = {
+    "l2": lambda lr, peak: 1 / theory.time_constant_sgd(lr, 2 * L2, MOMENTUM),
+    "decoupled": lambda lr, peak: 1 / theory.time_constant_sgdw(lr, WD),
+    "corrected": lambda lr, peak: 1 / theory.time_constant_sgdw(lr, WD * lr / peak),
+    "sgdp": lambda lr, peak: 1 / theory.time_constant_sgdw(lr, L2 * 0.1 / (1 - MOMENTUM)),
+}
+
+
 def method_config(cache: cache_lib.RunCache, model: tuple, name: str, factor: float,
                   seed: int) -> Config:
   """``(model, width, epochs)``'s run of method ``name`` at its base rate times ``factor``."""
@@ -99,9 +111,28 @@ def _window_records(run: plot_lib.Run) -> list[dict]:
   return [r for r in run.train if 0.25 * last < r["step"] <= 0.75 * last]
 
 
+def time_constants_before_window(run: plot_lib.Run, name: str) -> Optional[float]:
+  """Time constants of ``name``'s approach to equilibrium elapsed before the measurement
+  window (the sum over steps of ``1 / tau(lr_t)``, at the logged rates); ``None`` for the
+  methods that set their angle from the first step (or have no equilibrium)."""
+  if name not in RELAXATION or not run.train:
+    return None
+  start, peak = 0.25 * run.train[-1]["step"], run.config["lr"]
+  total, prev = 0.0, 0
+  for r in run.train:
+    if r["step"] > start:
+      break
+    lr = r["learning_rate"]
+    total += (RELAXATION[name](lr, peak) if lr > 0 else 0.0) * (r["step"] - prev)
+    prev = r["step"]
+  return total
+
+
 def angle_ratio(run: plot_lib.Run, name: str) -> tuple[float, float, Optional[float]]:
   """Measured angle per step (mean over layers and the middle half of training), the
-  target at each step's learning rate, and their mean ratio (None without a target)."""
+  target at each step's learning rate, and their mean ratio (None without a target).
+  For an equilibrium method the ratio tests the theory only after :data:`SETTLE` time
+  constants (:func:`time_constants_before_window`); before, it measures a transient."""
   target = METHODS[name][2]
   records = _window_records(run)
   measured = [np.mean([l["angle"] for l in r["layers"].values()]) for r in records]
@@ -139,12 +170,14 @@ def compare_method(cache: cache_lib.RunCache, model: tuple, name: str,
     runs.append(cache.train(run_name(model[0], name, config.lr, seed), config))
   accs = [cache_lib.final_accuracy(r) for r in runs]
   measured, target, ratio = angle_ratio(runs[0], name)
+  settled = time_constants_before_window(runs[0], name)
   return {"grid": {str(k): v for k, v in tuned.items()}, "best_lr": best_lr,
           "acc": float(np.mean(accs)),
           "acc_se": float(np.std(accs, ddof=1) / math.sqrt(len(accs))) if len(accs) > 1
           else float("nan"),
           "accs": accs, "diverged": sum(map(cache_lib.diverged, runs)),
           "angle": measured, "target": target, "angle_ratio": ratio,
+          "time_constants": settled,
           "images_per_sec": float(np.median([images_per_sec(r) for r in runs])),
           "workdir": runs[0].workdir}
 
@@ -329,8 +362,12 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
       "- Angle: measured per step, mean over layers and over the middle half of "
       "training, against the angle the method targets (rotational, nero, hyperball) or "
       "reaches at equilibrium (l2, decoupled, corrected, sgdp) at each step's learning rate "
-      "(`normreg.theory`); spherical SGD and plain SGD have none. Step time: the method's "
-      "training throughput against plain SGD's (`none`), same model.", "",
+      "(`normreg.theory`); spherical SGD and plain SGD have none. *tau*: the time constants "
+      "of the approach to equilibrium elapsed before that window; an equilibrium ratio is a "
+      f"test of the theory only after {SETTLE} of them, and is marked *transient* before. "
+      "Step time: the method's training throughput against plain SGD's (`none`), same "
+      "model, measured while the runs trained (see the README's Performance section for "
+      "interleaved timings).", "",
       "| method | settings | base lr |", "| --- | --- | --- |"]
   for name, (settings, lr, _) in METHODS.items():
     text = " ".join(f"--{k}={v}" for k, v in settings.items())
@@ -339,14 +376,18 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
   for model, m in r["models"].items():
     rows = m["methods"]
     lines += [f"## {model}", "",
-              "| method | best lr | test acc | measured angle | target | ratio | step time |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| method | best lr | test acc | measured angle | target | ratio | tau | "
+              "step time |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, v in sorted(rows.items(), key=lambda kv: -kv[1]["acc"]):
-      ratio = "-" if v["angle_ratio"] is None else f"{v['angle_ratio']:.2f}"
+      tau = v.get("time_constants")
+      ratio = "-" if v["angle_ratio"] is None else f"{v['angle_ratio']:.2f}" + (
+          " (transient)" if tau is not None and tau < SETTLE else "")
       target = "-" if v["angle_ratio"] is None else f"{v['target']:.3g}"
       div = f", {v['diverged']} diverged" if v["diverged"] else ""
       lines.append(f"| {name} | {v['best_lr']:g} | {v['acc']:.3f} ({v['acc_se']:.3f}{div}) | "
-                   f"{v['angle']:.3g} | {target} | {ratio} | {v['step_time']:.2f} |")
+                   f"{v['angle']:.3g} | {target} | {ratio} | "
+                   f"{'-' if tau is None else f'{tau:.2g}'} | {v['step_time']:.2f} |")
     best = max(rows, key=lambda n: rows[n]["acc"])
     lines += ["", f"Best: **{best}** at {rows[best]['acc']:.3f}; against it: " + ", ".join(
         f"{n} {rows[n]['acc'] - rows[best]['acc']:+.3f} "

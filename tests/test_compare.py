@@ -39,3 +39,23 @@ def test_smoke_comparison_writes_every_method(tmp_path):
     assert json.load(f)["size"] == "smoke"
   for figure in ("accuracy.png", "angles.png", "grad_norm.png"):
     assert (tmp_path / "report" / "figures" / "comparison" / figure).exists()
+
+
+def test_time_constants_before_the_window_integrate_the_relaxation_rate(tmp_path):
+  from experiments import plot  # pylint: disable=g-import-not-at-top
+  train = [{"step": s, "learning_rate": 0.1, "layers": {}} for s in range(10, 101, 10)]
+  run = plot.Run(str(tmp_path), {"lr": 0.1}, train, [], "synthetic")
+  # Window from step 25: the records at 10 and 20 count, 10 steps each at lr 0.1.
+  # SGD + L2 (lam_wd = 2 lam): 4 eta lam_wd / (1 - mu) a step; SGDW: 4 eta wd; the
+  # corrected decay at the peak rate is SGDW's; SGDP's decay is wd * 0.1 / (1 - mu).
+  rate_l2 = 4 * 0.1 * (2 * compare.L2) / (1 - compare.MOMENTUM)
+  assert compare.time_constants_before_window(run, "l2") == pytest.approx(20 * rate_l2)
+  rate_w = 4 * 0.1 * compare.WD
+  assert compare.time_constants_before_window(run, "decoupled") == pytest.approx(20 * rate_w)
+  assert compare.time_constants_before_window(run, "corrected") == pytest.approx(20 * rate_w)
+  rate_p = 4 * 0.1 * compare.L2 * 0.1 / (1 - compare.MOMENTUM)
+  assert compare.time_constants_before_window(run, "sgdp") == pytest.approx(20 * rate_p)
+  assert compare.time_constants_before_window(run, "rotational") is None
+  # At half the peak rate the corrected decay (wd * lr_t / lr_max) relaxes 2x slower.
+  half = plot.Run(str(tmp_path), {"lr": 0.2}, train, [], "synthetic")
+  assert compare.time_constants_before_window(half, "corrected") == pytest.approx(10 * rate_w)
