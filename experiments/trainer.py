@@ -373,11 +373,14 @@ def make_eval_step(eval_graphdef, mean, std) -> Callable:
 
 
 def layer_metrics(before, after, groups, learning_rate, power: int, rescaled: bool):
-  """Per grouped layer: mean unit norm, effective learning rate, angular update.
+  """Per grouped layer: mean unit norm, median effective learning rate, mean angle.
 
-  The effective learning rate is ``eta/||w||^power`` (van Laarhoven 2017,
-  eq. 12); under ``elr_rescale`` and ``spherical`` the update is scaled so that
-  it is ``eta`` itself. The angle is what the step actually did. A leaf with
+  The effective learning rate of a unit is ``eta/||w||^power`` (van Laarhoven
+  2017, eq. 12); under the methods that set their angle (``spherical``,
+  ``elr_rescale``, ...) it is the rate they set. The layer's is the median over
+  its units: a unit that died under weight decay (no gradient, its norm decayed
+  towards 0) has an unbounded ``eta/||w||^2`` that would dominate a mean. The
+  angle is what the step actually did. A leaf with
   stack axes (layers stacked by scan) gives one entry per copy,
   ``"blocks/conv/kernel/0"``, ``".../1"``, ...: each layer has its own.
   """
@@ -397,7 +400,7 @@ def layer_metrics(before, after, groups, learning_rate, power: int, rescaled: bo
     copies = [()] if not stack else list(np.ndindex(*n.shape[:stack]))
     for index in copies:
       key = "/".join([name] + [str(i) for i in index])
-      out[key] = {"norm": jnp.mean(n[index]), "elr": jnp.mean(elr[index]),
+      out[key] = {"norm": jnp.mean(n[index]), "elr": jnp.median(elr[index]),
                   "angle": jnp.mean(angle[index])}
   return out
 

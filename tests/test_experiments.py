@@ -108,6 +108,21 @@ def test_interrupted_run_resumes_exactly(tmp_path, method):
     assert steps_and_losses(tmp_path / "early") == steps_and_losses(tmp_path / "full")
 
 
+def test_layer_metrics_per_layer_against_numpy():
+  rng = np.random.default_rng(0)
+  before = {"k": rng.standard_normal((3, 5)).astype(np.float32)}
+  after = {"k": before["k"] + 0.1 * rng.standard_normal((3, 5)).astype(np.float32)}
+  after["k"][:, 4] = 1e-6  # a dead unit: its eta/||w||^2 is 1e11
+  out = trainer.layer_metrics(before, after, {"k": normreg.UNIT}, 0.1, power=2,
+                              rescaled=False)["k"]
+  norms = np.linalg.norm(after["k"], axis=0)
+  cos = np.sum(before["k"] * after["k"], 0) / (np.linalg.norm(before["k"], axis=0) * norms)
+  np.testing.assert_allclose(out["norm"], norms.mean(), rtol=1e-5)
+  np.testing.assert_allclose(out["elr"], np.median(0.1 / norms ** 2), rtol=1e-5)
+  np.testing.assert_allclose(out["angle"], np.arccos(np.clip(cos, -1, 1)).mean(), rtol=1e-3,
+                             atol=1e-4)
+
+
 def test_train_step_traces_once():
   ds = runs.tiny_dataset()
   config = Config(dataset="cifar10", method="spherical", **SMALL)
