@@ -24,9 +24,11 @@ import time
 from absl import app
 from absl import flags
 
-_MODELS = flags.DEFINE_list("models", ["cnn:64:batch", "cnn:64:layer", "resnet20:16:batch",
-                                       "scan_cnn:16:batch"],
-                            "MODEL:WIDTH:NORM entries to time.")
+def define_flags() -> None:
+  """This command's flags: defined when it runs, not on import (flag names repeat)."""
+  flags.DEFINE_list("models", ["cnn:64:batch", "cnn:64:layer", "resnet20:16:batch",
+                               "scan_cnn:16:batch"],
+                    "MODEL:WIDTH:NORM entries to time.")
 
 
 def time_one(model: str, width: int, norm: str) -> dict:
@@ -53,6 +55,9 @@ def time_one(model: str, width: int, norm: str) -> dict:
           "second_s": times[1]}
 
 
+FLAGS = flags.FLAGS
+
+
 def main(argv):
   if len(argv) > 2 and argv[1] == "--one":
     model, width, norm = argv[2].split(":")
@@ -63,7 +68,7 @@ def main(argv):
         f"{jax.devices()[0].device_kind}")
   print("| model | leaves | grouped | first call (s) | second call (s) |")
   print("| --- | --- | --- | --- | --- |")
-  for entry in _MODELS.value:
+  for entry in FLAGS.models:
     out = subprocess.run([sys.executable, "-m", "benchmarks.detection", "--", "--one", entry],
                          capture_output=True, text=True, check=True)
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -72,4 +77,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -44,13 +44,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # hand; a new survivor is not equivalent until it is listed here.
 EQUIVALENT_FILE = os.path.join(REPO, "benchmarks", "mutation_equivalent.json")
 
-_MODULES = flags.DEFINE_list("modules", list(MODULES), "normreg modules to mutate.")
-_REPORT = flags.DEFINE_string("report", os.path.join(REPO, "benchmarks", "MUTATION.md"),
-                              "Where the report goes.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch folder (default: a new temporary "
-                               "one); a rerun on the same folder reuses mutmut's cache.")
-_CHILDREN = flags.DEFINE_integer("max_children", os.cpu_count() or 1,
-                                 "Mutants tested in parallel.")
+def define_flags() -> None:
+  """This command's flags: defined when it runs, not on import (flag names repeat)."""
+  flags.DEFINE_list("modules", list(MODULES), "normreg modules to mutate.")
+  flags.DEFINE_string("report", os.path.join(REPO, "benchmarks", "MUTATION.md"),
+                      "Where the report goes.")
+  flags.DEFINE_string("workdir", None, "Scratch folder (default: a new temporary "
+                      "one); a rerun on the same folder reuses mutmut's cache.")
+  flags.DEFINE_integer("max_children", os.cpu_count() or 1,
+                       "Mutants tested in parallel.")
 
 
 def prepare(workdir: str, modules) -> None:
@@ -135,20 +137,23 @@ def _mutmut_version() -> str:
     return "?"
 
 
+FLAGS = flags.FLAGS
+
+
 def main(argv):
   del argv
-  unknown = set(_MODULES.value) - set(MODULES)
+  unknown = set(FLAGS.modules) - set(MODULES)
   if unknown:
     sys.exit(f"benchmarks.mutation: error: --modules: {sorted(unknown)} are not among "
              f"{', '.join(MODULES)}.")
   if importlib.util.find_spec("mutmut") is None:
     sys.exit("benchmarks.mutation: error: mutmut is not installed: pip install mutmut")
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="normreg-mutation-")
+  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="normreg-mutation-")
   if not os.path.exists(os.path.join(workdir, "setup.cfg")):
-    prepare(workdir, _MODULES.value)
+    prepare(workdir, FLAGS.modules)
   start = time.perf_counter()
   subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
-                  str(_CHILDREN.value)], cwd=workdir, check=False,
+                  str(FLAGS.max_children)], cwd=workdir, check=False,
                  stdout=subprocess.DEVNULL)
   seconds = time.perf_counter() - start
   equivalent = {}
@@ -157,11 +162,12 @@ def main(argv):
       equivalent = json.load(f)
   command = "python -m benchmarks.mutation " + " ".join(
       a for a in sys.argv[1:] if not re.match(r"--(workdir|report)", a))
-  totals = write_report(workdir, collect(workdir), equivalent, _REPORT.value, seconds,
+  totals = write_report(workdir, collect(workdir), equivalent, FLAGS.report, seconds,
                         command.strip())
   print(json.dumps(totals))
-  print(f"report: {_REPORT.value}; mutants in {workdir}")
+  print(f"report: {FLAGS.report}; mutants in {workdir}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -60,24 +60,26 @@ NUM_CLASSES = 10
 TARGETS = {"gpu": 1.02, "tpu": 1.02, "cpu": 1.05}
 DEFAULT_WIDTH = {"cnn": 64, "resnet20": 16}
 
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["128"], "Batch sizes of the overhead table.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (rounds) per recipe and batch size.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls of each step before timing (the "
-                               "first one compiles).")
-_MODEL = flags.DEFINE_enum("model", "resnet20", ["resnet20", "cnn"],
-                           "Model of the overhead and grid tables.")
-_WIDTH = flags.DEFINE_integer("width", None, "Model width; default the model's (16 for "
-                              "resnet20, 64 for the cnn).")
-_THROUGHPUT_BATCH = flags.DEFINE_integer("throughput_batch", 128, "Batch of the throughput "
-                                         "table.")
-_THROUGHPUT_STEPS = flags.DEFINE_integer("throughput_steps", 3, "Timed steps per model of the "
-                                         "throughput table.")
-_GRID_SIZE = flags.DEFINE_integer("grid_size", 8, "Recipes in the grid table (lr x lam of l2).")
-_GRID_ROUNDS = flags.DEFINE_integer("grid_rounds", 2, "Timed rounds of the grid table.")
-_RECIPES = flags.DEFINE_list("recipes", list(RECIPES), "--method of each recipe of the "
-                              "overhead table (METHOD:adam for --optimizer=adam), e.g. "
-                              "rotational,adamp,nero,hyperball:adam.")
-_TABLES = flags.DEFINE_list("tables", ["overhead", "throughput", "grid"], "Tables to print.")
+def define_flags() -> None:
+  """This command's flags: defined when it runs, not on import (flag names repeat)."""
+  flags.DEFINE_list("batch_sizes", ["128"], "Batch sizes of the overhead table.")
+  flags.DEFINE_integer("steps", 10, "Timed steps (rounds) per recipe and batch size.")
+  flags.DEFINE_integer("warmup", 2, "Untimed calls of each step before timing (the "
+                       "first one compiles).")
+  flags.DEFINE_enum("model", "resnet20", ["resnet20", "cnn"],
+                    "Model of the overhead and grid tables.")
+  flags.DEFINE_integer("width", None, "Model width; default the model's (16 for "
+                       "resnet20, 64 for the cnn).")
+  flags.DEFINE_integer("throughput_batch", 128, "Batch of the throughput "
+                       "table.")
+  flags.DEFINE_integer("throughput_steps", 3, "Timed steps per model of the "
+                       "throughput table.")
+  flags.DEFINE_integer("grid_size", 8, "Recipes in the grid table (lr x lam of l2).")
+  flags.DEFINE_integer("grid_rounds", 2, "Timed rounds of the grid table.")
+  flags.DEFINE_list("recipes", list(RECIPES), "--method of each recipe of the "
+                     "overhead table (METHOD:adam for --optimizer=adam), e.g. "
+                     "rotational,adamp,nero,hyperball:adam.")
+  flags.DEFINE_list("tables", ["overhead", "throughput", "grid"], "Tables to print.")
 
 
 # ---------------------------------------------------------------------- building
@@ -289,37 +291,41 @@ def header() -> None:
   sys.stdout.flush()
 
 
+FLAGS = flags.FLAGS
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+    batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   except ValueError:
-    raise app.UsageError(f"--batch_sizes: {_BATCH_SIZES.value} are not integers") from None
-  if not batch_sizes or min(batch_sizes) <= 0 or _STEPS.value <= 0:
+    raise app.UsageError(f"--batch_sizes: {FLAGS.batch_sizes} are not integers") from None
+  if not batch_sizes or min(batch_sizes) <= 0 or FLAGS.steps <= 0:
     raise app.UsageError("--batch_sizes and --steps must be positive")
-  unknown = set(_TABLES.value) - {"overhead", "throughput", "grid"}
+  unknown = set(FLAGS.tables) - {"overhead", "throughput", "grid"}
   if unknown:
     raise app.UsageError(f"--tables: unknown {sorted(unknown)}")
-  for recipe in _RECIPES.value:
+  for recipe in FLAGS.recipes:
     try:
-      base_config(_MODEL.value, _WIDTH.value, batch_sizes[0], recipe)
+      base_config(FLAGS.model, FLAGS.width, batch_sizes[0], recipe)
     except ValueError as e:
       raise app.UsageError(f"--recipes: {recipe!r}: {e}") from None
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # the tables only (-v 0 for the groups found)
   header()
   t0 = time.perf_counter()
-  if "overhead" in _TABLES.value:
-    overhead_table(_MODEL.value, _WIDTH.value, batch_sizes, _STEPS.value, _WARMUP.value,
-                   _RECIPES.value)
-  if "throughput" in _TABLES.value:
-    throughput_table(_THROUGHPUT_BATCH.value, _THROUGHPUT_STEPS.value, _WARMUP.value)
-  if "grid" in _TABLES.value:
-    grid_table(_MODEL.value, _WIDTH.value, batch_sizes[0], _GRID_SIZE.value,
-               _GRID_ROUNDS.value, _WARMUP.value)
+  if "overhead" in FLAGS.tables:
+    overhead_table(FLAGS.model, FLAGS.width, batch_sizes, FLAGS.steps, FLAGS.warmup,
+                   FLAGS.recipes)
+  if "throughput" in FLAGS.tables:
+    throughput_table(FLAGS.throughput_batch, FLAGS.throughput_steps, FLAGS.warmup)
+  if "grid" in FLAGS.tables:
+    grid_table(FLAGS.model, FLAGS.width, batch_sizes[0], FLAGS.grid_size,
+               FLAGS.grid_rounds, FLAGS.warmup)
   print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s (compilation included)")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

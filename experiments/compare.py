@@ -411,29 +411,39 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
 
 # --------------------------------------------------------------------------- main
 
-_SIZE = flags.DEFINE_enum("size", "cpu", list(SIZES), "smoke (a test), cpu (about an hour on "
-                          "a 2-core CPU), full (50,000 images; a GPU).")
-_DATA_DIR = flags.DEFINE_string("data_dir", os.environ.get("NORMREG_CIFAR10_DIR"),
-                                "The extracted CIFAR-10 copy (default $NORMREG_CIFAR10_DIR).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Where the runs go (cached).")
-_REPORT_DIR = flags.DEFINE_string("report_dir", None, "Where COMPARISON.md and figures go; "
-                                  "default WORKDIR/SIZE/report (the committed one: "
-                                  "--report_dir=experiments).")
+def define_flags() -> None:
+  """The command line of ``python -m experiments.compare``.
+
+  Defined when the module runs, not when it is imported, so that the
+  experiments can be imported side by side (they share flag names).
+  """
+  flags.DEFINE_enum("size", "cpu", list(SIZES), "smoke (a test), cpu (about an hour on "
+                    "a 2-core CPU), full (50,000 images; a GPU).")
+  flags.DEFINE_string("data_dir", os.environ.get("NORMREG_CIFAR10_DIR"),
+                      "The extracted CIFAR-10 copy (default $NORMREG_CIFAR10_DIR).")
+  flags.DEFINE_string("workdir", "runs/compare", "Where the runs go (cached).")
+  flags.DEFINE_string("report_dir", None, "Where COMPARISON.md and figures go; "
+                      "default WORKDIR/SIZE/report (the committed one: "
+                      "--report_dir=experiments).")
+
+
+FLAGS = flags.FLAGS
 
 
 def main(argv):
   with errors.one_line("experiments.compare"):
     if len(argv) > 1:
       raise errors.InputError(f"unexpected arguments: {argv[1:]}")
-    if _DATA_DIR.value and not os.path.isdir(_DATA_DIR.value):
-      raise errors.MissingInputError(f"--data_dir={_DATA_DIR.value} is not a folder.")
-    workdir = os.path.join(_WORKDIR.value, _SIZE.value)
-    report_dir = _REPORT_DIR.value or os.path.join(workdir, "report")
+    if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
+      raise errors.MissingInputError(f"--data_dir={FLAGS.data_dir} is not a folder.")
+    workdir = os.path.join(FLAGS.workdir, FLAGS.size)
+    report_dir = FLAGS.report_dir or os.path.join(workdir, "report")
     command = "python -m experiments.compare " + " ".join(
         a if not a.startswith("--data_dir") else "--data_dir=DIR" for a in sys.argv[1:])
-    run(_SIZE.value, workdir, report_dir, _DATA_DIR.value, command=command.strip())
+    run(FLAGS.size, workdir, report_dir, FLAGS.data_dir, command=command.strip())
   print(f"report: {os.path.join(report_dir, 'COMPARISON.md')}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -193,11 +193,11 @@ def select_layers(runs: Sequence[Run], layers_regex: Optional[str] = None) -> li
   try:
     pattern = re.compile(layers_regex)
   except re.error as e:
-    raise ValueError(f"--layers={layers_regex!r} is not a valid regex: {e}") from None
+    raise errors.InputError(f"--layers={layers_regex!r} is not a valid regex: {e}") from None
   selected = [n for n in names if pattern.search(n)]
   if not selected:
-    raise ValueError(f"--layers={layers_regex!r} selects no layer; the layers are: "
-                     f"{', '.join(names) if names else '(none: no run has a grouped layer)'}")
+    listed = ", ".join(names) if names else "(none: no run has a grouped layer)"
+    raise errors.InputError(f"--layers={layers_regex!r} selects no layer; the layers are: {listed}")
   return selected
 
 

@@ -1047,17 +1047,23 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
 
 # ---------------------------------------------------------------------- main
 
-_SIZE = flags.DEFINE_enum("size", "smoke", list(SIZES), "How big: smoke (CI, minutes on a "
-                          "CPU), medium, long (every equilibrium reached; under an hour on a "
-                          "2-core CPU), full (50,000 images; a GPU).")
-_DATA_DIR = flags.DEFINE_string("data_dir", os.environ.get("NORMREG_CIFAR10_DIR"),
-                                "The extracted CIFAR-10 copy (default $NORMREG_CIFAR10_DIR).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Where the runs go (cached: a "
-                               "finished run is not trained again).")
-_REPORT_DIR = flags.DEFINE_string("report_dir", None,
-                                  "Where RESULTS.md, results.json and figures/ go; default "
-                                  "WORKDIR/SIZE/report. The committed report is written with "
-                                  "--report_dir=experiments.")
+def define_flags() -> None:
+  """The command line of ``python -m experiments.reproduce``.
+
+  Defined when the module runs, not when it is imported, so that the
+  experiments can be imported side by side (they share flag names).
+  """
+  flags.DEFINE_enum("size", "smoke", list(SIZES), "How big: smoke (CI, minutes on a "
+                    "CPU), medium, long (every equilibrium reached; under an hour on a "
+                    "2-core CPU), full (50,000 images; a GPU).")
+  flags.DEFINE_string("data_dir", os.environ.get("NORMREG_CIFAR10_DIR"),
+                      "The extracted CIFAR-10 copy (default $NORMREG_CIFAR10_DIR).")
+  flags.DEFINE_string("workdir", "runs/reproduce", "Where the runs go (cached: a "
+                      "finished run is not trained again).")
+  flags.DEFINE_string("report_dir", None,
+                      "Where RESULTS.md, results.json and figures/ go; default "
+                      "WORKDIR/SIZE/report. The committed report is written with "
+                      "--report_dir=experiments.")
 
 
 def report_dir_for(workdir: str, size: str, report_dir: Optional[str]) -> str:
@@ -1065,20 +1071,24 @@ def report_dir_for(workdir: str, size: str, report_dir: Optional[str]) -> str:
   return report_dir or os.path.join(workdir, size, "report")
 
 
+FLAGS = flags.FLAGS
+
+
 def main(argv):
   with errors.one_line("experiments.reproduce"):
     if len(argv) > 1:
       raise errors.InputError(f"unexpected arguments: {argv[1:]}")
-    if _DATA_DIR.value and not os.path.isdir(_DATA_DIR.value):
-      raise errors.MissingInputError(f"--data_dir={_DATA_DIR.value} is not a folder.")
-    workdir = os.path.join(_WORKDIR.value, _SIZE.value)
-    report_dir = report_dir_for(_WORKDIR.value, _SIZE.value, _REPORT_DIR.value)
+    if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
+      raise errors.MissingInputError(f"--data_dir={FLAGS.data_dir} is not a folder.")
+    workdir = os.path.join(FLAGS.workdir, FLAGS.size)
+    report_dir = report_dir_for(FLAGS.workdir, FLAGS.size, FLAGS.report_dir)
     command = "python -m experiments.reproduce " + " ".join(
         a if not a.startswith("--data_dir") else "--data_dir=DIR" for a in sys.argv[1:])
-    results = run(_SIZE.value, workdir, report_dir, _DATA_DIR.value, command=command.strip())
+    results = run(FLAGS.size, workdir, report_dir, FLAGS.data_dir, command=command.strip())
   print(json.dumps({k: v for k, v in results["verdicts"].items()}, indent=1))
   print(f"report: {os.path.join(report_dir, 'RESULTS.md')}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -8,7 +8,34 @@ last) fails loudly instead of broadcasting silently.
 Strict dtype promotion is not global because optax's own schedules and Adam
 mix Python floats with int32 step counts; the dtype tests of our transforms
 turn it on with ``jax.numpy_dtype_promotion("strict")`` around our own code.
+
+The session, its xdist workers and the commands the tests start share one
+persistent compilation cache (JAX's own, in a temporary folder removed at the
+end; a JAX_COMPILATION_CACHE_DIR already set is used and kept): a fresh process
+compiles the same small programs again, and a 48-step command run takes 4 s
+from the cache instead of 12 s. The environment is set before JAX is imported
+and before xdist starts its workers, which inherit it.
 """
-import jax
+import os
+import shutil
+import tempfile
+
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="normreg-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+if _OWN_CACHE:  # in case a plugin imported JAX before this file ran
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):  # the controller made it
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

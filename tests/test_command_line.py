@@ -8,6 +8,7 @@ naming the flag, with exit status 1 and no traceback.
 
 import json
 import os
+import subprocess
 import sys
 from unittest import mock
 
@@ -200,7 +201,6 @@ def test_catalog_without_the_extra_or_a_network_is_one_line(tmp_path):
   # Without TensorFlow, preparing the default --dataset=cifar10 (the download done, here
   # by local files) says what to install. A fresh process: no TensorFlow imported before.
   _fake_cifar10_download(str(tmp_path / "download"))
-  import subprocess  # pylint: disable=g-import-not-at-top
   result = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW, str(tmp_path / "download"),
                            str(tmp_path / "tfds")], capture_output=True, text=True,
                           timeout=300, cwd=runs.REPO)
@@ -209,9 +209,28 @@ def test_catalog_without_the_extra_or_a_network_is_one_line(tmp_path):
   assert "--dataset=cifar10" in line[0] and "pip install -e '.[tfds]'" in line[0]
   assert "--dataset=folder" in line[0]
   # No network: the download fails; one line through the real command, naming the way out.
-  result = runs.command("experiments.train", f"--workdir={tmp_path / 'w'}",
-                        f"--data_dir={tmp_path / 'tfds2'}", *SMALL,
-                        env=dict(os.environ, HTTPS_PROXY="http://127.0.0.1:9",
-                                 HTTP_PROXY="http://127.0.0.1:9"))
+  # (tfds retries 10 times with exponential backoff, 3.5 minutes: here it tries once.)
+  once = ("import runpy, sys\n"
+          "from tensorflow_datasets.core.download import downloader\n"
+          "downloader.MAX_RETRIES = 0\n"
+          "sys.argv = ['experiments.train'] + sys.argv[1:]\n"
+          "runpy.run_module('experiments.train', run_name='__main__', alter_sys=True)\n")
+  result = subprocess.run([sys.executable, "-c", once, f"--workdir={tmp_path / 'w'}",
+                           f"--data_dir={tmp_path / 'tfds2'}", *SMALL],
+                          capture_output=True, text=True, timeout=300, cwd=runs.REPO,
+                          env=dict(os.environ, HTTPS_PROXY="http://127.0.0.1:9",
+                                   HTTP_PROXY="http://127.0.0.1:9"))
   _one_line_error(result, "experiments.train", "--dataset=cifar10: could not download",
                   "--dataset=folder")
+
+
+def test_every_command_imports_beside_the_others():
+  """The commands share flag names (--size, --workdir, --model): each defines its
+  flags when it runs, so that a test worker (or a notebook) may import all of them."""
+  modules = ["experiments.train", "experiments.sweep", "experiments.distributed",
+             "experiments.plot", "experiments.reproduce", "experiments.compare",
+             "benchmarks.step_overhead", "benchmarks.detection", "benchmarks.mutation"]
+  code = "import importlib\nfor m in %r:\n  importlib.import_module(m)\n" % modules
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=runs.REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]

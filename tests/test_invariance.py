@@ -67,9 +67,8 @@ def _scale_leaf(params, path, factor):
 
 
 def _factor(group, w, key):
-  if group is normreg.UNIT:
-    return jax.random.uniform(key, (1,) * (w.ndim - 1) + w.shape[-1:], w.dtype, 0.3, 3.0)
-  return jnp.asarray(2.7, w.dtype)
+  """A random factor per group: per unit (UNIT) or per tensor, per stacked layer."""
+  return jax.random.uniform(key, group.keepdims_shape(w.shape), w.dtype, 0.3, 3.0)
 
 
 @pytest.mark.parametrize("model_name, norm", CASES)
@@ -85,7 +84,11 @@ def test_groups_are_found(model_name, norm):
   else:
     expected = {p for p in paths if p.endswith("kernel") and not p.startswith("head")}
   assert set(found) == expected
-  assert set(found.values()) == {KIND[norm]}
+  # Layers stacked by nnx.scan (scan_cnn's "blocks") carry their layer axis first.
+  stacked = {p for p in expected if model_name == "scan_cnn" and p.startswith("blocks/")}
+  assert bool(stacked) == (model_name == "scan_cnn")
+  assert {p: g.kind for p, g in found.items()} == {p: KIND[norm].kind for p in expected}
+  assert {p: g.stack for p, g in found.items()} == {p: int(p in stacked) for p in expected}
 
 
 @pytest.mark.parametrize("model_name, norm", [c for c in CASES if c[1] != "none"])
