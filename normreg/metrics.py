@@ -37,7 +37,7 @@ from normreg import reductions
 compute_dtype = reductions.compute_dtype
 
 
-def _per_leaf(resolved: groups_lib.Resolved, values: dict, params: Any) -> Any:
+def _per_leaf(values: dict, params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(
       lambda path, _: values.get(groups_lib.path_str(path)), params,
       is_leaf=groups_lib._leaf_or_masked)
@@ -55,7 +55,7 @@ def unit_norms(params: Any, groups: groups_lib.GroupsOrFn) -> Any:
     (Array([5., 2.], dtype=float32), None)
   """
   resolved = groups_lib.resolve(groups, params, "unit_norms")
-  return _per_leaf(resolved, reductions.norms(resolved, params), params)
+  return _per_leaf(reductions.norms(resolved, params), params)
 
 
 def effective_learning_rate(learning_rate: Any, params: Any, groups: groups_lib.GroupsOrFn,
@@ -78,7 +78,8 @@ def effective_learning_rate(learning_rate: Any, params: Any, groups: groups_lib.
     >>> normreg.effective_learning_rate(0.1, params, {"kernel": normreg.UNIT})["kernel"]
     Array([0.004, 0.025], dtype=float32)
   """
-  norms = unit_norms(params, groups)
+  resolved = groups_lib.resolve(groups, params, "effective_learning_rate")
+  norms = _per_leaf(reductions.norms(resolved, params), params)
   lr = jnp.asarray(learning_rate, jnp.float32)
   return jax.tree.map(lambda n: lr / n ** jnp.asarray(power, n.dtype), norms)
 
@@ -111,4 +112,4 @@ def angular_update(before: Any, after: Any, groups: groups_lib.GroupsOrFn) -> An
   diff = reductions.group_sums(resolved, lambda a, b: jnp.square(a - b), u, v)
   summ = reductions.group_sums(resolved, lambda a, b: jnp.square(a + b), u, v)
   angles = {p: 2 * jnp.arctan2(jnp.sqrt(diff[p]), jnp.sqrt(summ[p])) for p in diff}
-  return _per_leaf(resolved, angles, before)
+  return _per_leaf(angles, before)

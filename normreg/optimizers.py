@@ -91,6 +91,18 @@ def _momentum(momentum: Any, nesterov: bool) -> optax.GradientTransformation:
   return optax.trace(decay=momentum, nesterov=nesterov)
 
 
+def _named(caller: str, groups: groups_lib.GroupsOrFn,
+           tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``init`` first checks ``groups`` against the params under the
+  optimizer's own name (the chained transforms would name themselves)."""
+
+  def init(params):
+    groups_lib.resolve(groups, params, caller)
+    return tx.init(params)
+
+  return optax.GradientTransformationExtraArgs(init, tx.update)
+
+
 def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib.GroupsOrFn,
            momentum: float = 0.0, nesterov: bool = False,
            ungrouped_learning_rate: Optional[optax.ScalarOrSchedule] = None
@@ -139,11 +151,11 @@ def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib
   References:
     van Laarhoven, 2017 (arXiv 1706.05350).
   """
-  return optax.chain(
+  return _named("sgd_l2", groups, optax.chain(
       penalty.add_l2_penalty(lam, groups),
       _momentum(momentum, nesterov),
       scale_by_learning_rates(learning_rate, groups, ungrouped_learning_rate, caller="sgd_l2"),
-  )
+  ))
 
 
 def spherical_sgd(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
@@ -164,9 +176,10 @@ def spherical_sgd(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Grou
   The effective learning rate of every grouped unit is ``eta`` itself. The
   first two factors make training exactly independent of the initial scale of
   the grouped weights, momentum included: the gradient, the momentum buffer
-  and the point stepped from are those at ``w/||w||`` from the very first step
-  (a naive ``chain(sgd, project)`` would take its first step from ``a w`` with
-  gradient ``grad L(w)/a``).
+  and the point stepped from are those at ``w/||w||`` from the very first step.
+  A naive ``chain(optax.sgd, project_to_sphere)`` also steps from ``w/||w||``,
+  but its first gradient, taken at ``a w``, is ``grad L(w)/a``: that step is
+  ``1/a`` times too short, and momentum carries the scaled gradient on.
 
   Chain: ``scale_by_weight_norm(power=1)`` (gradient at ``w/||w||``),
   ``optax.trace`` (momentum), ``optax.scale_by_learning_rate``,
@@ -188,13 +201,13 @@ def spherical_sgd(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Grou
   References:
     van Laarhoven, 2017 (arXiv 1706.05350), sec. 4.
   """
-  return optax.chain(
+  return _named("spherical_sgd", groups, optax.chain(
       rescale.scale_by_weight_norm(groups, power=1),
       _momentum(momentum, nesterov),
       scale_by_learning_rates(learning_rate, groups, ungrouped_learning_rate,
                               caller="spherical_sgd"),
       sphere.project_to_sphere(groups, radius=1.0),
-  )
+  ))
 
 
 def spherical_adam(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
@@ -219,10 +232,10 @@ def spherical_adam(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Gro
   References:
     van Laarhoven, 2017; Kingma & Ba, 2015; Heo et al., *AdamP*, 2021.
   """
-  return optax.chain(
+  return _named("spherical_adam", groups, optax.chain(
       rescale.scale_by_weight_norm(groups, power=1),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
       scale_by_learning_rates(learning_rate, groups, ungrouped_learning_rate,
                               caller="spherical_adam"),
       sphere.project_to_sphere(groups, radius=1.0),
-  )
+  ))

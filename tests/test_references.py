@@ -193,7 +193,8 @@ def test_spherical_sgd(momentum, nesterov):
 
 
 def test_spherical_adam():
-  lr, b1, b2, eps = 0.05, 0.9, 0.99, 1e-8
+  # None of b1, b2, eps, eps_root at optax's default: each must reach the moments.
+  lr, b1, b2, eps, eps_root = 0.05, 0.8, 0.99, 1e-3, 1e-4
 
   def ref(t, p, g, state):
     out = {}
@@ -203,7 +204,7 @@ def test_spherical_adam():
       v = b2 * state.get(("v", k), 0.0) + (1 - b2) * d * d
       state[("m", k)], state[("v", k)] = m, v
       m_hat, v_hat = m / (1 - b1 ** (t + 1)), v / (1 - b2 ** (t + 1))
-      u = -lr * m_hat / (np.sqrt(v_hat) + eps)
+      u = -lr * m_hat / (np.sqrt(v_hat + eps_root) + eps)
       if _grouped(k):
         stepped = w / _np_norm(k, w) + u
         out[k] = stepped / _np_norm(k, stepped)
@@ -211,7 +212,8 @@ def test_spherical_adam():
         out[k] = w + u
     return out, state
 
-  ours = _run_normreg(normreg.spherical_adam(lr, GROUPS, b1=b1, b2=b2, eps=eps))
+  ours = _run_normreg(normreg.spherical_adam(lr, GROUPS, b1=b1, b2=b2, eps=eps,
+                                             eps_root=eps_root))
   _assert_same(ours, _run_reference(ref), rtol=5e-5, atol=5e-6)
 
 
@@ -262,6 +264,9 @@ def test_metrics_against_numpy(power):
     n = np.squeeze(_np_norm(k, w), axis=_np_axes(k, w.ndim))
     np.testing.assert_allclose(norms[k], n, rtol=1e-6)
     np.testing.assert_allclose(elr[k], 0.3 / n ** power, rtol=1e-5)
+    if power == 2:  # the default: SGD's eta / ||w||^2
+      default = normreg.effective_learning_rate(0.3, jp, GROUPS)[k]
+      np.testing.assert_allclose(default, 0.3 / n ** 2, rtol=1e-5)
     cos = np.squeeze(_np_dot(k, w, after[k]) / _np_norm(k, w) / _np_norm(k, after[k]),
                      axis=_np_axes(k, w.ndim))
     np.testing.assert_allclose(angles[k], np.arccos(cos), rtol=1e-4)

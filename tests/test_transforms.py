@@ -482,3 +482,62 @@ def test_inject_hyperparams_equals_plain_transform(name):
     u_inj, s_inj = jax.jit(injected.update)(_grads(params), s_inj, params)
     chex.assert_trees_all_close(u_inj, u_plain, rtol=1e-5, atol=1e-7)
     params = optax.apply_updates(params, u_plain)
+
+
+# Every public function that takes groups names itself when the groups do not fit the
+# params (the first thing a user reads), at init or at the first update.
+_NAMED = {
+    "add_l2_penalty": lambda g: normreg.add_l2_penalty(0.1, g),
+    "scale_by_weight_norm": lambda g: normreg.scale_by_weight_norm(g),
+    "project_to_sphere": lambda g: normreg.project_to_sphere(g),
+    "tangent_projection": lambda g: normreg.tangent_projection(g),
+    "sgd_l2": lambda g: normreg.sgd_l2(0.1, 0.01, g),
+    "spherical_sgd": lambda g: normreg.spherical_sgd(0.1, g),
+    "spherical_adam": lambda g: normreg.spherical_adam(0.1, g),
+    "rotational": lambda g: normreg.rotational(optax.sgd(0.1), g, 0.01),
+    "adamp": lambda g: normreg.adamp(0.1, g),
+    "sgdp": lambda g: normreg.sgdp(0.1, g),
+    "nero": lambda g: normreg.nero(0.1, g),
+    "adamh": lambda g: normreg.adamh(0.1, g),
+    "add_corrected_decayed_weights": lambda g: normreg.add_corrected_decayed_weights(0.1, 0.1, g),
+}
+_NAMED_FUNCTIONS = {
+    "unit_norms": lambda p, g: normreg.unit_norms(p, g),
+    "effective_learning_rate": lambda p, g: normreg.effective_learning_rate(0.1, p, g),
+    "angular_update": lambda p, g: normreg.angular_update(p, p, g),
+    "rescale_groups": lambda p, g: normreg.rescale_groups(p, g, 2.0),
+}
+
+
+@pytest.mark.parametrize("name", list(_NAMED) + list(_NAMED_FUNCTIONS))
+def test_groups_that_do_not_fit_name_the_function(name):
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
+  wrong = {"w": normreg.UNIT, "other": None}
+  with pytest.raises(ValueError, match=rf"^{name}: "):
+    if name in _NAMED_FUNCTIONS:
+      _NAMED_FUNCTIONS[name](params, wrong)
+    else:
+      tx = _NAMED[name](wrong)
+      state = tx.init(params)
+      tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+
+
+def test_spherical_adam_keeps_its_first_moment_in_mu_dtype():
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
+  groups = {"w": normreg.UNIT, "b": None}
+  tx = normreg.spherical_adam(0.1, groups, mu_dtype=jnp.bfloat16)
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  adam = [s for s in state if isinstance(s, optax.ScaleByAdamState)]
+  assert len(adam) == 1
+  assert {x.dtype for x in jax.tree.leaves(adam[0].mu)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(adam[0].nu)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("name", ["sgd_l2", "spherical_sgd", "spherical_adam"])
+def test_a_non_positive_learning_rate_names_the_optimizer(name):
+  make = {"sgd_l2": lambda lr: normreg.sgd_l2(lr, 0.01, {"w": normreg.UNIT}),
+          "spherical_sgd": lambda lr: normreg.spherical_sgd(lr, {"w": normreg.UNIT}),
+          "spherical_adam": lambda lr: normreg.spherical_adam(lr, {"w": normreg.UNIT})}[name]
+  with pytest.raises(ValueError, match=rf"^{name}: learning_rate must be > 0"):
+    make(-0.1)
