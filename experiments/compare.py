@@ -366,9 +366,21 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
       "of the approach to equilibrium elapsed before that window; an equilibrium ratio is a "
       f"test of the theory only after {SETTLE} of them, and is marked *transient* before. "
       "Step time: the method's training throughput against plain SGD's (`none`), same "
-      "model, measured while the runs trained (see the README's Performance section for "
-      "interleaved timings).", "",
+      "model, measured while the runs trained. The runs were trained at different times "
+      "on a machine shared with other work, so a step-time ratio within about 2x says "
+      "nothing about the method: the interleaved timings of the README's Performance "
+      "section are the ones to read.", "",
       "| method | settings | base lr |", "| --- | --- | --- |"]
+  transient = sorted({n for m in r["models"].values() for n, v in m["methods"].items()
+                      if v.get("time_constants") is not None
+                      and v["time_constants"] < SETTLE})
+  if transient:
+    lines[-3:-3] = [
+        f"- **Read with care**: at this budget {', '.join(transient)} never reach their "
+        "equilibrium; they are compared in their transient, with an effective learning rate "
+        "still set by their initial norms, against methods that turn by their target angle "
+        "from the first step. The accuracy ranking is a fact about this budget, not about "
+        "the methods at equilibrium."]
   for name, (settings, lr, _) in METHODS.items():
     text = " ".join(f"--{k}={v}" for k, v in settings.items())
     lines.append(f"| {name} | `{text}` | {lr:g} |")
@@ -393,16 +405,29 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
         f"{n} {rows[n]['acc'] - rows[best]['acc']:+.3f} "
         f"({(rows[n]['acc'] - rows[best]['acc']) / max(math.hypot(rows[n]['acc_se'], rows[best]['acc_se']), 1e-9):+.1f} s.e.)"
         for n in rows if n != best) + ".", ""]
+    if best != "spherical":
+      d = rows["spherical"]["acc"] - rows[best]["acc"]
+      se = max(math.hypot(rows["spherical"]["acc_se"], rows[best]["acc_se"]), 1e-9)
+      rank = sorted(rows, key=lambda n: -rows[n]["acc"]).index("spherical") + 1
+      lines += [f"The paper's own proposal, spherical SGD, ranks {rank} of {len(rows)}: "
+                f"{d:+.3f} ({d / se:+.1f} s.e.) against {best}.", ""]
     h = m["heuristic"]
     lines += [f"AdamP's cosine test against the exact groups, along an SGDP run: it disagrees "
               f"on {100 * h['disagree']:.1f}% of {h['decisions']} decisions (leaves with two "
-              "or more axes, every logged step). Per leaf: " + ", ".join(
+              "or more axes, every logged step). " + (("Per leaf: " + ", ".join(
                   f"`{p}` {100 * f:.0f}% (exact: {h['exact'][p] or 'none'})"
-                  for p, f in h["per_leaf"].items() if f > 0) + ".", ""]
+                  for p, f in h["per_leaf"].items() if f > 0) + ".")
+                  if any(f > 0 for f in h["per_leaf"].values())
+                  else "It agrees with them on every leaf."), ""]
     dec = plot_lib.read_run(rows["decoupled"]["workdir"])
     cor = plot_lib.read_run(rows["corrected"]["workdir"])
     lines += [f"Gradient norm over the last tenth of the cosine schedule against its middle: "
-              f"decoupled decay x{grad_norm_rise(dec):.2f}, corrected x{grad_norm_rise(cor):.2f}.",
+              f"decoupled decay x{grad_norm_rise(dec):.2f}, corrected x{grad_norm_rise(cor):.2f}."
+              + (f" The decay had acted for {rows['decoupled']['time_constants']:.2g} time "
+                 f"constants, fewer than {SETTLE}: the norms were still far from the "
+                 "equilibrium whose loss at the end of the schedule the correction is about, "
+                 "so this budget cannot show the effect either way."
+                 if (rows["decoupled"].get("time_constants") or SETTLE) < SETTLE else ""),
               ""]
   lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({p})" for p in rel] + [""]
   with open(path, "w") as f:
