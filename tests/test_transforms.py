@@ -541,3 +541,62 @@ def test_a_non_positive_learning_rate_names_the_optimizer(name):
           "spherical_adam": lambda lr: normreg.spherical_adam(lr, {"w": normreg.UNIT})}[name]
   with pytest.raises(ValueError, match=rf"^{name}: learning_rate must be > 0"):
     make(-0.1)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: normreg.add_l2_penalty(-0.1, {"w": normreg.UNIT}),
+     r"^add_l2_penalty: lam must be >= 0, got -0.1"),
+    (lambda: normreg.project_to_sphere({"w": normreg.UNIT}, radius=0.0),
+     r"^project_to_sphere: radius must be > 0, got 0.0"),
+])
+def test_bad_hyperparameters_name_the_function_and_the_argument(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+@pytest.mark.parametrize("how", ["float32 array", "inject_hyperparams"])
+def test_an_array_lam_keeps_bf16_updates_bf16(how):
+  """``lam`` as a float32 array (a schedule's value, a sweep's hyperparameter) does not
+  promote the updates of bf16 params; the penalty keeps its value."""
+  groups = {"w": normreg.UNIT}
+  tx = (normreg.add_l2_penalty(jnp.float32(0.25), groups) if how == "float32 array" else
+        optax.inject_hyperparams(normreg.add_l2_penalty)(lam=0.25, groups=groups))
+  params = {"w": jnp.full((3, 2), 2.0, jnp.bfloat16)}
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  assert updates["w"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(updates["w"], np.float32), 1.0 + 2 * 0.25 * 2.0)
+
+
+def test_metrics_leave_masked_leaves_as_none():
+  """Under optax.masked the params hold MaskedNode leaves: the metrics give None there."""
+  params = {"w": jnp.ones((3, 2)), "m": optax.MaskedNode()}
+  groups = {"w": normreg.UNIT, "m": None}
+  for out in (normreg.unit_norms(params, groups),
+              normreg.effective_learning_rate(0.1, params, groups),
+              normreg.angular_update(params, params, groups)):
+    assert out["m"] is None
+    assert out["w"].shape == (2,)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: normreg.scale_by_learning_rates(-0.1, {"w": normreg.UNIT}),
+     r"^scale_by_learning_rates: learning_rate must be > 0"),
+    (lambda: normreg.sgd_l2(0.1, 0.01, {"w": normreg.UNIT}, ungrouped_learning_rate=-0.1),
+     r"^sgd_l2: ungrouped_learning_rate must be > 0"),
+])
+def test_bad_learning_rates_name_the_function(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+def test_project_to_sphere_needs_params_and_keeps_bf16_updates_bf16():
+  tx = normreg.project_to_sphere({"w": normreg.UNIT})
+  params = {"w": jnp.full((3, 2), 2.0, jnp.bfloat16)}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"^project_to_sphere needs the current params"):
+    tx.update(params, state)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  assert updates["w"].dtype == jnp.bfloat16
+  # From 2 * ones to the unit sphere: w + u = 1/sqrt(3) per entry.
+  np.testing.assert_allclose(np.asarray(params["w"] + updates["w"], np.float32),
+                             1 / np.sqrt(3), rtol=1e-2)
