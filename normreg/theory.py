@@ -83,7 +83,7 @@ def _check(**values: float) -> None:
       raise ValueError(f"{name} must be > 0, got {value}.")
     if name in ("lam_wd", "wd") and not value >= 0:
       raise ValueError(f"{name} must be >= 0, got {value}.")
-    if name in ("momentum", "b1") and not 0 <= value < 1:
+    if name in ("momentum", "b1", "b2") and not 0 <= value < 1:
       raise ValueError(f"{name} must be in [0, 1), got {value}.")
 
 
@@ -308,6 +308,7 @@ def lion_sign_correlation(b1: float = 0.9, b2: float = 0.99, terms: int = 100000
   Gaussian process with ``corr(c_t, c_{t+k}) = b1 b2^(k-1) cov(c, m) / var(c)``;
   the signs then correlate by the arcsine law, ``rho_k = (2/pi) arcsin(r_k)``.
   """
+  _check(b1=b1, b2=b2)
   var_m = (1 - b2) / (1 + b2)
   var_c = b1 ** 2 * var_m + (1 - b1) ** 2
   cov_cm = b1 * b2 * var_m + (1 - b1) * (1 - b2)
@@ -334,7 +335,7 @@ def equilibrium_angle_lion(lr: float, wd: float, b1: float = 0.9, b2: float = 0.
   >>> round(equilibrium_angle_lion(1e-3, 1.0) / math.sqrt(2e-3), 3)
   0.148
   """
-  _check(lr=lr, wd=wd, b1=b1)
+  _check(lr=lr, wd=wd, b1=b1, b2=b2)
   return math.sqrt(2 * lr * wd / (1 + 2 * lion_sign_correlation(b1, b2)))
 
 

@@ -7,6 +7,9 @@ transforms), run with ``jax.lax.scan``. Tolerance: 10% (the formulas are
 small-angle, continuous-time approximations; the angles here are 0.01-0.05).
 """
 
+import inspect
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -293,3 +296,40 @@ def test_weight_decay_timescale_is_the_ema_horizon_of_adamw():
   assert crossed == pytest.approx(tau, rel=0.02)
   assert theory.weight_decay_timescale(lr, wd, steps_per_epoch=50) == pytest.approx(tau / 50)
   assert theory.weight_decay_for_timescale(lr, tau / 50, steps_per_epoch=50) == pytest.approx(wd)
+
+
+# ---------------------------------------------------------------- arguments and edges
+
+_VALID = dict(lr=0.1, lam_wd=0.01, wd=0.01, momentum=0.9, b1=0.9, b2=0.99, grad_norm=1.0,
+              init_norm=1.0, rtol=0.01, step=10, wd_ratio=0.1, target_angle=0.01, tau=10.0,
+              steps_per_epoch=100, terms=1000)
+_BAD = {"lr": [0.0, -0.1], "grad_norm": [0.0, -1.0], "init_norm": [0.0, -1.0],
+        "rtol": [0.0, -0.1], "lam_wd": [-0.01], "wd": [-0.01], "momentum": [1.0, -0.1],
+        "b1": [1.0, -0.1], "b2": [1.0, -0.1], "tau": [0.0, -1.0]}
+_CHECKED = [(name, arg) for name, fn in vars(theory).items()
+            if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "")
+            == theory.__name__ and not isinstance(fn, type)
+            for arg in inspect.signature(fn).parameters if arg in _BAD]
+
+
+@pytest.mark.parametrize("name, arg", _CHECKED)
+def test_every_theory_function_refuses_bad_arguments_by_name(name, arg):
+  fn = getattr(theory, name)
+  kwargs = {p: _VALID[p] for p in inspect.signature(fn).parameters if p in _VALID}
+  fn(**kwargs)  # the valid point works
+  for bad in _BAD[arg]:
+    with pytest.raises(ValueError, match=rf"^{arg} must be"):
+      fn(**{**kwargs, arg: bad})
+
+
+def test_sgdp_angle_defaults_are_momentum_09_and_wd_ratio_01():
+  assert theory.equilibrium_angle_sgdp(0.1, 0.01) == pytest.approx(
+      math.sqrt(2 * 0.1 * 0.01 * 0.1 / (1 - 0.9)), rel=1e-12)
+
+
+def test_weight_decay_timescale_edges():
+  assert theory.weight_decay_timescale(0.1, 0.0) == math.inf
+  assert theory.weight_decay_timescale(0.1, 1.0) == pytest.approx(10.0)  # 1/(lr wd), wd = 1
+  assert theory.weight_decay_timescale(0.1, 0.5, steps_per_epoch=4) == pytest.approx(5.0)
+  assert theory.weight_decay_for_timescale(0.1, 0.5) == pytest.approx(20.0)  # tau < 1 step
+  assert theory.weight_decay_for_timescale(0.1, 20.0) == pytest.approx(0.5)  # tau in steps
