@@ -13,16 +13,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from absl import logging
 from flax import nnx
 
 from experiments import data as data_lib
+from experiments import errors
 from experiments import plot as plot_lib
 from experiments import trainer
 from experiments.config import Config
@@ -175,3 +178,35 @@ def write_json(results: dict, cache: RunCache, path: str) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     json.dump(results, f, indent=1)
+
+
+# ------------------------------------------------ the command line of the reports
+
+
+def define_report_flags(workdir: str, workdir_help: str, report_help: str) -> None:
+  """``--data_dir``, ``--workdir`` and ``--report_dir`` of the commands that write a
+  report from cached runs (``experiments.reproduce``, ``experiments.compare``)."""
+  flags.DEFINE_string("data_dir", os.environ.get("NORMREG_CIFAR10_DIR"),
+                      "The extracted CIFAR-10 copy (default $NORMREG_CIFAR10_DIR).")
+  flags.DEFINE_string("workdir", workdir, workdir_help)
+  flags.DEFINE_string("report_dir", None, report_help)
+
+
+def report_dir_for(workdir: str, size: str, report_dir: Optional[str]) -> str:
+  """``--report_dir``, default ``WORKDIR/SIZE/report`` (never the committed report)."""
+  return report_dir or os.path.join(workdir, size, "report")
+
+
+def report_paths(program: str, argv: Sequence[str]) -> tuple[str, str, str]:
+  """Checks a report command's arguments and ``--data_dir``; returns the runs' folder
+  ``WORKDIR/SIZE``, the report folder and the command line to print in the report
+  (``--data_dir`` shown as ``DIR``)."""
+  fl = flags.FLAGS
+  if len(argv) > 1:
+    raise errors.InputError(f"unexpected arguments: {argv[1:]}")
+  if fl.data_dir and not os.path.isdir(fl.data_dir):
+    raise errors.MissingInputError(f"--data_dir={fl.data_dir} is not a folder.")
+  command = f"python -m {program} " + " ".join(
+      a if not a.startswith("--data_dir") else "--data_dir=DIR" for a in sys.argv[1:])
+  return (os.path.join(fl.workdir, fl.size), report_dir_for(fl.workdir, fl.size, fl.report_dir),
+          command.strip())

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -444,12 +443,10 @@ def define_flags() -> None:
   """
   flags.DEFINE_enum("size", "cpu", list(SIZES), "smoke (a test), cpu (about an hour on "
                     "a 2-core CPU), full (50,000 images; a GPU).")
-  flags.DEFINE_string("data_dir", os.environ.get("NORMREG_CIFAR10_DIR"),
-                      "The extracted CIFAR-10 copy (default $NORMREG_CIFAR10_DIR).")
-  flags.DEFINE_string("workdir", "runs/compare", "Where the runs go (cached).")
-  flags.DEFINE_string("report_dir", None, "Where COMPARISON.md and figures go; "
-                      "default WORKDIR/SIZE/report (the committed one: "
-                      "--report_dir=experiments).")
+  cache_lib.define_report_flags("runs/compare", "Where the runs go (cached).",
+                                "Where COMPARISON.md and figures go; default "
+                                "WORKDIR/SIZE/report (the committed one: "
+                                "--report_dir=experiments).")
 
 
 FLAGS = flags.FLAGS
@@ -457,15 +454,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   with errors.one_line("experiments.compare"):
-    if len(argv) > 1:
-      raise errors.InputError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
-      raise errors.MissingInputError(f"--data_dir={FLAGS.data_dir} is not a folder.")
-    workdir = os.path.join(FLAGS.workdir, FLAGS.size)
-    report_dir = FLAGS.report_dir or os.path.join(workdir, "report")
-    command = "python -m experiments.compare " + " ".join(
-        a if not a.startswith("--data_dir") else "--data_dir=DIR" for a in sys.argv[1:])
-    run(FLAGS.size, workdir, report_dir, FLAGS.data_dir, command=command.strip())
+    workdir, report_dir, command = cache_lib.report_paths("experiments.compare", argv)
+    run(FLAGS.size, workdir, report_dir, FLAGS.data_dir, command=command)
   print(f"report: {os.path.join(report_dir, 'COMPARISON.md')}")
 
 

@@ -53,7 +53,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Optional
 
@@ -1056,19 +1055,11 @@ def define_flags() -> None:
   flags.DEFINE_enum("size", "smoke", list(SIZES), "How big: smoke (CI, minutes on a "
                     "CPU), medium, long (every equilibrium reached; under an hour on a "
                     "2-core CPU), full (50,000 images; a GPU).")
-  flags.DEFINE_string("data_dir", os.environ.get("NORMREG_CIFAR10_DIR"),
-                      "The extracted CIFAR-10 copy (default $NORMREG_CIFAR10_DIR).")
-  flags.DEFINE_string("workdir", "runs/reproduce", "Where the runs go (cached: a "
-                      "finished run is not trained again).")
-  flags.DEFINE_string("report_dir", None,
-                      "Where RESULTS.md, results.json and figures/ go; default "
-                      "WORKDIR/SIZE/report. The committed report is written with "
-                      "--report_dir=experiments.")
+  cache_lib.define_report_flags(
+      "runs/reproduce", "Where the runs go (cached: a finished run is not trained again).",
+      "Where RESULTS.md, results.json and figures/ go; default WORKDIR/SIZE/report. The "
+      "committed report is written with --report_dir=experiments.")
 
-
-def report_dir_for(workdir: str, size: str, report_dir: Optional[str]) -> str:
-  """``--report_dir``, default ``WORKDIR/SIZE/report`` (never the committed report)."""
-  return report_dir or os.path.join(workdir, size, "report")
 
 
 FLAGS = flags.FLAGS
@@ -1076,15 +1067,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   with errors.one_line("experiments.reproduce"):
-    if len(argv) > 1:
-      raise errors.InputError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
-      raise errors.MissingInputError(f"--data_dir={FLAGS.data_dir} is not a folder.")
-    workdir = os.path.join(FLAGS.workdir, FLAGS.size)
-    report_dir = report_dir_for(FLAGS.workdir, FLAGS.size, FLAGS.report_dir)
-    command = "python -m experiments.reproduce " + " ".join(
-        a if not a.startswith("--data_dir") else "--data_dir=DIR" for a in sys.argv[1:])
-    results = run(FLAGS.size, workdir, report_dir, FLAGS.data_dir, command=command.strip())
+    workdir, report_dir, command = cache_lib.report_paths("experiments.reproduce", argv)
+    results = run(FLAGS.size, workdir, report_dir, FLAGS.data_dir, command=command)
   print(json.dumps({k: v for k, v in results["verdicts"].items()}, indent=1))
   print(f"report: {os.path.join(report_dir, 'RESULTS.md')}")
 

@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from experiments import cache as cache_lib
 from experiments import reproduce
 from experiments.config import Config
 
@@ -208,9 +209,9 @@ def test_sizes_other_than_smoke_need_the_data(tmp_path):
 
 
 def test_the_default_report_goes_under_the_workdir_not_over_the_committed_one():
-  assert reproduce.report_dir_for("runs/reproduce", "smoke", None) == os.path.join(
+  assert cache_lib.report_dir_for("runs/reproduce", "smoke", None) == os.path.join(
       "runs/reproduce", "smoke", "report")
-  assert reproduce.report_dir_for("runs/reproduce", "long", "experiments") == "experiments"
+  assert cache_lib.report_dir_for("runs/reproduce", "long", "experiments") == "experiments"
 
 
 def _synthetic_run(tmp_path, norms, steps):
