@@ -43,6 +43,11 @@ def _per_leaf(values: dict, params: Any) -> Any:
       is_leaf=groups_lib._leaf_or_masked)
 
 
+def _norms(params: Any, groups: groups_lib.GroupsOrFn, caller: str) -> Any:
+  resolved = groups_lib.resolve(groups, params, caller)
+  return _per_leaf(reductions.norms(resolved, params), params)
+
+
 def unit_norms(params: Any, groups: groups_lib.GroupsOrFn) -> Any:
   """``||w||`` per group: shape ``(out,)`` (UNIT), ``()`` (TENSOR), stack axes first.
 
@@ -54,8 +59,7 @@ def unit_norms(params: Any, groups: groups_lib.GroupsOrFn) -> Any:
     >>> norms["kernel"], norms["bias"]
     (Array([5., 2.], dtype=float32), None)
   """
-  resolved = groups_lib.resolve(groups, params, "unit_norms")
-  return _per_leaf(reductions.norms(resolved, params), params)
+  return _norms(params, groups, "unit_norms")
 
 
 def effective_learning_rate(learning_rate: Any, params: Any, groups: groups_lib.GroupsOrFn,
@@ -78,8 +82,7 @@ def effective_learning_rate(learning_rate: Any, params: Any, groups: groups_lib.
     >>> normreg.effective_learning_rate(0.1, params, {"kernel": normreg.UNIT})["kernel"]
     Array([0.004, 0.025], dtype=float32)
   """
-  resolved = groups_lib.resolve(groups, params, "effective_learning_rate")
-  norms = _per_leaf(reductions.norms(resolved, params), params)
+  norms = _norms(params, groups, "effective_learning_rate")
   lr = jnp.asarray(learning_rate, jnp.float32)
   return jax.tree.map(lambda n: lr / n ** jnp.asarray(power, n.dtype), norms)
 
