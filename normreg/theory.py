@@ -76,6 +76,32 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+__all__ = (
+    "equilibrium_angle_sgd",
+    "equilibrium_angle_sgdw",
+    "equilibrium_angle_adamw",
+    "equilibrium_norm_sgd",
+    "equilibrium_elr_sgd",
+    "norm_trajectory_sgd",
+    "steps_to_equilibrium",
+    "spherical_learning_rate",
+    "time_constant_sgd",
+    "time_constant_sgdw",
+    "time_constant_adamw",
+    "exponential_lr_rate",
+    "exponential_lr_schedule",
+    "exponential_lr_momentum_init",
+    "equilibrium_angle_adamp",
+    "equilibrium_angle_sgdp",
+    "lion_sign_correlation",
+    "equilibrium_angle_lion",
+    "angle_nero",
+    "angle_adamh",
+    "angle_rotational",
+    "weight_decay_timescale",
+    "weight_decay_for_timescale",
+)
+
 
 def _check(**values: float) -> None:
   for name, value in values.items():

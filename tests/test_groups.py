@@ -105,3 +105,29 @@ def test_as_mask_feeds_optax_add_decayed_weights():
   out, _ = tx.update(zeros, tx.init(params), params)
   assert jnp.allclose(out["w1"], 0.5 * params["w1"])
   assert jnp.all(out["head"]["kernel"] == 0)
+
+
+@pytest.mark.parametrize("group, ndim, axes", [
+    (normreg.UNIT, 4, (0, 1, 2)),        # conv kernel: all but the output axis
+    (normreg.TENSOR, 4, (0, 1, 2, 3)),
+    (normreg.UNIT, 1, ()),               # a bias: one value per unit, nothing to reduce
+    ("tensor", 2, (0, 1)),               # the string form is accepted
+    (normreg.unit(stack=1), 4, (1, 2)),  # scanned conv kernel: per layer and unit
+    (normreg.tensor(stack=1), 3, (1, 2)),
+    (normreg.unit(stack=1), 2, ()),      # scanned bias
+    (normreg.tensor(stack=2), 2, ()),    # only stack axes: one group per copy
+])
+def test_reduction_axes(group, ndim, axes):
+  assert normreg.groups.reduction_axes(group, ndim) == axes
+
+
+def test_group_repr_and_str():
+  assert repr(normreg.Invariance.UNIT) == "normreg.Invariance.UNIT"
+  assert repr(normreg.UNIT) == "normreg.UNIT"
+  assert repr(normreg.tensor()) == "normreg.TENSOR"
+  assert repr(normreg.unit(stack=1)) == "normreg.unit(stack=1)"
+  assert repr(normreg.unit(joint="d")) == "normreg.unit(joint='d')"
+  assert repr(normreg.tensor(stack=2, joint="d")) == "normreg.tensor(stack=2, joint='d')"
+  assert str(normreg.UNIT) == "unit"
+  assert str(normreg.unit(stack=1)) == "unit stack=1"
+  assert str(normreg.tensor(stack=2, joint="d")) == "tensor stack=2 joint=d"
