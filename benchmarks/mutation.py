@@ -12,6 +12,9 @@ of CI (an hour on a 2-core CPU); run it after a change to the mathematics.
   pip install mutmut
   python -m benchmarks.mutation                       # every module below
   python -m benchmarks.mutation --modules=sphere,metrics --report=/tmp/m.md
+  # a report over runs made in several sittings (each module from the last folder
+  # where its mutants ran), without running mutmut again:
+  python -m benchmarks.mutation --report_only --workdir=/tmp/b --merge=/tmp/a
 
 Statements starting with ``raise`` or a ``logging.`` call are not mutated: their
 strings are messages, and the conditions that raise are mutated where they are
@@ -55,6 +58,10 @@ def define_flags() -> None:
                       "one); a rerun on the same folder reuses mutmut's cache.")
   flags.DEFINE_integer("max_children", os.cpu_count() or 1,
                        "Mutants tested in parallel.")
+  flags.DEFINE_list("merge", [], "Scratch folders of earlier runs: the report takes each "
+                    "module from the last of these folders and --workdir where it ran.")
+  flags.DEFINE_bool("report_only", False, "Write the report from --workdir and --merge "
+                    "without running mutmut.")
 
 
 def prepare(workdir: str, modules) -> None:
@@ -91,6 +98,17 @@ def collect(workdir: str) -> dict[str, dict[str, int | None]]:
   return out
 
 
+def collect_runs(workdirs, modules) -> dict[str, tuple[str, dict[str, int | None]]]:
+  """``{module: (workdir, {mutant: exit code})}`` for ``modules``, each from the last of
+  ``workdirs`` in which at least one of its mutants ran, in the order of ``modules``."""
+  found = {}
+  for workdir in workdirs:
+    for module, codes in collect(workdir).items():
+      if any(v is not None for v in codes.values()):
+        found[module] = (workdir, codes)
+  return {m: found[m] for m in modules if m in found}
+
+
 def diff_of(workdir: str, mutant: str) -> str:
   shown = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=workdir,
                          capture_output=True, text=True).stdout
@@ -98,37 +116,43 @@ def diff_of(workdir: str, mutant: str) -> str:
                    not l.startswith(("+++", "---")))
 
 
-def write_report(workdir: str, results, equivalent: dict[str, str], path: str,
-                 seconds: float, command: str) -> dict:
+def write_report(results, equivalent: dict[str, str], path: str, seconds: float | None,
+                 command: str, missing=()) -> dict:
+  """Writes the report from :func:`collect_runs`' results; returns the totals and score."""
+  took = (f", {seconds / 60:.0f} minutes on {os.cpu_count()} CPU cores" if seconds is not None
+          else ", from the results of earlier runs")
   lines = ["# Mutation testing of normreg", "",
-           f"- Command: `{command}` (mutmut {_mutmut_version()}), {seconds / 60:.0f} minutes "
-           f"on {os.cpu_count()} CPU cores.",
+           f"- Command: `{command}` (mutmut {_mutmut_version()}){took}.",
            f"- Tests: {', '.join(f'`{t}`' for t in TESTS)}, without the `slow` ones.",
            "- Not mutated: statements starting with `raise` or a `logging.` call (messages).",
            "- Score: killed / (mutants run - equivalent survivors). Equivalent survivors are "
            f"listed, with why, in `{os.path.relpath(EQUIVALENT_FILE, REPO)}`.", "",
-           "| module | mutants | killed | survived | equivalent | timeouts/crashes | score |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
-  totals = dict(mutants=0, killed=0, survived=0, equivalent=0, other=0)
+           "| module | mutants | killed | survived | equivalent | timeouts/crashes | not run "
+           "| score |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  totals = dict(mutants=0, killed=0, survived=0, equivalent=0, other=0, not_run=0)
   survivors = []
-  for module, codes in results.items():
+  for module, (workdir, codes) in results.items():
     ran = {k: v for k, v in codes.items() if v is not None}
     killed = sum(v == 1 for v in ran.values())
     survived = [k for k, v in ran.items() if v == 0]
     eq = [k for k in survived if k in equivalent]
     other = len(ran) - killed - len(survived)
+    not_run = len(codes) - len(ran)
     score = killed / max(len(ran) - len(eq), 1)
     lines.append(f"| {module} | {len(ran)} | {killed} | {len(survived)} | {len(eq)} | {other} | "
-                 f"{100 * score:.1f}% |")
+                 f"{not_run} | {100 * score:.1f}% |")
     for k, v in (("mutants", len(ran)), ("killed", killed), ("survived", len(survived)),
-                 ("equivalent", len(eq)), ("other", other)):
+                 ("equivalent", len(eq)), ("other", other), ("not_run", not_run)):
       totals[k] += v
-    survivors += survived
+    survivors += [(workdir, k) for k in survived]
   score = totals["killed"] / max(totals["mutants"] - totals["equivalent"], 1)
+  if missing:
+    lines += [f"- **No results for {', '.join(missing)}**: not part of this report.", ""]
   lines += [f"| **all** | {totals['mutants']} | {totals['killed']} | {totals['survived']} | "
-            f"{totals['equivalent']} | {totals['other']} | **{100 * score:.1f}%** |", ""]
+            f"{totals['equivalent']} | {totals['other']} | {totals['not_run']} | "
+            f"**{100 * score:.1f}%** |", ""]
   lines += ["## Surviving mutants", ""]
-  for mutant in survivors:
+  for workdir, mutant in survivors:
     why = equivalent.get(mutant)
     lines += [f"### `{mutant}`: {'equivalent: ' + why if why else '**not equivalent**'}", "",
               "```diff", diff_of(workdir, mutant), "```", ""]
@@ -156,25 +180,32 @@ def main(argv):
              f"{', '.join(MODULES)}.")
   if importlib.util.find_spec("mutmut") is None:
     sys.exit("benchmarks.mutation: error: mutmut is not installed: pip install mutmut")
+  for workdir in FLAGS.merge + ([FLAGS.workdir] if FLAGS.report_only else []):
+    if not os.path.isdir(os.path.join(workdir or "", "mutants", "normreg")):
+      sys.exit(f"benchmarks.mutation: error: --{'merge' if workdir in FLAGS.merge else 'workdir'}"
+               f"={workdir} holds no mutmut results (no mutants/normreg folder).")
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="normreg-mutation-")
-  if not os.path.exists(os.path.join(workdir, "setup.cfg")):
-    prepare(workdir, FLAGS.modules)
-  start = time.perf_counter()
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
-                  str(FLAGS.max_children), *(f"normreg.{m}.*" for m in FLAGS.modules)],
-                 cwd=workdir, check=False, stdout=subprocess.DEVNULL, env=env)
-  seconds = time.perf_counter() - start
+  seconds = None
+  if not FLAGS.report_only:
+    if not os.path.exists(os.path.join(workdir, "setup.cfg")):
+      prepare(workdir, FLAGS.modules)
+    start = time.perf_counter()
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
+                    str(FLAGS.max_children), *(f"normreg.{m}.*" for m in FLAGS.modules)],
+                   cwd=workdir, check=False, stdout=subprocess.DEVNULL, env=env)
+    seconds = time.perf_counter() - start
   equivalent = {}
   if os.path.exists(EQUIVALENT_FILE):
     with open(EQUIVALENT_FILE) as f:
       equivalent = json.load(f)
   command = "python -m benchmarks.mutation " + " ".join(
-      a for a in sys.argv[1:] if not re.match(r"--(workdir|report)", a))
-  totals = write_report(workdir, collect(workdir), equivalent, FLAGS.report, seconds,
-                        command.strip())
+      a for a in sys.argv[1:] if not re.match(r"--(workdir|report|merge)\b", a))
+  results = collect_runs(FLAGS.merge + [workdir], FLAGS.modules)
+  missing = [m for m in FLAGS.modules if m not in results]
+  totals = write_report(results, equivalent, FLAGS.report, seconds, command.strip(), missing)
   print(json.dumps(totals))
   print(f"report: {FLAGS.report}; mutants in {workdir}")
 
