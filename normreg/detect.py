@@ -49,8 +49,10 @@ MAX_JOINT = 4
 
 
 def _randomize(leaf: Any, rng: np.random.Generator) -> jax.Array:
+  """``leaf + 0.5 rms(leaf) N(0, 1)`` (``rms`` 1 for a zero leaf), drawn and summed in
+  float32, in the leaf's dtype. ``leaf`` is a non-empty floating array."""
   x = np.asarray(leaf, np.float32)
-  rms = float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0
+  rms = float(np.sqrt(np.mean(np.square(x))))
   scale = 0.5 * (rms if rms > 0 else 1.0)
   return jnp.asarray(x + scale * rng.standard_normal(x.shape, np.float32), leaf.dtype)
 
@@ -58,7 +60,7 @@ def _randomize(leaf: Any, rng: np.random.Generator) -> jax.Array:
 def _candidates(shape: tuple[int, ...]) -> list[groups_lib.Group]:
   """Groupings a leaf of ``shape`` may have, finest (most groups) first."""
   ndim = len(shape)
-  out = [groups_lib.unit(stack=k) for k in range(ndim - 1)] if ndim >= 2 else []
+  out = [groups_lib.unit(stack=k) for k in range(ndim - 1)]  # none below two axes
   out += [groups_lib.tensor(stack=k) for k in range(ndim)]
   return sorted(out, key=lambda g: -math.prod(g.group_shape(shape)))
 
@@ -158,11 +160,12 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   References:
     van Laarhoven, 2017 (arXiv 1706.05350), sec. 2.
   """
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=groups_lib._is_none)
+  # A None in params is no leaf here, and comes back as None in the result.
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [groups_lib.path_str(p) for p, _ in leaves]
   arrays = [x for _, x in leaves]
-  is_float = [x is not None and jnp.issubdtype(jnp.result_type(x), jnp.floating)
-              and np.size(x) > 0 for x in arrays]
+  is_float = [jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.size(x) > 0
+              for x in arrays]
   # numpy draws: no per-shape compilation of jax.random ops on the host.
   rng = np.random.default_rng(seed)
   randomized = [_randomize(x, rng) if ok else x for x, ok in zip(arrays, is_float)]

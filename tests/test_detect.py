@@ -1,10 +1,15 @@
 """find_scale_invariant on hand-written functions and on a Linen model."""
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 import normreg
+from normreg import detect
 import toy
 
 
@@ -68,3 +73,158 @@ def test_eval_mode_normalization_is_not_invariant():
   groups = normreg.find_scale_invariant(fn, variables["params"], x)
   assert groups["conv"]["kernel"] is None
   assert groups["dense"]["kernel"] is normreg.TENSOR  # LayerNorm has no running stats
+
+
+# ------------------------------------------------ pieces of the test, and its edge cases
+
+def _bn(z):
+  """BatchNorm without affine: per unit over the batch."""
+  return (z - z.mean(0, keepdims=True)) / jnp.sqrt(z.var(0, keepdims=True) + 1e-5)
+
+
+def _ln(z):
+  return (z - z.mean(-1, keepdims=True)) / jnp.sqrt(z.var(-1, keepdims=True) + 1e-5)
+
+
+def _x(n=32, d=3, seed=0):
+  return jax.random.normal(jax.random.key(seed), (n, d))
+
+
+def _p(seed, *shape):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_randomize_against_numpy(dtype):
+  leaf = (3.0 * _p(0, 40, 50)).astype(dtype)
+  x = np.asarray(leaf, np.float32)
+  draws = np.random.default_rng(7).standard_normal(x.shape, np.float32)
+  want = jnp.asarray(x + 0.5 * np.sqrt(np.mean(x * x)) * draws, dtype)
+  got = detect._randomize(leaf, np.random.default_rng(7))
+  assert got.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  # A zero leaf: rms taken as 1.
+  zero = detect._randomize(jnp.zeros((5,), dtype), np.random.default_rng(7))
+  np.testing.assert_allclose(np.asarray(zero, np.float32),
+                             np.asarray(jnp.asarray(0.5 * draws.ravel()[:5], dtype), np.float32))
+
+
+def test_candidates_finest_first():
+  u, t = normreg.unit, normreg.tensor
+  assert detect._candidates(()) == []
+  assert detect._candidates((5,)) == [t()]
+  assert detect._candidates((3, 4)) == [u(), t(stack=1), t()]  # 4, 3, 1 groups
+  # 8, 6, 4, 2, 1 groups
+  assert detect._candidates((2, 3, 4)) == [u(stack=1), t(stack=2), u(), t(stack=1), t()]
+
+
+def test_non_float_and_empty_leaves_are_none():
+  params = {"w": _p(1, 3, 4), "step": jnp.arange(3), "empty": jnp.zeros((0,))}
+  fn = lambda p, x: _bn(x @ p["w"]) + p["empty"].sum() + 0 * p["step"].sum().astype(jnp.float32)
+  assert normreg.find_scale_invariant(fn, params, _x()) == {
+      "w": normreg.UNIT, "step": None, "empty": None}
+
+
+def test_keyword_arguments_reach_fn():
+  fn = lambda p, x, *, shift: _bn(x @ p["w"] + shift)
+  assert normreg.find_scale_invariant(fn, {"w": _p(1, 3, 4)}, _x(), shift=2.0) == {
+      "w": normreg.UNIT}
+
+
+def test_bf16_function():
+  params = {"w": _p(1, 3, 4).astype(jnp.bfloat16), "v": _p(2, 4, 2).astype(jnp.bfloat16)}
+  fn = lambda p, x: (_bn(x.astype(jnp.bfloat16) @ p["w"]) @ p["v"]).astype(jnp.bfloat16)
+  # bf16 rounds to ~4e-3: the tolerance follows.
+  assert normreg.find_scale_invariant(fn, params, _x(), rtol=0.05) == {"w": normreg.UNIT,
+                                                                      "v": None}
+
+
+def _mixed(p, x):
+  h = jax.nn.relu(_bn(x @ p["a"]))
+  return _ln(h @ p["b"]) @ p["head"]
+
+
+_MIXED = {"a": normreg.UNIT, "b": normreg.TENSOR, "head": None}
+
+
+# (Not much smaller params: BatchNorm's eps then dominates the variance, and the
+# function is no longer invariant.)
+@pytest.mark.parametrize("param_scale, out_scale", [(1.0, 1.0), (1e3, 1.0), (1.0, 1e4),
+                                                    (1.0, 1e-4)])
+def test_verdicts_do_not_depend_on_the_scale_of_params_or_output(param_scale, out_scale):
+  params = {"a": _p(1, 3, 8), "b": _p(2, 8, 6), "head": _p(3, 6, 2)}
+  params = jax.tree.map(lambda w: w * param_scale, params)
+  fn = lambda p, x: out_scale * _mixed(p, x)
+  assert normreg.find_scale_invariant(fn, params, _x()) == _MIXED
+
+
+def test_the_same_seed_gives_the_same_measurements(caplog):
+  params = {"a": _p(1, 3, 8), "b": _p(2, 8, 6), "head": _p(3, 6, 2)}
+  logs = []
+  for seed in (None, 0, 1):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="absl"):
+      kwargs = {} if seed is None else {"seed": seed}
+      assert normreg.find_scale_invariant(_mixed, params, _x(), **kwargs) == _MIXED
+    logs.append([r.getMessage() for r in caplog.records if "find_scale_invariant" in r.getMessage()])
+  assert len(logs[0]) == 3
+  assert logs[0] == logs[1]  # the default seed is 0, and draws are reproducible
+  assert logs[0] != logs[2]
+
+
+def test_a_leaf_with_negligible_effect_is_none_even_if_invariant():
+  # v is invariant, but moves the output by ~1e-8 of its size (the threshold is 1e-5).
+  params = {"head": _p(1, 3, 2), "v": _p(2, 2)}
+  fn = lambda p, x: 100 * x @ p["head"] + 1e-6 * (p["v"] / jnp.linalg.norm(p["v"]))[None]
+  assert normreg.find_scale_invariant(fn, params, _x()) == {"head": None, "v": None}
+  louder = lambda p, x: x @ p["head"] + 1e-1 * (p["v"] / jnp.linalg.norm(p["v"]))[None]
+  assert normreg.find_scale_invariant(louder, params, _x()) == {"head": None,
+                                                                "v": normreg.TENSOR}
+
+
+def test_a_function_that_ignores_its_params_finds_nothing():
+  params = {"dense": {"kernel": _p(1, 3, 4), "bias": _p(2, 4)}}
+  fn = lambda p, x: 0.0 * (x @ p["dense"]["kernel"] + p["dense"]["bias"][None])
+  assert normreg.find_scale_invariant(fn, params, _x()) == {
+      "dense": {"kernel": None, "bias": None}}
+
+
+def test_joint_pair_among_three_siblings():
+  # kernel and bias before LayerNorm are invariant together; the scalar gain is not.
+  params = {"blk": {"kernel": _p(1, 3, 6), "bias": _p(2, 6), "gain": jnp.float32(0.7)}}
+  fn = lambda p, x: (_ln(x @ p["blk"]["kernel"] + p["blk"]["bias"][None])
+                     + p["blk"]["gain"] * x.sum(1, keepdims=True))
+  joint = normreg.tensor(joint="blk")
+  assert normreg.find_scale_invariant(fn, params, _x()) == {
+      "blk": {"kernel": joint, "bias": joint, "gain": None}}
+
+
+def test_joint_group_of_top_level_leaves_is_tagged_by_their_paths():
+  params = {"kernel": _p(1, 3, 6), "bias": _p(2, 6)}
+  fn = lambda p, x: _ln(x @ p["kernel"] + p["bias"][None])
+  joint = normreg.tensor(joint="bias+kernel")
+  assert normreg.find_scale_invariant(fn, params, _x()) == {"kernel": joint, "bias": joint}
+
+
+@pytest.mark.parametrize("units", [1, 4])
+def test_joint_per_unit_group_of_a_kernel_and_its_bias(units):
+  # Per-unit normalization without centring: a column of the kernel and its bias
+  # element are invariant together, per unit.
+  params = {"d": {"kernel": _p(1, 3, units), "bias": _p(2, units) + 2.0}}
+  fn = lambda p, x: (lambda z: z / jnp.sqrt(jnp.mean(z * z, 0, keepdims=True)))(
+      x @ p["d"]["kernel"] + p["d"]["bias"][None])
+  # One unit: per unit and per tensor are the same group; the tie goes to TENSOR.
+  joint = normreg.unit(joint="d") if units > 1 else normreg.tensor(joint="d")
+  assert normreg.find_scale_invariant(fn, params, _x()) == {"d": {"kernel": joint,
+                                                                  "bias": joint}}
+
+
+def test_normalization_vectors_before_relu_and_a_normalized_layer_stay_ungrouped():
+  # (scale, bias) of bn1, then ReLU and a BatchNorm'd layer: jointly invariant per unit
+  # (van Laarhoven 2017, sec. 5) but, as in the paper, not grouped.
+  params = {"a": _p(1, 3, 8), "bn1": {"scale": _p(2, 8) + 2.0, "bias": _p(3, 8)},
+            "b": _p(4, 8, 5)}
+  fn = lambda p, x: _bn(jax.nn.relu(_bn(x @ p["a"]) * p["bn1"]["scale"][None]
+                                    + p["bn1"]["bias"][None]) @ p["b"])
+  assert normreg.find_scale_invariant(fn, params, _x()) == {
+      "a": normreg.UNIT, "b": normreg.UNIT, "bn1": {"scale": None, "bias": None}}

@@ -321,10 +321,13 @@ def test_all_lists_every_public_function():
 def test_every_theory_function_refuses_bad_arguments_by_name(name, arg):
   fn = getattr(theory, name)
   kwargs = {p: _VALID[p] for p in inspect.signature(fn).parameters if p in _VALID}
-  fn(**kwargs)  # the valid point works
-  for bad in _BAD[arg]:
-    with pytest.raises(ValueError, match=rf"^{arg} must be"):
-      fn(**{**kwargs, arg: bad})
+  # Without decay too: several functions take a shortcut at lam_wd = 0 / wd = 0.
+  points = [kwargs] + [{**kwargs, d: 0.0} for d in ("lam_wd", "wd") if d in kwargs and d != arg]
+  for point in points:
+    fn(**point)  # the valid point works
+    for bad in _BAD[arg]:
+      with pytest.raises(ValueError, match=rf"^{arg} must be"):
+        fn(**{**point, arg: bad})
 
 
 def test_sgdp_angle_defaults_are_momentum_09_and_wd_ratio_01():
@@ -338,3 +341,123 @@ def test_weight_decay_timescale_edges():
   assert theory.weight_decay_timescale(0.1, 0.5, steps_per_epoch=4) == pytest.approx(5.0)
   assert theory.weight_decay_for_timescale(0.1, 0.5) == pytest.approx(20.0)  # tau < 1 step
   assert theory.weight_decay_for_timescale(0.1, 20.0) == pytest.approx(0.5)  # tau in steps
+
+
+# ------------------------------------- the closed forms, typed again in numpy, off the defaults
+# Each reference is the docstring's equation written out in numpy at a point where no
+# factor is 0 or 1 (so a * for a /, a dropped momentum or a 4 for a 5 shows), and the
+# defaults are checked by calling with and without them.
+
+
+def test_equilibrium_angles_norm_and_elr_closed_forms():
+  lr, lam, mu, g = 0.05, 3e-3, 0.6, 1.7
+  assert theory.equilibrium_angle_sgd(lr, lam, mu) == pytest.approx(
+      np.sqrt(2 * lr * lam / (1 + mu)), rel=1e-12)
+  assert theory.equilibrium_angle_sgdw(lr, lam, mu) == pytest.approx(
+      np.sqrt(2 * lr * lam * (1 - mu) / (1 + mu)), rel=1e-12)
+  assert theory.equilibrium_angle_adamw(lr, lam, 0.7) == pytest.approx(
+      np.sqrt(2 * lr * lam * 0.3 / 1.7), rel=1e-12)
+  norm = np.power(lr * g * g / (2 * lam * (1 - mu)), 0.25)
+  assert theory.equilibrium_norm_sgd(lr, lam, g, mu) == pytest.approx(norm, rel=1e-12)
+  assert theory.equilibrium_elr_sgd(lr, lam, g, mu) == pytest.approx(lr / norm ** 2, rel=1e-12)
+  assert theory.spherical_learning_rate(lr, lam, g, mu) == pytest.approx(
+      np.sqrt(2 * lr * lam * (1 - mu)) / g, rel=1e-12)
+  assert theory.time_constant_adamw(lr, lam) == pytest.approx(1 / (2 * lr * lam), rel=1e-12)
+  assert theory.equilibrium_angle_adamp(lr, lam, 0.3) == pytest.approx(
+      np.sqrt(2 * lr * lam * 0.3), rel=1e-12)
+  assert theory.equilibrium_norm_sgd(lr, 0.0, g, mu) == math.inf  # no decay: no equilibrium
+
+
+def test_theory_defaults():
+  lr, lam, g = 0.05, 3e-3, 1.7
+  assert theory.equilibrium_angle_sgdw(lr, lam) == theory.equilibrium_angle_sgdw(lr, lam, 0.0)
+  assert theory.equilibrium_angle_adamw(lr, lam) == theory.equilibrium_angle_adamw(lr, lam, 0.9)
+  assert theory.equilibrium_elr_sgd(lr, lam, g) == theory.equilibrium_elr_sgd(lr, lam, g, 0.0)
+  assert (theory.spherical_learning_rate(lr, lam, g)
+          == theory.spherical_learning_rate(lr, lam, g, 0.0))
+  assert (theory.steps_to_equilibrium(lr, lam, g, 3.0)
+          == theory.steps_to_equilibrium(lr, lam, g, 3.0, 0.0, 0.05))
+  assert theory.equilibrium_angle_adamp(lr, lam) == theory.equilibrium_angle_adamp(lr, lam, 0.1)
+  assert float(theory.exponential_lr_schedule(lr, lam)(7)) == pytest.approx(
+      float(theory.exponential_lr_schedule(lr, lam, 0.0)(7)), rel=1e-7)
+  assert theory.lion_sign_correlation() == theory.lion_sign_correlation(0.9, 0.99)
+  assert theory.equilibrium_angle_lion(lr, lam) == theory.equilibrium_angle_lion(lr, lam, 0.9, 0.99)
+
+
+@pytest.mark.parametrize("init_norm", [0.3, 3.0])
+def test_norm_trajectory_and_steps_to_equilibrium_with_momentum(init_norm):
+  lr, lam, g, mu = 0.05, 3e-3, 1.7, 0.6
+  y_inf = lr * g * g / (2 * lam * (1 - mu))
+  rate = 4 * lr * lam / (1 - mu)
+  for t in (0, 10, 400):
+    y = y_inf + (init_norm ** 4 - y_inf) * np.exp(-rate * t)
+    assert theory.norm_trajectory_sgd(t, lr, lam, g, init_norm, mu) == pytest.approx(
+        y ** 0.25, rel=1e-12)
+    y_free = init_norm ** 4 + 2 * lr ** 2 * g ** 2 * t / (1 - mu) ** 2
+    assert theory.norm_trajectory_sgd(t, lr, 0.0, g, init_norm, mu) == pytest.approx(
+        y_free ** 0.25, rel=1e-12)
+  for rtol in (0.05, 0.2):
+    steps = (1 - mu) * np.log(abs(init_norm ** 4 - y_inf) / (rtol * y_inf)) / (4 * lr * lam)
+    assert theory.steps_to_equilibrium(lr, lam, g, init_norm, mu, rtol) == pytest.approx(
+        steps, rel=1e-12)
+  assert theory.steps_to_equilibrium(lr, 0.0, g, init_norm, mu) == math.inf
+
+
+def test_steps_to_equilibrium_is_zero_inside_the_tolerance():
+  lr, lam, g = 0.05, 3e-3, 1.7
+  y_inf = theory.equilibrium_norm_sgd(lr, lam, g) ** 4
+  for gap in (0.0, 0.5):  # |y0 - y_inf| / (rtol y_inf)
+    init = (y_inf * (1 + gap * 0.1)) ** 0.25
+    assert theory.steps_to_equilibrium(lr, lam, g, init, rtol=0.1) == 0.0
+  init = (y_inf * 1.15) ** 0.25  # gap 1.5: just outside, ln(1.5) time constants
+  assert theory.steps_to_equilibrium(lr, lam, g, init, rtol=0.1) == pytest.approx(
+      np.log(1.5) / (4 * lr * lam), rel=1e-9)
+
+
+def test_exponential_lr_rate_at_a_double_root():
+  # lr*lam_wd = (1 - sqrt(mu))^2: x^2 - 2 sqrt(mu) x + mu has the double root sqrt(mu).
+  assert theory.exponential_lr_rate(0.5, 0.5, 0.25) == pytest.approx(0.5, rel=1e-12)
+  with pytest.raises(ValueError, match="too large"):
+    theory.exponential_lr_rate(0.5, 0.6, 0.25)
+
+
+@pytest.mark.parametrize("b1, b2", [(0.9, 0.99), (0.5, 0.9)])
+def test_lion_sign_correlation_against_numpy(b1, b2):
+  # The model in numpy: m stationary with var (1-b2)/(1+b2) (unit gradients), c = b1 m +
+  # (1-b1) g; the lag-k sign correlation by the arcsine law, r_k = b1 b2^(k-1) cov/var,
+  # summed over every lag that matters.
+  var_m = (1 - b2) / (1 + b2)
+  var_c = b1 * b1 * var_m + (1 - b1) ** 2
+  r1 = b1 * (b1 * b2 * var_m + (1 - b1) * (1 - b2)) / var_c
+  lags = np.arange(20000)
+  total = np.sum(2 / np.pi * np.arcsin(r1 * b2 ** lags))
+  assert theory.lion_sign_correlation(b1, b2) == pytest.approx(total, rel=1e-9)
+  # and r_1, r_5 against a simulation of the signs (400k coordinates: s.e. ~0.002)
+  rng = np.random.default_rng(0)
+  n = 400_000
+  m = rng.normal(size=n) * np.sqrt(var_m)
+  signs = []
+  for _ in range(6):
+    g = rng.normal(size=n)
+    signs.append(np.sign(b1 * m + (1 - b1) * g))
+    m = b2 * m + (1 - b2) * g
+  for k in (1, 5):
+    measured = np.mean(signs[0] * signs[k])
+    assert measured == pytest.approx(2 / np.pi * np.arcsin(r1 * b2 ** (k - 1)), abs=0.01)
+
+
+def test_lion_angle_closed_form():
+  lr, wd, b1, b2 = 2e-3, 0.3, 0.8, 0.95
+  rho = theory.lion_sign_correlation(b1, b2)
+  assert theory.equilibrium_angle_lion(lr, wd, b1, b2) == pytest.approx(
+      np.sqrt(2 * lr * wd / (1 + 2 * rho)), rel=1e-12)
+  assert rho != pytest.approx(theory.lion_sign_correlation(b1, 0.99), rel=0.05)
+
+
+def test_angle_rotational_is_arctan_of_the_target():
+  assert theory.angle_rotational(0.0) == 0.0
+  assert theory.angle_rotational(0.5) == pytest.approx(np.arctan(0.5), rel=1e-12)
+  assert theory.angle_nero(0.5) == pytest.approx(np.arctan(0.5), rel=1e-12)
+  assert theory.angle_adamh(0.3) == pytest.approx(np.arctan(0.3), rel=1e-12)
+  with pytest.raises(ValueError, match="^target_angle must be >= 0"):
+    theory.angle_rotational(-0.1)
