@@ -47,6 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Surviving mutants that cannot change any result, by mutmut's name, with why. Reviewed by
 # hand; a new survivor is not equivalent until it is listed here.
+KILLED = (1, 2)  # pytest's exit codes: tests failed, collection failed
 EQUIVALENT_FILE = os.path.join(REPO, "benchmarks", "mutation_equivalent.json")
 
 def define_flags() -> None:
@@ -88,8 +89,9 @@ def prepare(workdir: str, modules) -> None:
 
 
 def collect(workdir: str) -> dict[str, dict[str, int | None]]:
-  """``{module: {mutant: exit code}}`` from mutmut's ``.meta`` files (1 killed, 0 survived,
-  None not run, others timeout/crash)."""
+  """``{module: {mutant: exit code}}`` from mutmut's ``.meta`` files: pytest's exit code (1
+  a test failed, 2 collection failed: both killed; 0 survived), None not run, mutmut's own
+  codes (timeout, crash) otherwise."""
   out = {}
   for name in sorted(os.listdir(os.path.join(workdir, "mutants", "normreg"))):
     if name.endswith(".py.meta"):
@@ -125,6 +127,8 @@ def write_report(results, equivalent: dict[str, str], path: str, seconds: float 
            f"- Command: `{command}` (mutmut {_mutmut_version()}){took}.",
            f"- Tests: {', '.join(f'`{t}`' for t in TESTS)}, without the `slow` ones.",
            "- Not mutated: statements starting with `raise` or a `logging.` call (messages).",
+           "- Killed: a test failed (pytest exit 1) or the tests could not be collected (exit "
+           "2: a test parametrized by a mutated function's value).",
            "- Score: killed / (mutants run - equivalent survivors). Equivalent survivors are "
            f"listed, with why, in `{os.path.relpath(EQUIVALENT_FILE, REPO)}`.", "",
            "| module | mutants | killed | survived | equivalent | timeouts/crashes | not run "
@@ -133,7 +137,7 @@ def write_report(results, equivalent: dict[str, str], path: str, seconds: float 
   survivors = []
   for module, (workdir, codes) in results.items():
     ran = {k: v for k, v in codes.items() if v is not None}
-    killed = sum(v == 1 for v in ran.values())
+    killed = sum(v in KILLED for v in ran.values())
     survived = [k for k, v in ran.items() if v == 0]
     eq = [k for k in survived if k in equivalent]
     other = len(ran) - killed - len(survived)
