@@ -1,5 +1,7 @@
 """Groups from path rules, paths of Linen dicts and NNX State, masks."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -131,3 +133,47 @@ def test_group_repr_and_str():
   assert str(normreg.UNIT) == "unit"
   assert str(normreg.unit(stack=1)) == "unit stack=1"
   assert str(normreg.tensor(stack=2, joint="d")) == "tensor stack=2 joint=d"
+
+
+def test_group_fields_are_checked_and_kind_is_converted():
+  g = normreg.groups.Group("unit", 1)
+  assert g.kind is normreg.Invariance.UNIT and g.reduced_axes(3) == (1,)
+  for stack in (-1, 1.5, True):
+    with pytest.raises(ValueError, match="stack must be an integer >= 0"):
+      normreg.groups.Group(normreg.Invariance.UNIT, stack)
+  for joint in (5, ""):
+    with pytest.raises(ValueError, match="joint tag must be a non-empty string"):
+      normreg.groups.Group(normreg.Invariance.TENSOR, 0, joint)
+
+
+def test_none_and_masked_leaves_are_parameters_for_rules_and_masks():
+  # optax.masked hands inner transforms MaskedNode leaves; they keep their paths.
+  params = {"k": jnp.ones((2, 3)), "m": optax.MaskedNode(), "n": None}
+  assert normreg.groups.param_paths(params) == ["k", "m", "n"]
+  groups = normreg.groups_from_rules(params, [("k", normreg.UNIT), ("m|n", None)])
+  assert groups == {"k": normreg.UNIT, "m": None, "n": None}
+  assert normreg.groups.mask_like(groups, params) == {"k": True, "m": False, "n": False}
+
+
+def test_errors_name_the_function_that_was_called():
+  params = {"k": jnp.ones((2, 3))}
+  with pytest.raises(ValueError, match=r"^rule '\.\*': a group must be"):
+    normreg.groups_from_rules(params, [(".*", "per-unit")])
+  with pytest.raises(ValueError, match=r"^groups_from_rules: 'k': a unit stack=2 group needs"):
+    normreg.groups_from_rules(params, [(".*", normreg.unit(stack=2))])
+  with pytest.raises(ValueError, match="^mask_like: the groups pytree does not match"):
+    normreg.groups.mask_like({"other": normreg.UNIT}, params)
+  with pytest.raises(ValueError, match="^reduction_axes: a group must be"):
+    normreg.groups.reduction_axes("per-unit", 2)
+  with pytest.raises(ValueError, match="^summary: a group must be"):
+    normreg.groups.summary({"k": "per-unit"})
+
+
+def test_summary_and_rule_logging(caplog):
+  params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "bn": {"scale": jnp.ones(4)}}
+  with caplog.at_level(logging.INFO, logger="absl"):
+    groups = normreg.groups_from_rules(params, [(".*kernel", normreg.UNIT), (".*", None)])
+  logged = [r.getMessage() for r in caplog.records]
+  assert any("conv/kernel" in m and "unit" in m and "'.*kernel'" in m for m in logged)
+  assert normreg.groups.summary(groups).splitlines() == [
+      f"{'bn/scale':48s} -", f"{'conv/kernel':48s} unit"]
