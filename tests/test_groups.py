@@ -177,3 +177,32 @@ def test_summary_and_rule_logging(caplog):
   assert any("conv/kernel" in m and "unit" in m and "'.*kernel'" in m for m in logged)
   assert normreg.groups.summary(groups).splitlines() == [
       f"{'bn/scale':48s} -", f"{'conv/kernel':48s} unit"]
+
+
+def test_map_grouped_applies_fn_by_path():
+  tree = {"a": jnp.ones(2), "b": jnp.ones(2), "c": {"d": jnp.ones(3)}, "m": optax.MaskedNode()}
+  groups = {"a": normreg.UNIT, "b": None, "c": {"d": normreg.TENSOR}, "m": normreg.UNIT}
+  fn = lambda g, x: x * (2.0 if g is normreg.UNIT else 3.0)
+  want = {"a": [2.0, 2.0], "b": [1.0, 1.0], "c": {"d": [3.0] * 3}}
+  for g in (groups, lambda t: groups, normreg.groups.groups_by_path(groups, "test")):
+    out = normreg.groups.map_grouped(fn, g, tree)
+    assert out["m"] == optax.MaskedNode()  # passed through
+    assert jax.tree.map(lambda x: x.tolist(), {k: out[k] for k in want}) == want
+  with pytest.raises(ValueError, match="^map_grouped: groups leaf 'a': a group must be"):
+    normreg.groups.map_grouped(fn, {"a": "per-unit"}, tree)
+
+
+def test_transform_on_groups_checks_params_under_its_callers_name():
+  tx = normreg.groups.stateless_on_groups("my_tx", {"k": normreg.UNIT},
+                                          lambda g, u, p: 2 * u + p)
+  params = {"k": jnp.ones((2, 3))}
+  state = tx.init(params)
+  updates, _ = tx.update({"k": jnp.full((2, 3), 0.5)}, state, params)
+  assert jnp.array_equal(updates["k"], jnp.full((2, 3), 2.0))
+  with pytest.raises(ValueError, match="^my_tx needs the current params"):
+    tx.update(params, state)
+  other = {"k": jnp.ones((2, 3)), "extra": jnp.ones(2)}
+  with pytest.raises(ValueError, match="^my_tx: the groups pytree does not match"):
+    tx.update(other, state, other)
+  with pytest.raises(ValueError, match="^my_tx: the groups pytree does not match"):
+    tx.init(other)
