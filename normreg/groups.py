@@ -330,8 +330,7 @@ def resolve(groups: GroupsOrFn, params: Any, caller: str) -> Resolved:
   group must agree on kind, stack axes and per-group shape. Raises a
   ``ValueError`` naming ``caller`` and the first thing that differs.
   """
-  if callable(groups) and not isinstance(groups, (dict, list, tuple)) and not hasattr(
-      groups, "items"):
+  if callable(groups):  # as optax.masked's mask: a pytree or a function of the params
     groups = groups(params)
   by_path = groups_by_path(groups, caller)
   p_leaves, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_leaf_or_masked)
@@ -415,8 +414,7 @@ def map_grouped(fn: Callable[..., Any], groups: GroupsOrFn, tree: Any, *rest: An
   other containers than ``tree`` (``rest`` must have ``tree``'s structure).
   Leafwise only: for norms over groups see :mod:`normreg.reductions`.
   """
-  by_path = groups_by_path(groups(tree) if callable(groups) and not hasattr(groups, "items")
-                           else groups, "map_grouped")
+  by_path = groups_by_path(groups(tree) if callable(groups) else groups, "map_grouped")
 
   def f(path, leaf, *others):
     group = by_path.get(path_str(path))

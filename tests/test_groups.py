@@ -206,3 +206,47 @@ def test_transform_on_groups_checks_params_under_its_callers_name():
     tx.update(other, state, other)
   with pytest.raises(ValueError, match="^my_tx: the groups pytree does not match"):
     tx.init(other)
+
+
+def test_resolve_accepts_what_a_params_tree_holds():
+  resolve = normreg.groups.resolve
+  # a single array, tuples, Python floats, masked leaves (grouped, but not shape-checked)
+  assert resolve(normreg.UNIT, jnp.ones((2, 3)), "t").by_path == {"": normreg.UNIT}
+  assert resolve((normreg.UNIT, None), (jnp.ones((2, 3)), jnp.ones(3)), "t").by_path == {
+      "0": normreg.UNIT}
+  params = {"k": jnp.ones((2, 3)), "lr": 0.1, "m": optax.MaskedNode(), "s": jnp.float32(2.0)}
+  groups = {"k": normreg.UNIT, "lr": None, "m": normreg.UNIT, "s": normreg.TENSOR}
+  got = resolve(groups, params, "t")
+  assert got.group_shapes == {"k": (3,), "s": ()} and set(got.by_path) == {"k", "m", "s"}
+  # a function of the params, as optax.masked's mask
+  rules = lambda p: normreg.groups_from_rules(p, [("k|s", normreg.TENSOR), (".*", None)])
+  assert resolve(rules, params, "t").by_path == {"k": normreg.TENSOR, "s": normreg.TENSOR}
+
+
+@pytest.mark.parametrize("group, shape, ok", [
+    (normreg.UNIT, (3,), True), (normreg.unit(stack=1), (3,), False),
+    (normreg.unit(stack=1), (2, 3), True), (normreg.TENSOR, (), True),
+    (normreg.tensor(stack=1), (3,), True), (normreg.tensor(stack=2), (3,), False),
+])
+def test_group_fits_shape(group, shape, ok):
+  params = {"w": jnp.ones(shape)}
+  if ok:
+    normreg.groups.resolve({"w": group}, params, "t")
+  else:
+    with pytest.raises(ValueError, match=rf"^t: 'w': a {group} group needs at least"):
+      normreg.groups.resolve({"w": group}, params, "t")
+
+
+def test_resolve_errors_name_caller_and_paths():
+  resolve = normreg.groups.resolve
+  params = {"a": jnp.ones((2, 3)), "b": jnp.ones((4, 3))}
+  with pytest.raises(ValueError, match=r"^t: groups leaf 'a': a group must be"):
+    resolve({"a": "per-unit", "b": None}, params, "t")
+  with pytest.raises(ValueError, match=r"but not in groups: \['b'\]; in groups but not in "
+                     r"params: \['c'\]"):
+    resolve({"a": None, "c": None}, params, "t")
+  with pytest.raises(ValueError, match=r"^t: joint group 'j' mixes unit joint=j \('a'\) and "
+                     r"tensor joint=j \('b'\)"):
+    resolve({"a": normreg.unit(joint="j"), "b": normreg.tensor(joint="j")}, params, "t")
+  one = resolve({"a": normreg.unit(joint="j"), "b": None}, params, "t")  # a joint group of one
+  assert one.members == {"j": ("a",)} and one.key("a") == "joint:j" and "b" not in one.by_path
