@@ -250,3 +250,19 @@ def test_resolve_errors_name_caller_and_paths():
     resolve({"a": normreg.unit(joint="j"), "b": normreg.tensor(joint="j")}, params, "t")
   one = resolve({"a": normreg.unit(joint="j"), "b": None}, params, "t")  # a joint group of one
   assert one.members == {"j": ("a",)} and one.key("a") == "joint:j" and "b" not in one.by_path
+
+
+def test_path_str_of_every_jax_key_kind():
+  tu = jax.tree_util
+  path = (tu.GetAttrKey("a"), tu.SequenceKey(2), tu.DictKey("b"), tu.FlattenedIndexKey(3),
+          "raw", tu.GetAttrKey("value"))
+  assert normreg.groups.path_str(path) == "a/2/b/3/raw"  # NNX's trailing value dropped
+  assert normreg.groups.path_str(path[:2]) == "a/2"
+
+
+def test_as_group_accepts_the_kind_by_name_or_enum():
+  as_group = normreg.groups.as_group
+  assert as_group("unit", "t") is normreg.UNIT and as_group("tensor", "t") is normreg.TENSOR
+  assert as_group(normreg.Invariance.UNIT, "t") is normreg.UNIT
+  assert as_group(normreg.groups.Group("tensor"), "t") is normreg.TENSOR  # interned
+  assert as_group(None, "t") is None
