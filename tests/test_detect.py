@@ -228,3 +228,12 @@ def test_normalization_vectors_before_relu_and_a_normalized_layer_stay_ungrouped
                                     + p["bn1"]["bias"][None]) @ p["b"])
   assert normreg.find_scale_invariant(fn, params, _x()) == {
       "a": normreg.UNIT, "b": normreg.UNIT, "bn1": {"scale": None, "bias": None}}
+
+
+def test_joint_search_takes_the_largest_set_that_passes():
+  # Two (kernel, bias) pairs before two LayerNorms, all at the top level: the four leaves
+  # pass together, and the search (largest set first) stops there: one group, not two.
+  params = {"k1": _p(1, 3, 6), "b1": _p(2, 6), "k2": _p(3, 3, 6), "b2": _p(4, 6)}
+  fn = lambda p, x: (_ln(x @ p["k1"] + p["b1"][None]) + _ln(x @ p["k2"] + p["b2"][None]))
+  joint = normreg.tensor(joint="b1+b2+k1+k2")
+  assert normreg.find_scale_invariant(fn, params, _x()) == {k: joint for k in params}
