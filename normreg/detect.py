@@ -109,6 +109,11 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   - joint groups across modules (a kernel in one module, the bias in
     another): only siblings are tried together. Declare such groups with
     :func:`normreg.groups_from_rules`.
+  - stacked vectors, from their shape: the (scale, bias) of a normalization
+    stacked by scan, shape ``(layers, C)``, look like a kernel to the joint search,
+    and, followed by ReLU and a normalized layer, come out as one joint
+    ``tensor`` group over the stack. Pass ``joint=False`` (or declare groups by
+    rules) to leave them alone.
   - invariance that holds only on part of the input space; the check uses the
     ``args`` you pass, so pass a typical batch (batch statistics of a batch of
     one are degenerate).
@@ -200,7 +205,7 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   directions = {}
   for i in float_idx:
     d = rng.standard_normal(w64[i].shape)
-    directions[i] = d * np.linalg.norm(w64[i]) / max(np.linalg.norm(d), 1e-300)
+    directions[i] = d * (np.linalg.norm(w64[i]) / np.linalg.norm(d))  # d != 0: a.s.
 
   def rms(dots):
     return float(np.sqrt(np.mean(np.sum(np.square(dots), axis=1))))
