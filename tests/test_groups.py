@@ -184,7 +184,9 @@ def test_map_grouped_applies_fn_by_path():
   groups = {"a": normreg.UNIT, "b": None, "c": {"d": normreg.TENSOR}, "m": normreg.UNIT}
   fn = lambda g, x: x * (2.0 if g is normreg.UNIT else 3.0)
   want = {"a": [2.0, 2.0], "b": [1.0, 1.0], "c": {"d": [3.0] * 3}}
-  for g in (groups, lambda t: groups, normreg.groups.groups_by_path(groups, "test")):
+  as_function = lambda t: jax.tree.map(lambda _, g: g, t, groups,
+                                       is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  for g in (groups, as_function, normreg.groups.groups_by_path(groups, "test")):
     out = normreg.groups.map_grouped(fn, g, tree)
     assert out["m"] == optax.MaskedNode()  # passed through
     assert jax.tree.map(lambda x: x.tolist(), {k: out[k] for k in want}) == want
