@@ -1,9 +1,14 @@
 """benchmarks.mutation's report: results merged from several runs, counted as documented."""
 
+import importlib.util
 import json
 import os
 
-from benchmarks import mutation
+# By path: `pytest` does not put the repository root (benchmarks' parent) on sys.path.
+_SPEC = importlib.util.spec_from_file_location("benchmarks_mutation", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "mutation.py"))
+mutation = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(mutation)
 
 
 def _run(root, name, modules):
