@@ -15,11 +15,13 @@ import normreg
 L, IN, H, OUT = 3, 5, 6, 3
 
 
-def _batch_norm(h, eps=1e-20):
+def normalize_batch(h, eps=1e-20):
+  """Per unit over the batch, no affine parameters."""
   return (h - h.mean(0, keepdims=True)) / jnp.sqrt(h.var(0, keepdims=True) + eps)
 
 
-def _layer_norm(h, eps=1e-20):
+def normalize_layer(h, eps=1e-20):
+  """Per example over the features, no affine parameters."""
   return (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + eps)
 
 
@@ -33,8 +35,8 @@ def init(key, bias=False):
 
 
 def apply_stacked(params, x, layer_norm=False):
-  norm = _layer_norm if layer_norm else _batch_norm
-  h = jax.nn.relu(_batch_norm(x @ params["inp"]))
+  norm = normalize_layer if layer_norm else normalize_batch
+  h = jax.nn.relu(normalize_batch(x @ params["inp"]))
 
   def body(h, layer):
     z = h @ layer["kernel"]
@@ -55,8 +57,8 @@ def unstack(params):
 
 
 def apply_unrolled(params, x, layer_norm=False):
-  norm = _layer_norm if layer_norm else _batch_norm
-  h = jax.nn.relu(_batch_norm(x @ params["inp"]))
+  norm = normalize_layer if layer_norm else normalize_batch
+  h = jax.nn.relu(normalize_batch(x @ params["inp"]))
   for i in range(L):
     layer = params["layers"][str(i)]
     z = h @ layer["kernel"]

@@ -1,5 +1,6 @@
 """find_scale_invariant on hand-written functions and on a Linen model."""
 
+import functools
 import logging
 import warnings
 
@@ -11,6 +12,7 @@ import pytest
 
 import normreg
 from normreg import detect
+import stacked
 import toy
 
 
@@ -78,13 +80,9 @@ def test_eval_mode_normalization_is_not_invariant():
 
 # ------------------------------------------------ pieces of the test, and its edge cases
 
-def _bn(z):
-  """BatchNorm without affine: per unit over the batch."""
-  return (z - z.mean(0, keepdims=True)) / jnp.sqrt(z.var(0, keepdims=True) + 1e-5)
-
-
-def _ln(z):
-  return (z - z.mean(-1, keepdims=True)) / jnp.sqrt(z.var(-1, keepdims=True) + 1e-5)
+# Normalizations without affine parameters, with flax's eps (not the tiny default).
+_bn = functools.partial(stacked.normalize_batch, eps=1e-5)
+_ln = functools.partial(stacked.normalize_layer, eps=1e-5)
 
 
 def _x(n=32, d=3, seed=0):
