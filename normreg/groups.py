@@ -439,13 +439,20 @@ def transform_on_groups(caller: str, groups: GroupsOrFn,
     _checks.require_params(params, caller)
     return fn(resolve(groups, params, caller), updates, params)
 
-  inner = optax.with_extra_args_support(optax.stateless(f))
+  return checked_at_init(caller, groups, optax.stateless(f))
+
+
+def checked_at_init(caller: str, groups: GroupsOrFn, tx: optax.GradientTransformation
+                    ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``init`` first checks ``groups`` against the params (:func:`resolve`),
+  so that mismatched groups fail there, under ``caller``'s name."""
+  tx = optax.with_extra_args_support(tx)
 
   def init_fn(params):
     resolve(groups, params, caller)
-    return inner.init(params)
+    return tx.init(params)
 
-  return optax.GradientTransformationExtraArgs(init_fn, inner.update)
+  return optax.GradientTransformationExtraArgs(init_fn, tx.update)
 
 
 def stateless_on_groups(caller: str, groups: GroupsOrFn,

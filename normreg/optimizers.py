@@ -91,18 +91,6 @@ def _momentum(momentum: Any, nesterov: bool) -> optax.GradientTransformation:
   return optax.trace(decay=momentum, nesterov=nesterov)
 
 
-def _named(caller: str, groups: groups_lib.GroupsOrFn,
-           tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
-  """``tx`` whose ``init`` first checks ``groups`` against the params under the
-  optimizer's own name (the chained transforms would name themselves)."""
-
-  def init(params):
-    groups_lib.resolve(groups, params, caller)
-    return tx.init(params)
-
-  return optax.GradientTransformationExtraArgs(init, tx.update)
-
-
 def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib.GroupsOrFn,
            momentum: float = 0.0, nesterov: bool = False,
            ungrouped_learning_rate: Optional[optax.ScalarOrSchedule] = None
@@ -151,7 +139,7 @@ def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib
   References:
     van Laarhoven, 2017 (arXiv 1706.05350).
   """
-  return _named("sgd_l2", groups, optax.chain(
+  return groups_lib.checked_at_init("sgd_l2", groups, optax.chain(
       penalty.add_l2_penalty(lam, groups),
       _momentum(momentum, nesterov),
       scale_by_learning_rates(learning_rate, groups, ungrouped_learning_rate, caller="sgd_l2"),
@@ -201,7 +189,7 @@ def spherical_sgd(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Grou
   References:
     van Laarhoven, 2017 (arXiv 1706.05350), sec. 4.
   """
-  return _named("spherical_sgd", groups, optax.chain(
+  return groups_lib.checked_at_init("spherical_sgd", groups, optax.chain(
       rescale.scale_by_weight_norm(groups, power=1),
       _momentum(momentum, nesterov),
       scale_by_learning_rates(learning_rate, groups, ungrouped_learning_rate,
@@ -232,7 +220,7 @@ def spherical_adam(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Gro
   References:
     van Laarhoven, 2017; Kingma & Ba, 2015; Heo et al., *AdamP*, 2021.
   """
-  return _named("spherical_adam", groups, optax.chain(
+  return groups_lib.checked_at_init("spherical_adam", groups, optax.chain(
       rescale.scale_by_weight_norm(groups, power=1),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
       scale_by_learning_rates(learning_rate, groups, ungrouped_learning_rate,
