@@ -1061,7 +1061,6 @@ def define_flags() -> None:
       "committed report is written with --report_dir=experiments.")
 
 
-
 FLAGS = flags.FLAGS
 
 
