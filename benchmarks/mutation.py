@@ -45,9 +45,9 @@ TESTS = ("tests/test_transforms.py", "tests/test_references.py", "tests/test_gro
 PRELOAD = ("numpy", "jax", "jax.numpy", "optax", "chex", "flax.nnx", "pytest")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+KILLED = (1, 2)  # pytest's exit codes: tests failed, collection failed
 # Surviving mutants that cannot change any result, by mutmut's name, with why. Reviewed by
 # hand; a new survivor is not equivalent until it is listed here.
-KILLED = (1, 2)  # pytest's exit codes: tests failed, collection failed
 EQUIVALENT_FILE = os.path.join(REPO, "benchmarks", "mutation_equivalent.json")
 
 def define_flags() -> None:
