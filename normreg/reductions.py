@@ -152,17 +152,20 @@ def rescale_groups(params: Any, groups: groups_lib.GroupsOrFn,
   return map_groups(scale, resolved, params)
 
 
-def tangential(resolved: groups_lib.Resolved, updates: Any, params: Any) -> Any:
-  """``u - <u, w>/||w||^2 w`` per group on the grouped leaves of ``updates`` (others pass).
+def tangential(resolved: groups_lib.Resolved, updates: Any, params: Any,
+               eps: float = 0.0) -> Any:
+  """``u - <u, w>/(||w|| + eps)^2 w`` per group on the grouped leaves of ``updates`` (others
+  pass through).
 
-  The part of the update that turns ``w`` (to first order) without changing its norm.
+  With ``eps = 0``, the part of the update that turns ``w`` (to first order) without
+  changing its norm; ``eps > 0`` is AdamP's ``w_hat = w / (||w|| + eps)``.
   """
   dot = dots(resolved, updates, params)
   norm = norms(resolved, params)
 
   def one(path, group, u, w):
     w = w.astype(compute_dtype(w.dtype))
-    coef = expand(group, dot[path] / jnp.square(norm[path]), w.shape)
+    coef = expand(group, dot[path] / jnp.square(norm[path] + eps), w.shape)
     return (u.astype(w.dtype) - coef * w).astype(u.dtype)
 
   return map_groups(one, resolved, updates, params)
