@@ -394,7 +394,7 @@ def test_rotational_wrapper():
       nu = beta * state.get(("nu", k), 0.0) + (1 - beta) * _np_dot(k, u_perp, u_perp)
       state[("nu", k)] = nu
       r0 = state["r0"][k]
-      stepped = w + theta * r0 * u_perp / np.sqrt(nu / (1 - beta ** (t + 1)))
+      stepped = w + theta * r0 * u_perp / (np.sqrt(nu / (1 - beta ** (t + 1))) + 1e-8)
       out[k] = r0 * stepped / _np_norm(k, stepped)
     return out, state
 
@@ -507,12 +507,15 @@ def test_sgdp(nesterov):
     out = {}
     for k, w in p.items():
       m = mu * state.get(k, 0.0) + g[k]
-      state[k] = m
       d = g[k] + mu * m if nesterov else m
       if _grouped(k):
-        out[k] = w * (1 - lr * wd * ratio / (1 - mu)) - lr * _np_tangent(k, d, w)
+        d_perp = _np_tangent(k, d, w)
+        out[k] = w * (1 - lr * wd * ratio / (1 - mu)) - lr * d_perp
+        if not nesterov:  # the official code projects the buffer itself (it is d_p)
+          m = d_perp
       else:
         out[k] = w - lr * d
+      state[k] = m
     return out, state
 
   ours = _run_normreg(normreg.sgdp(lr, GROUPS, momentum=mu, nesterov=nesterov,
@@ -523,18 +526,22 @@ def test_sgdp(nesterov):
 def test_nero():
   lr, beta = 0.05, 0.99
 
+  def balanced(k, w):
+    centered = w - np.mean(w, axis=_np_axes(k, w.ndim), keepdims=True)
+    return centered / _np_norm(k, centered)
+
   def ref(t, p, g, state):
-    if t == 0:
-      state["sigma"] = {k: max(np.sqrt(np.mean(w ** 2)), 1e-2) for k, w in p.items()
+    if t == 0:  # the official code: mean |b|, 0.01 only for an all-zero bias
+      state["sigma"] = {k: np.mean(np.abs(w)) or 0.01 for k, w in p.items()
                         if not _grouped(k)}
     out = {}
     for k, w in p.items():
       if _grouped(k):
         v = beta * state.get(k, 0.0) + (1 - beta) * _np_dot(k, g[k], g[k])
         state[k] = v
+        w = balanced(k, w)  # the official constructor balances before the first step
         stepped = w - lr * _np_norm(k, w) * g[k] / np.sqrt(v / (1 - beta ** (t + 1)))
-        centered = stepped - np.mean(stepped, axis=_np_axes(k, w.ndim), keepdims=True)
-        out[k] = centered / _np_norm(k, centered)
+        out[k] = balanced(k, stepped)
       else:
         v = beta * state.get(k, 0.0) + (1 - beta) * g[k] ** 2
         state[k] = v
