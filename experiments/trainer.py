@@ -158,10 +158,53 @@ def init_model(config: Config, num_classes: int, train_images, mean, std) -> Mod
   probe = data_lib.normalize(jnp.asarray(train_images[:64]), mean, std)
   groups = find_groups(config, graphdef, params, rest, probe)
   if config.init_scale != 1.0:
-    params = normreg.groups.map_grouped(lambda _, w: w * jnp.asarray(config.init_scale, w.dtype),
+    scaled = normreg.groups.map_grouped(lambda _, w: w * jnp.asarray(config.init_scale, w.dtype),
                                         groups, params)
+    rest = rescale_running_statistics(graphdef, params, scaled, rest, probe)
+    params = scaled
   model.eval()
   return Model(graphdef, nnx.split(model, nnx.Param, ...)[0], params, rest, groups)
+
+
+def rescale_running_statistics(graphdef, params, scaled, rest, batch):
+  """``rest`` with each BatchNorm's running statistics scaled as its input is by ``scaled``.
+
+  Rescaling the weights before a BatchNorm by ``c`` scales its input, and so its batch
+  mean by ``c`` and its batch variance by ``c^2``; the running statistics, which
+  evaluation divides by, must start at ``(c * 0, c^2 * 1)`` for the two networks to be
+  the same in evaluation mode too (van Laarhoven 2017's equivalence, at every step).
+  Which channel's input scales by how much is measured, not assumed: one forward pass
+  in training mode on ``batch`` with each BatchNorm's momentum at 0 (so its running
+  statistics become the batch's), for ``params`` and for ``scaled``; the variance of
+  each channel is multiplied by the ratio of the two, the mean by its square root.
+  """
+  def batch_statistics(p):
+    model = nnx.merge(graphdef, p, rest, copy=True)
+    model.train()
+    for _, module in nnx.iter_graph(model):
+      if isinstance(module, nnx.BatchNorm):
+        module.momentum = 0.0
+    model(batch)
+    return nnx.split(model, nnx.Param, ...)[2]
+
+  path_str = normreg.groups.path_str
+  before = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(
+      batch_statistics(params))}
+  after = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(
+      batch_statistics(scaled))}
+  # Per channel, var_scaled / var: c^2 where the input scales by c, 1 where it does not.
+  ratio = {p: jnp.where(v > 0, after[p] / jnp.where(v > 0, v, 1), 1)
+           for p, v in before.items() if p.endswith("/var")}
+
+  def one(path, x):
+    name = path_str(path)
+    if name in ratio:
+      return (x * ratio[name]).astype(x.dtype)
+    if name.endswith("/mean") and name[:-len("mean")] + "var" in ratio:
+      return (x * jnp.sqrt(ratio[name[:-len("mean")] + "var"])).astype(x.dtype)
+    return x
+
+  return jax.tree_util.tree_map_with_path(one, rest)
 
 
 def initial_state(config: Config, dataset) -> tuple[Model, optax.Schedule,

@@ -93,3 +93,33 @@ def test_exp_lr_needs_sgd_and_a_constant_rate():
   with pytest.raises(ValueError, match="--schedule=constant"):
     Config(method="exp_lr", schedule="cosine").validate()
   assert dataclasses.replace(Config(), method="l2", ungrouped_lr=0.05).validate()
+
+
+@pytest.mark.parametrize("c", [2.0, 0.5])
+def test_scaled_recipe_is_the_same_network_in_evaluation_mode(tmp_path, c):
+  """``(eta, lam, w0)`` and ``(c^2 eta, lam/c^2, c w0)`` through the launcher, eps 1e-30:
+  BatchNorm's running statistics follow (mean x c, variance x c^2) from the first step,
+  so the test loss and accuracy, computed on them, are the same at every epoch."""
+  import runs  # pylint: disable=g-import-not-at-top
+  common = dict(model="cnn", width=4, epochs=2, batch_size=16, log_every=4, method="l2",
+                norm_eps=1e-30, ungrouped_lr=0.05, seed=0)
+  lr, lam = 0.05, 5e-3
+  data = runs.tiny_dataset()
+  base = trainer.train_and_evaluate(Config(**common, lr=lr, lam=lam), str(tmp_path / "base"),
+                                    dataset=data, progress=False, tensorboard=False)
+  scaled = trainer.train_and_evaluate(
+      Config(**common, lr=c * c * lr, lam=lam / (c * c), init_scale=c),
+      str(tmp_path / "scaled"), dataset=data, progress=False, tensorboard=False)
+  stats = lambda state: {normreg.groups.path_str(p): np.asarray(x) for p, x in
+                         jax.tree_util.tree_leaves_with_path(state.rest)}
+  a, b = stats(base), stats(scaled)
+  assert [p for p in a if p.endswith("/var")], "the network has BatchNorm statistics"
+  for path in a:
+    factor = c * c if path.endswith("/var") else c if path.endswith("/mean") else 1.0
+    np.testing.assert_allclose(b[path], factor * a[path], rtol=1e-5, atol=1e-7, err_msg=path)
+  tests = [[r for r in runs.read_metrics(tmp_path / d) if r["kind"] == "test"]
+           for d in ("base", "scaled")]
+  assert len(tests[0]) == 2
+  for x, y in zip(*tests):
+    assert x["accuracy"] == y["accuracy"]
+    np.testing.assert_allclose(y["loss"], x["loss"], rtol=1e-6)
