@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
+from absl import logging
 from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -47,6 +48,7 @@ from experiments.config import Config
 
 SIZES = {
     # images, batch, seeds at the best rate, the lr grid, and (model, width, epochs).
+    # The smoke size checks the plumbing only: one rate, not tuned (no interior best).
     "smoke": dict(train_size=256, test_size=128, batch_size=32, seeds=2, grid=(1.0,),
                   models=(("cnn", 4, 2),)),
     "cpu": dict(train_size=10000, test_size=2000, batch_size=64, seeds=3,
@@ -55,6 +57,7 @@ SIZES = {
                  grid=(1 / 3, 1.0, 3.0), models=(("cnn", 64, 30), ("resnet20", 16, 30))),
 }
 LR_GRID = SIZES["cpu"]["grid"]
+MAX_EXTENSIONS = 4  # x3 steps past an edge of the grid before the comparison gives up
 MOMENTUM = 0.9
 L2 = 5e-4
 WD = 1e-2  # SGDW's decay: lr * wd = 1e-3 a step at lr 0.1, as L2's 2 * lam * lr / (1 - mu)
@@ -153,14 +156,51 @@ def images_per_sec(run: plot_lib.Run) -> float:
   return float(np.median(speeds)) if speeds else float("nan")
 
 
-def compare_method(cache: cache_lib.RunCache, model: tuple, name: str,
-                   grid) -> dict[str, Any]:
-  """The lr grid (seed 0), then the best rate with the other seeds."""
-  tuned = {}
-  for factor in grid:
+class EdgeOfGridError(errors.InputError):
+  """A method's best learning rate stays at the edge of its grid: its rank is not measured."""
+
+
+def tune(cache: cache_lib.RunCache, model: tuple, name: str, grid,
+         interior: bool) -> dict[float, float]:
+  """``{lr: test accuracy}`` of seed 0 over the method's base rate times ``grid``.
+
+  With ``interior``, the grid is extended by its own ratio (x3) past whichever edge holds
+  the best rate, until the best is interior, that is, beaten on both sides: a best rate
+  at an edge says only that the optimum lies beyond it, and ranks methods by how well
+  their base rate was guessed. After :data:`MAX_EXTENSIONS` steps the comparison stops
+  with :class:`EdgeOfGridError`, naming the method.
+  """
+  factors = sorted(grid)
+  ratio = factors[1] / factors[0] if len(factors) > 1 else 3.0
+  tuned: dict[float, float] = {}
+  for factor in factors:
     config = method_config(cache, model, name, factor, 0)
-    run = cache.train(run_name(model[0], name, config.lr, 0), config)
-    tuned[config.lr] = cache_lib.final_accuracy(run)
+    tuned[config.lr] = cache_lib.final_accuracy(
+        cache.train(run_name(model[0], name, config.lr, 0), config))
+  for _ in range(MAX_EXTENSIONS):
+    lrs, best = sorted(tuned), max(tuned, key=tuned.get)
+    if not interior or lrs[0] < best < lrs[-1]:
+      return tuned
+    factor = (best * ratio if best == lrs[-1] else best / ratio) / METHODS[name][1]
+    config = method_config(cache, model, name, factor, 0)
+    logging.info("compare: %s's best lr %g is at the edge of %s; trying %g", name, best,
+                 lrs, config.lr)
+    tuned[config.lr] = cache_lib.final_accuracy(
+        cache.train(run_name(model[0], name, config.lr, 0), config))
+  lrs, best = sorted(tuned), max(tuned, key=tuned.get)
+  if interior and not lrs[0] < best < lrs[-1]:
+    raise EdgeOfGridError(
+        f"{model[0]}: {name}'s best learning rate {best:g} is still at the edge of "
+        f"{[float(f'{x:g}') for x in lrs]} after {MAX_EXTENSIONS} extensions; its rank "
+        "would not be measured (widen METHODS' base rate or the grid).")
+  return tuned
+
+
+def compare_method(cache: cache_lib.RunCache, model: tuple, name: str,
+                   grid, interior: bool = True) -> dict[str, Any]:
+  """The lr grid (seed 0, extended until the best is interior), then the best rate with
+  the other seeds."""
+  tuned = tune(cache, model, name, grid, interior)
   best_lr = max(tuned, key=tuned.get)
   factor = best_lr / METHODS[name][1]
   runs = []
@@ -170,7 +210,7 @@ def compare_method(cache: cache_lib.RunCache, model: tuple, name: str,
   accs = [cache_lib.final_accuracy(r) for r in runs]
   measured, target, ratio = angle_ratio(runs[0], name)
   settled = time_constants_before_window(runs[0], name)
-  return {"grid": {str(k): v for k, v in tuned.items()}, "best_lr": best_lr,
+  return {"grid": {str(k): v for k, v in sorted(tuned.items())}, "best_lr": best_lr,
           "acc": float(np.mean(accs)),
           "acc_se": float(np.std(accs, ddof=1) / math.sqrt(len(accs))) if len(accs) > 1
           else float("nan"),
@@ -267,7 +307,8 @@ def run(size: str, workdir: str, out: str, data_dir: Optional[str],
       "test_images": int(dataset.test_images.shape[0]), "steps_per_epoch": steps_per_epoch,
       "base": dataclasses.asdict(base), "grid": list(s["grid"]), "models": {}}
   for model in s["models"]:
-    rows = {name: compare_method(cache, model, name, s["grid"]) for name in METHODS}
+    rows = {name: compare_method(cache, model, name, s["grid"], interior=len(s["grid"]) > 1)
+            for name in METHODS}
     base_speed = rows["none"]["images_per_sec"]
     for row in rows.values():
       row["step_time"] = base_speed / row["images_per_sec"]
@@ -356,7 +397,9 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
       f"epoch, epochs per model below), cosine schedule to 0, SGD momentum {MOMENTUM} where "
       f"SGD is the base, BatchNorm.",
       f"- Each method's learning rate: its base rate times {', '.join(f'{g:.3g}' for g in r['grid'])} "
-      f"(seed 0), then the best with {len(r['models'][next(iter(r['models']))]['methods']['none']['accs'])} "
+      "(seed 0), the grid extended by x3 past an edge until the best rate is interior "
+      "(beaten on both sides; enforced: the comparison stops otherwise), then the best with "
+      f"{len(r['models'][next(iter(r['models']))]['methods']['none']['accs'])} "
       "seeds. Accuracy: mean (standard error of the mean).",
       "- Angle: measured per step, mean over layers and over the middle half of "
       "training, against the angle the method targets (rotational, nero, hyperball) or "
@@ -387,16 +430,18 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
   for model, m in r["models"].items():
     rows = m["methods"]
     lines += [f"## {model}", "",
-              "| method | best lr | test acc | measured angle | target | ratio | tau | "
-              "step time |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| method | lrs tried | best lr | test acc | measured angle | target | ratio | "
+              "tau | step time |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, v in sorted(rows.items(), key=lambda kv: -kv[1]["acc"]):
       tau = v.get("time_constants")
       ratio = "-" if v["angle_ratio"] is None else f"{v['angle_ratio']:.2f}" + (
           " (transient)" if tau is not None and tau < SETTLE else "")
       target = "-" if v["angle_ratio"] is None else f"{v['target']:.3g}"
       div = f", {v['diverged']} diverged" if v["diverged"] else ""
-      lines.append(f"| {name} | {v['best_lr']:g} | {v['acc']:.3f} ({v['acc_se']:.3f}{div}) | "
+      tried = sorted(float(x) for x in v["grid"])
+      lines.append(f"| {name} | {tried[0]:.3g} .. {tried[-1]:.3g} ({len(tried)}) | "
+                   f"{v['best_lr']:g} | {v['acc']:.3f} ({v['acc_se']:.3f}{div}) | "
                    f"{v['angle']:.3g} | {target} | {ratio} | "
                    f"{'-' if tau is None else f'{tau:.2g}'} | {v['step_time']:.2f} |")
     best = max(rows, key=lambda n: rows[n]["acc"])

@@ -59,3 +59,44 @@ def test_time_constants_before_the_window_integrate_the_relaxation_rate(tmp_path
   # At half the peak rate the corrected decay (wd * lr_t / lr_max) relaxes 2x slower.
   half = plot.Run(str(tmp_path), {"lr": 0.2}, train, [], "synthetic")
   assert compare.time_constants_before_window(half, "corrected") == pytest.approx(10 * rate_w)
+
+
+class _FakeCache:
+  """Stands in for a RunCache: a "run" is its config, trained instantly."""
+
+  def __init__(self):
+    self.trained = []
+
+  def config(self, **kw):
+    import types  # pylint: disable=g-import-not-at-top
+    return types.SimpleNamespace(**kw)
+
+  def train(self, name, config):
+    self.trained.append(config.lr)
+    return config
+
+
+@pytest.mark.parametrize("peak, expected", [
+    (2.7, [0.033333, 0.1, 0.3, 0.9, 2.7, 8.1]),  # extended upwards until beaten above
+    (0.004, [0.0012346, 0.0037037, 0.011111, 0.033333, 0.1, 0.3]),  # and downwards
+    (0.1, [0.033333, 0.1, 0.3]),  # interior already: the grid as it is
+])
+def test_the_grid_is_extended_until_the_best_rate_is_interior(monkeypatch, peak, expected):
+  import math  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(compare.cache_lib, "final_accuracy",
+                      lambda run: -abs(math.log(run.lr / peak)))  # best at `peak`
+  cache = _FakeCache()
+  tuned = compare.tune(cache, ("cnn", 8, 4), "l2", compare.LR_GRID, interior=True)
+  assert sorted(tuned) == pytest.approx(expected, rel=1e-4)
+  lrs, best = sorted(tuned), max(tuned, key=tuned.get)
+  assert lrs[0] < best < lrs[-1]
+  assert len(cache.trained) == len(set(cache.trained))  # no rate trained twice
+
+
+def test_a_best_rate_that_stays_at_the_edge_stops_the_comparison(monkeypatch):
+  monkeypatch.setattr(compare.cache_lib, "final_accuracy", lambda run: run.lr)  # bigger is better
+  with pytest.raises(compare.EdgeOfGridError, match="l2's best learning rate .* edge"):
+    compare.tune(_FakeCache(), ("cnn", 8, 4), "l2", compare.LR_GRID, interior=True)
+  # Not enforced (the smoke size's single rate): the grid as given.
+  assert len(compare.tune(_FakeCache(), ("cnn", 8, 4), "l2", compare.LR_GRID,
+                          interior=False)) == 3

@@ -84,6 +84,9 @@ def test_lam_alone_exact_equivalence_is_bit_exact_and_eps_breaks_it(smoke):
     assert exact["steps"][:reproduce.EARLY_STEPS + 1] == list(range(reproduce.EARLY_STEPS + 1))
     assert exact["max_deviation"] == 0.0, c  # c is a power of two: every rounding scales
     assert default["max_deviation"] > 1e-6, c  # eps/var is not scale-invariant
+    # Test accuracy runs on BatchNorm's running statistics, scaled with the weights.
+    assert exact["acc"] == exact["acc_base"], c
+  assert results["verdicts"]["8"]["holds"]
 
 
 @pytest.mark.slow
