@@ -158,7 +158,7 @@ def rotational(inner: optax.GradientTransformation, groups: groups_lib.GroupsOrF
   _checks.non_negative("target_angle", target_angle, "rotational")
 
   def init_fn(params):
-    resolved = groups_lib.resolve(groups, params, "rotational")
+    resolved = groups_lib.resolve_at_init(groups, params, "rotational")
     radius = reductions.norms(resolved, params)
     return RotationalState(inner.init(params), jnp.zeros([], jnp.int32),
                            {p: jnp.zeros_like(r) for p, r in radius.items()}, radius)
@@ -209,13 +209,14 @@ def _balanced(resolved: groups_lib.Resolved, tree: Any, radius: dict) -> Any:
 
 
 def cosine_groups(grads: Any, params: Any, delta: float = 0.1,
-                  eps: float = 1e-8) -> Any:
+                  eps: float = 1e-8, unit_axis: int = -1) -> Any:
   """AdamP's heuristic (Heo et al. 2021): which leaves it would treat as scale-invariant.
 
   For a leaf with ``ndim > 1``: ``UNIT`` if ``max_units |cos(g, w)| < delta /
-  sqrt(unit size)`` (a unit is a slice along the LAST axis here, Flax's output
-  axis; the PyTorch code uses axis 0), else ``TENSOR`` if ``|cos(g, w)| < delta /
-  sqrt(size)`` over the whole leaf, else not. The cosine is PyTorch's
+  sqrt(unit size)`` (a unit is a slice along ``unit_axis``: the LAST axis by
+  default, Flax's output axis; 0 for equinox and PyTorch layouts, as the paper's
+  code), else ``TENSOR`` if ``|cos(g, w)| < delta / sqrt(size)`` over the whole
+  leaf, else not. The cosine is PyTorch's
   ``cosine_similarity``: ``<g, w> / (max(||g||, eps) max(||w||, eps))``. Decided
   from values, so it must run on concrete arrays (not under ``jit``). Returns a
   groups pytree to compare with the exact groups.
@@ -231,20 +232,23 @@ def cosine_groups(grads: Any, params: Any, delta: float = 0.1,
       return np.abs(np.sum(g * w, axes)) / (np.maximum(np.sqrt(np.sum(g * g, axes)), eps) *
                                             np.maximum(np.sqrt(np.sum(w * w, axes)), eps))
 
-    if cos(tuple(range(w.ndim - 1))).max() < delta / np.sqrt(np.prod(w.shape[:-1])):
-      return groups_lib.UNIT
+    unit = unit_axis % w.ndim
+    if cos(tuple(a for a in range(w.ndim) if a != unit)).max() < delta / np.sqrt(
+        w.size // w.shape[unit]):
+      return groups_lib.unit(axis=unit_axis)
     return groups_lib.TENSOR if cos(None) < delta / np.sqrt(w.size) else None
 
   return jax.tree.map(decide, grads, params)
 
 
-def _cosine_projection(u: jax.Array, g: jax.Array, w: jax.Array, delta: float, eps: float
-                       ) -> tuple[jax.Array, jax.Array]:
+def _cosine_projection(u: jax.Array, g: jax.Array, w: jax.Array, delta: float, eps: float,
+                       unit_axis: int) -> tuple[jax.Array, jax.Array]:
   """AdamP's heuristic under ``jit``: ``(u with its radial part removed per unit, per
   tensor or not at all, whether it was)`` for one leaf (Flax layout), in the official
   code's arithmetic: ``cosine_similarity`` and ``w_hat = w / (||w|| + eps)``."""
   w32, u32, g32 = (x.astype(reductions.compute_dtype(w.dtype)) for x in (w, u, g))
-  axes = tuple(range(w.ndim - 1))
+  unit = unit_axis % w.ndim
+  axes = tuple(a for a in range(w.ndim) if a != unit)
 
   def norm(x, ax):
     return jnp.sqrt(jnp.sum(x * x, ax, keepdims=True))
@@ -257,7 +261,7 @@ def _cosine_projection(u: jax.Array, g: jax.Array, w: jax.Array, delta: float, e
     n = w32 / (norm(w32, ax) + eps)
     return u32 - n * jnp.sum(n * u32, ax, keepdims=True)
 
-  per_unit = jnp.max(cos(axes)) < delta / math.sqrt(max(1, w.size // w.shape[-1]))
+  per_unit = jnp.max(cos(axes)) < delta / math.sqrt(max(1, w.size // w.shape[unit]))
   per_layer = jnp.max(cos(None)) < delta / math.sqrt(w.size)
   out = jnp.where(per_unit, project(axes), jnp.where(per_layer, project(None), u32))
   return out.astype(u.dtype), per_unit | per_layer
@@ -325,7 +329,7 @@ def _sgdp_direction(momentum: float, dampening: float, nesterov: bool,
 
 def _projected_decayed(caller: str, direction: Direction, learning_rate: ScalarOrSchedule,
                        groups: groups_lib.GroupsOrFn, decay: float, wd_ratio: float,
-                       heuristic: bool, delta: float, eps: float
+                       heuristic: bool, delta: float, eps: float, unit_axis: int = -1
                        ) -> optax.GradientTransformationExtraArgs:
   """``-lr * (d_perp + decay * wd_ratio * w)`` on the grouped (or cosine-picked) leaves,
   ``-lr * d`` elsewhere (``-lr * (d + decay * w)`` with the heuristic), ``d`` the
@@ -337,7 +341,7 @@ def _projected_decayed(caller: str, direction: Direction, learning_rate: ScalarO
 
   def init_fn(params):
     if not heuristic:
-      groups_lib.resolve(groups, params, caller)
+      groups_lib.resolve_at_init(groups, params, caller)
     return (init_direction(params), jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -353,7 +357,7 @@ def _projected_decayed(caller: str, direction: Direction, learning_rate: ScalarO
           return u, u
         if w.ndim <= 1:  # never projected, fully decayed (AdamP's code: wd_ratio 1)
           return u, (-lr * (u + decay * w.astype(u.dtype))).astype(u.dtype)
-        u_perp, chosen = _cosine_projection(u, g, w, delta, eps)
+        u_perp, chosen = _cosine_projection(u, g, w, delta, eps, unit_axis)
         factor = jnp.where(chosen, wd_ratio, 1.0) * decay
         return u_perp, (-lr * (u_perp + factor * w.astype(u_perp.dtype))).astype(u.dtype)
 
@@ -381,7 +385,8 @@ def _projected_decayed(caller: str, direction: Direction, learning_rate: ScalarO
 def adamp(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
           b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 0.0, wd_ratio: float = 0.1, nesterov: bool = False,
-          heuristic: bool = False, delta: float = 0.1) -> optax.GradientTransformationExtraArgs:
+          heuristic: bool = False, delta: float = 0.1,
+          unit_axis: int = -1) -> optax.GradientTransformationExtraArgs:
   """AdamP: Adam with the radial part of its step removed on scale-invariant weights.
 
   With ``m, v`` Adam's moments of the gradient, ``t`` the step and
@@ -420,20 +425,22 @@ def adamp(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
     nesterov: the official Nesterov momentum.
     heuristic: use the cosine test instead of ``groups``.
     delta: the cosine test's threshold.
+    unit_axis: the unit's axis for the cosine test (-1, Flax; 0 for output-first
+      layouts, as the official code). The exact groups name theirs (``unit(axis=...)``).
 
   References:
     Heo et al., *AdamP: Slowing Down the Slowdown for Momentum Optimizers on
     Scale-invariant Weights*, ICLR 2021 (arXiv 2006.08217); github.com/clovaai/AdamP.
   """
   return _projected_decayed("adamp", _adamp_direction(b1, b2, eps, nesterov), learning_rate,
-                            groups, weight_decay, wd_ratio, heuristic, delta, eps)
+                            groups, weight_decay, wd_ratio, heuristic, delta, eps, unit_axis)
 
 
 def sgdp(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
          momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
          wd_ratio: float = 0.1, heuristic: bool = False, delta: float = 0.1,
-         eps: float = 1e-8, dampening: float = 0.0,
-         project_momentum: bool = True) -> optax.GradientTransformationExtraArgs:
+         eps: float = 1e-8, dampening: float = 0.0, project_momentum: bool = True,
+         unit_axis: int = -1) -> optax.GradientTransformationExtraArgs:
   """SGDP: SGD with heavy-ball momentum, the radial part of its step removed.
 
   With ``b <- mu b + (1 - dampening) g`` and ``d = b`` (or ``g + mu b``, Nesterov):
@@ -465,7 +472,7 @@ def sgdp(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
     raise ValueError(f"sgdp: momentum must be < 1, got {momentum!r}.")
   return _projected_decayed(
       "sgdp", _sgdp_direction(momentum, dampening, nesterov, project_momentum), learning_rate,
-      groups, weight_decay / (1 - momentum), wd_ratio, heuristic, delta, eps)
+      groups, weight_decay / (1 - momentum), wd_ratio, heuristic, delta, eps, unit_axis)
 
 
 # ---------------------------------------------------------------------------- Nero
@@ -531,7 +538,7 @@ def nero(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
     return jnp.where(denom > 0, g / safe, 0.0)
 
   def init_fn(params):
-    resolved = groups_lib.resolve(groups, params, "nero")
+    resolved = groups_lib.resolve_at_init(groups, params, "nero")
     grouped = {p: jnp.zeros_like(n) for p, n in reductions.norms(resolved, params).items()}
 
     def free(path, w):  # an ungrouped array leaf (not a None / optax.MaskedNode)
@@ -658,7 +665,7 @@ def adamh(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
   other_lr = learning_rate if ungrouped_learning_rate is None else ungrouped_learning_rate
 
   def init_fn(params):
-    resolved = groups_lib.resolve(groups, params, "adamh")
+    resolved = groups_lib.resolve_at_init(groups, params, "adamh")
     return HyperballState(adam.init(params), jnp.zeros([], jnp.int32),
                           reductions.norms(resolved, params))
 
@@ -738,7 +745,7 @@ def add_corrected_decayed_weights(weight_decay: float, learning_rate: ScalarOrSc
                      f"{float(peak)}.")
 
   def init_fn(params):
-    groups_lib.resolve(groups, params, "add_corrected_decayed_weights")
+    groups_lib.resolve_at_init(groups, params, "add_corrected_decayed_weights")
     return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):

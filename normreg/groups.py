@@ -8,6 +8,10 @@ a joint tag:
   (Flax kernels are laid out ``(..., in, out)``), and its norm reduces over all
   other axes: ``f(x; w * a[None, ..., :]) = f(x; w)`` for every ``a > 0``.
   This is a Conv or Dense kernel followed by BatchNorm, or a WeightNorm ``v``.
+- ``axis=a`` (:func:`unit`): the unit is a slice along axis ``a`` instead, counted
+  after the stack axes (negative from the end). Output-first layouts need it:
+  equinox and every PyTorch port store ``Conv2d`` weights ``(out, in, kh, kw)`` and
+  ``Linear`` weights ``(out, in)``, so their units are ``unit(axis=0)``.
 - ``TENSOR``: invariant only as a whole: ``f(x; a w) = f(x; w)``. A Dense kernel
   followed by LayerNorm, a Conv kernel followed by GroupNorm.
 - ``None``: not scale-invariant (norm scales and shifts, biases, the last
@@ -68,17 +72,20 @@ class Group:
   """How one parameter leaf is scale-invariant (a leaf of the groups pytree).
 
   Attributes:
-    kind: ``Invariance.UNIT`` (per output unit, the last axis) or
-      ``Invariance.TENSOR`` (per tensor).
+    kind: ``Invariance.UNIT`` (per output unit) or ``Invariance.TENSOR`` (per tensor).
     stack: number of leading axes that index independent copies (layers
       stacked by scan or vmap, heads): the norm is per copy.
     joint: a tag shared by leaves that are invariant only together (a kernel
       and its bias before LayerNorm); their norm is taken over all of them.
+    axis: for ``UNIT``, the axis of the output units, counted after the ``stack``
+      axes (negative from the end): -1 (Flax, ``(..., in, out)``) or 0 (equinox
+      and PyTorch ports, ``(out, in, ...)``).
   """
 
   kind: Invariance
   stack: int = 0
   joint: Optional[str] = None
+  axis: int = -1
 
   def __post_init__(self):
     object.__setattr__(self, "kind", Invariance(self.kind))
@@ -86,6 +93,10 @@ class Group:
       raise ValueError(f"a group's stack must be an integer >= 0, got {self.stack!r}.")
     if self.joint is not None and (not isinstance(self.joint, str) or not self.joint):
       raise ValueError(f"a group's joint tag must be a non-empty string, got {self.joint!r}.")
+    if not isinstance(self.axis, int) or isinstance(self.axis, bool):
+      raise ValueError(f"a group's axis must be an integer, got {self.axis!r}.")
+    if self.kind is Invariance.TENSOR and self.axis != -1:
+      raise ValueError(f"a tensor group has no unit axis, got axis={self.axis!r}.")
 
   @property
   def value(self) -> str:
@@ -94,39 +105,53 @@ class Group:
 
   @property
   def plain(self) -> bool:
-    """No stack axes and no joint tag: ``UNIT`` or ``TENSOR`` itself."""
-    return self.stack == 0 and self.joint is None
+    """No stack axes, no joint tag, the last axis: ``UNIT`` or ``TENSOR`` itself."""
+    return self.stack == 0 and self.joint is None and self.axis == -1
+
+  def _options(self) -> list[tuple[str, Any]]:
+    return ([("axis", self.axis)] if self.axis != -1 else []) + (
+        [("stack", self.stack)] if self.stack else []) + (
+        [("joint", self.joint)] if self.joint is not None else [])
 
   def __repr__(self) -> str:
     if self.plain:
       return f"normreg.{self.kind.name}"
-    args = [f"stack={self.stack}"] if self.stack else []
-    args += [f"joint={self.joint!r}"] if self.joint is not None else []
-    return f"normreg.{self.kind.value}({', '.join(args)})"
+    args = ", ".join(f"{k}={v!r}" for k, v in self._options())
+    return f"normreg.{self.kind.value}({args})"
 
   def __str__(self) -> str:
-    """One short line: ``unit``, ``unit stack=1``, ``tensor joint=dense``."""
-    return " ".join([self.kind.value] + ([f"stack={self.stack}"] if self.stack else [])
-                    + ([f"joint={self.joint}"] if self.joint is not None else []))
+    """One short line: ``unit``, ``unit axis=0``, ``unit stack=1``, ``tensor joint=dense``."""
+    return " ".join([self.kind.value] + [f"{k}={v}" for k, v in self._options()])
 
   # --------------------------------------------------------------- geometry
 
   def check_shape(self, shape: Sequence[int], where: str) -> None:
     """Raises ``ValueError`` if a leaf of ``shape`` cannot carry this group."""
-    need = self.stack + (1 if self.kind is Invariance.UNIT else 0)
-    if len(shape) < need:
-      raise ValueError(f"{where}: a {self} group needs at least {need} axes, the leaf has "
-                       f"shape {tuple(shape)}.")
+    if self.kind is Invariance.UNIT:
+      per_copy = len(shape) - self.stack
+      if not -per_copy <= self.axis < per_copy:
+        need = self.stack + (self.axis + 1 if self.axis >= 0 else -self.axis)
+        raise ValueError(
+            f"{where}: a {self} group needs at least {need} axes ({self.stack} stack axes, "
+            f"then unit axis {self.axis}), the leaf has shape {tuple(shape)}.")
+    elif len(shape) < self.stack:
+      raise ValueError(f"{where}: a {self} group needs at least {self.stack} axes, the leaf "
+                       f"has shape {tuple(shape)}.")
+
+  def unit_axis(self, ndim: int) -> int:
+    """The index of the unit axis in a leaf of ``ndim`` axes (``UNIT`` only)."""
+    return self.stack + self.axis % (ndim - self.stack)
 
   def reduced_axes(self, ndim: int) -> tuple[int, ...]:
-    """Axes the norm sums over: all but the stack axes and, for UNIT, the last."""
-    end = ndim - 1 if self.kind is Invariance.UNIT else ndim
-    return tuple(range(self.stack, max(end, self.stack)))
+    """Axes the norm sums over: all but the stack axes and, for UNIT, the unit axis."""
+    skip = self.unit_axis(ndim) if self.kind is Invariance.UNIT else None
+    return tuple(a for a in range(self.stack, ndim) if a != skip)
 
   def group_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
     """Shape of the per-group values of a leaf: ``stack + (out,)`` or ``stack``."""
     shape = tuple(shape)
-    return shape[:self.stack] + (shape[-1:] if self.kind is Invariance.UNIT else ())
+    unit = (shape[self.unit_axis(len(shape))],) if self.kind is Invariance.UNIT else ()
+    return shape[:self.stack] + unit
 
   def keepdims_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
     """``shape`` with the reduced axes set to 1: per-group values broadcast from it."""
@@ -134,15 +159,18 @@ class Group:
     return tuple(1 if a in reduced else n for a, n in enumerate(shape))
 
 
-def unit(stack: int = 0, joint: Optional[str] = None) -> Group:
-  """A per-output-unit group, with ``stack`` leading copy axes and an optional joint tag.
+def unit(stack: int = 0, joint: Optional[str] = None, axis: int = -1) -> Group:
+  """A per-output-unit group, with ``stack`` leading copy axes, an optional joint tag and
+  the unit's ``axis`` (counted after the stack axes; -1, the last, is Flax's layout).
 
   >>> unit(stack=1)
   normreg.unit(stack=1)
+  >>> unit(axis=0)  # equinox / PyTorch layouts: (out, in, kh, kw)
+  normreg.unit(axis=0)
   >>> unit() == UNIT
   True
   """
-  return _intern(Group(Invariance.UNIT, stack, joint))
+  return _intern(Group(Invariance.UNIT, stack, joint, axis))
 
 
 def tensor(stack: int = 0, joint: Optional[str] = None) -> Group:
@@ -320,8 +348,16 @@ def groups_by_path(groups: Groups, caller: str) -> dict[str, GroupLeaf]:
   return {path_str(p): as_group(g, f"{caller}: groups leaf {path_str(p)!r}") for p, g in leaves}
 
 
+def is_function(groups: GroupsOrFn) -> bool:
+  """Whether ``groups`` is a function of the params (as ``optax.masked``'s mask) rather
+  than a groups pytree. A pytree is data and is never called, even when its container
+  is callable: an equinox ``Module`` (the groups :func:`normreg.find_scale_invariant`
+  returns for an equinox model) defines ``__call__`` as the model's forward pass."""
+  return callable(groups) and jax.tree_util.treedef_is_leaf(jax.tree.structure(groups))
+
+
 def resolve(groups: GroupsOrFn, params: Any, caller: str) -> Resolved:
-  """The groups of ``params`` (calling ``groups(params)`` if callable), checked.
+  """The groups of ``params`` (``groups(params)`` if it is a function), checked.
 
   ``groups`` and ``params`` must have the same ``"/"``-joined paths (``None``
   and ``optax.MaskedNode`` leaves of ``params`` count as leaves); their
@@ -330,7 +366,7 @@ def resolve(groups: GroupsOrFn, params: Any, caller: str) -> Resolved:
   group must agree on kind, stack axes and per-group shape. Raises a
   ``ValueError`` naming ``caller`` and the first thing that differs.
   """
-  if callable(groups):  # as optax.masked's mask: a pytree or a function of the params
+  if is_function(groups):  # as optax.masked's mask: a pytree or a function of the params
     groups = groups(params)
   by_path = groups_by_path(groups, caller)
   p_leaves, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_leaf_or_masked)
@@ -370,6 +406,26 @@ def resolve(groups: GroupsOrFn, params: Any, caller: str) -> Resolved:
                          f"{group_shapes[paths[0]]}; members must share their stack axes "
                          "and, for UNIT, their output axis.")
   return Resolved(grouped, {k: tuple(v) for k, v in members.items()}, group_shapes)
+
+
+_WARNED_EMPTY: set = set()
+
+
+def resolve_at_init(groups: GroupsOrFn, params: Any, caller: str) -> Resolved:
+  """:func:`resolve` at a transform's ``init``, with one warning line if no leaf is
+  grouped (once per ``groups`` object): the transform would then do nothing, and a
+  run would train as its base optimizer without a word. Detection returns no group for
+  a normalization in evaluation mode, a batch of one, or a forward that returns its
+  state too."""
+  resolved = resolve(groups, params, caller)
+  if not resolved.by_path and id(groups) not in _WARNED_EMPTY:
+    _WARNED_EMPTY.add(id(groups))
+    logging.warning(
+        "normreg: %s was given groups with no scale-invariant leaf among %d parameters: it "
+        "acts as its base optimizer. (find_scale_invariant finds none for a normalization in "
+        "evaluation mode, a batch of one, or a forward that returns its state too.)",
+        caller, len(param_paths(params)))
+  return resolved
 
 
 def as_mask(groups: Groups) -> Any:
@@ -414,7 +470,7 @@ def map_grouped(fn: Callable[..., Any], groups: GroupsOrFn, tree: Any, *rest: An
   other containers than ``tree`` (``rest`` must have ``tree``'s structure).
   Leafwise only: for norms over groups see :mod:`normreg.reductions`.
   """
-  by_path = groups_by_path(groups(tree) if callable(groups) else groups, "map_grouped")
+  by_path = groups_by_path(groups(tree) if is_function(groups) else groups, "map_grouped")
 
   def f(path, leaf, *others):
     group = by_path.get(path_str(path))
@@ -449,7 +505,7 @@ def checked_at_init(caller: str, groups: GroupsOrFn, tx: optax.GradientTransform
   tx = optax.with_extra_args_support(tx)
 
   def init_fn(params):
-    resolve(groups, params, caller)
+    resolve_at_init(groups, params, caller)
     return tx.init(params)
 
   return optax.GradientTransformationExtraArgs(init_fn, tx.update)

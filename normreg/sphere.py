@@ -91,7 +91,7 @@ def project_to_sphere(groups: groups_lib.GroupsOrFn,
     _checks.positive("radius", radius, "project_to_sphere")
 
   def init_fn(params):
-    resolved = groups_lib.resolve(groups, params, "project_to_sphere")
+    resolved = groups_lib.resolve_at_init(groups, params, "project_to_sphere")
     if not use_init:
       return ProjectToSphereState(radius=None)
     return ProjectToSphereState(radius=reductions.norms(resolved, params))

@@ -2,6 +2,8 @@
 
 import logging
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -268,3 +270,56 @@ def test_as_group_accepts_the_kind_by_name_or_enum():
   assert as_group(normreg.Invariance.UNIT, "t") is normreg.UNIT
   assert as_group(normreg.groups.Group("tensor"), "t") is normreg.TENSOR  # interned
   assert as_group(None, "t") is None
+
+
+def test_a_groups_pytree_is_never_called_even_when_its_container_is_callable():
+  @jax.tree_util.register_pytree_with_keys_class
+  class CallableTree:  # as an equinox Module: a pytree node with a __call__ (its forward)
+    def __init__(self, kernel, scale):
+      self.kernel, self.scale = kernel, scale
+
+    def __call__(self, *args):
+      raise AssertionError("a groups pytree was called")
+
+    def tree_flatten_with_keys(self):
+      key = jax.tree_util.GetAttrKey
+      return ((key("kernel"), self.kernel), (key("scale"), self.scale)), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+      return cls(*children)
+
+  params = CallableTree(jnp.ones((2, 3)), jnp.ones(3))
+  groups = CallableTree(normreg.unit(axis=0), None)
+  assert not normreg.groups.is_function(groups)
+  assert normreg.groups.resolve(groups, params, "t").by_path == {"kernel": normreg.unit(axis=0)}
+  np.testing.assert_allclose(normreg.unit_norms(params, groups).kernel, np.sqrt([3.0, 3.0]))
+  masked = normreg.groups.map_grouped(lambda g, w: 2 * w, groups, params)
+  np.testing.assert_allclose(masked.kernel, 2.0)
+  # A plain function of the params is still called, as optax.masked's mask is.
+  fn = lambda p: CallableTree(normreg.UNIT, None)
+  assert normreg.groups.is_function(fn)
+  np.testing.assert_allclose(normreg.unit_norms(params, fn).kernel, np.sqrt([2.0] * 3))
+
+
+@pytest.mark.parametrize("axis, shape, want", [
+    (0, (4, 3), (4,)), (-1, (4, 3), (3,)), (1, (2, 3, 4), (3,)), (0, (5, 2, 3, 3), (5,)),
+])
+def test_unit_axis_reduces_over_every_other_axis(axis, shape, want):
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal(shape)
+  group = normreg.unit(axis=axis)
+  norms = normreg.unit_norms({"w": jnp.asarray(w)}, {"w": group})["w"]
+  keep = axis % len(shape)
+  expect = np.sqrt(np.sum(w ** 2, axis=tuple(a for a in range(len(shape)) if a != keep)))
+  assert norms.shape == want
+  np.testing.assert_allclose(norms, expect, rtol=1e-6)
+  # With a stack axis in front, the axis counts after it: one norm per copy and unit.
+  stacked = np.stack([w, 2 * w])
+  got = normreg.unit_norms({"w": jnp.asarray(stacked)},
+                           {"w": normreg.unit(stack=1, axis=axis)})["w"]
+  np.testing.assert_allclose(got, np.stack([expect, 2 * expect]), rtol=1e-6)
+  assert str(normreg.unit(stack=1, axis=axis)) == f"unit axis={axis} stack=1" if axis != -1 \
+      else str(normreg.unit(stack=1)) == "unit stack=1"
+  with pytest.raises(ValueError, match="a tensor group has no unit axis"):
+    normreg.Group(normreg.Invariance.TENSOR, axis=0)
