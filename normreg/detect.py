@@ -57,11 +57,24 @@ def _randomize(leaf: Any, rng: np.random.Generator) -> jax.Array:
   return jnp.asarray(x + scale * rng.standard_normal(x.shape, np.float32), leaf.dtype)
 
 
-def _candidates(shape: tuple[int, ...]) -> list[groups_lib.Group]:
-  """Groupings a leaf of ``shape`` may have, finest (most groups) first."""
+def _candidates(shape: tuple[int, ...], unit_axis: int = -1) -> list[groups_lib.Group]:
+  """Groupings a leaf of ``shape`` may have, finest (most groups) first.
+
+  ``unit(stack=k, axis=0)`` and ``tensor(stack=k + 1)`` are one partition, read two ways
+  (output units on the first axis after ``k`` stack axes, or one more stack axis): the
+  first is kept for output-first layouts (``unit_axis=0``), the second otherwise.
+  Among as many groups, the unit on ``unit_axis`` comes first, and a tensor grouping
+  before a unit grouping on an axis of one element (the same groups).
+  """
   ndim = len(shape)
-  out = [groups_lib.unit(stack=k) for k in range(ndim - 1)]  # none below two axes
-  out += [groups_lib.tensor(stack=k) for k in range(ndim)]
+  first = unit_axis == 0
+  axes = lambda k: sorted({-1, *range(ndim - k - 1)} - (set() if first else {0}),
+                          key=lambda a: (a != unit_axis, a))
+  # No unit on an axis of one element: that is the tensor grouping (ties go to TENSOR).
+  out = [groups_lib.unit(stack=k, axis=a) for k in range(ndim - 1)  # none below two axes
+         for a in axes(k) if shape[k + a % (ndim - k)] > 1]
+  out += [groups_lib.tensor(stack=k) for k in range(ndim)
+          if not (first and 0 < k < ndim)]
   return sorted(out, key=lambda g: -math.prod(g.group_shape(shape)))
 
 
@@ -73,7 +86,7 @@ def _group_dots(group: groups_lib.Group, grads: np.ndarray, x: np.ndarray) -> np
 
 def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: int = 0,
                          rtol: float = 1e-3, joint: bool = True,
-                         **kwargs: Any) -> groups_lib.Groups:
+                         unit_axis: int | None = None, **kwargs: Any) -> groups_lib.Groups:
   """Decides, per parameter, whether ``fn`` is invariant to its scale, and how.
 
   Each leaf gets the finest grouping that passes (see the module docstring):
@@ -116,19 +129,32 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
     rules) to leave them alone.
   - invariance that holds only on part of the input space; the check uses the
     ``args`` you pass, so pass a typical batch (batch statistics of a batch of
-    one are degenerate).
+    one are degenerate). Where a grouping passes only because some slices of a
+    leaf do not act at these inputs (a 3x3 kernel on a 1x1 feature map acts through
+    its centre tap), the coarser grouping that does not need them is reported, with
+    one warning line: detect on full-size inputs.
+
+  Finding no invariant leaf at all logs one warning line (a normalization in
+  evaluation mode, a batch of one): transforms given such groups do nothing.
 
   Cost: one compiled program (``jax.vjp`` of ``fn``, vmapped over
   ``PROBES`` output directions) and numpy sums, whatever the number of leaves.
 
   Args:
-    fn: ``fn(params, *args, **kwargs)`` returning an array or pytree of arrays
-      (logits, say; not a scalar loss, which hides too much).
-    params: the params pytree (Linen dict or NNX ``State``).
+    fn: ``fn(params, *args, **kwargs)`` returning an array or a dict (any pytree but a
+      tuple or list) of arrays: the logits, say; not a scalar loss, which hides too
+      much, and not haiku's ``(output, state)``, which is refused.
+    params: the params pytree of arrays: an NNX ``State``, Linen or haiku dicts, or an
+      equinox Module filtered to its arrays (``eqx.partition(model,
+      eqx.is_inexact_array)``; a leaf that is not an array is refused, naming it).
     *args: positional arguments of ``fn`` after ``params`` (an input batch).
     seed: seed of the randomization.
     rtol: relative tolerance of the test (see above).
     joint: also try the siblings that fail alone as one joint group.
+    unit_axis: where output units are: -1 (Flax, haiku: ``(..., in, out)``) or 0
+      (equinox, PyTorch ports: ``(out, in, ...)``); default 0 for an equinox Module, else
+      -1. It decides how a grouping along the first axis is reported: ``unit(axis=0)``
+      (output units) or ``tensor(stack=1)`` (copies stacked by scan): the same groups.
     **kwargs: keyword arguments of ``fn``.
 
   Returns:
@@ -169,6 +195,8 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [groups_lib.path_str(p) for p, _ in leaves]
   arrays = [x for _, x in leaves]
+  _check_leaves(paths, arrays)
+  layout_axis = (0 if _is_equinox(params) else -1) if unit_axis is None else unit_axis
   is_float = [jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.size(x) > 0
               for x in arrays]
   # numpy draws: no per-shape compilation of jax.random ops on the host.
@@ -185,6 +213,12 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   primals = [randomized[i] for i in float_idx]
   forward = lambda q: fn(rebuild(q), *args, **kwargs)
   out = jax.eval_shape(forward, primals)
+  if isinstance(out, (tuple, list)):
+    raise ValueError(
+        f"find_scale_invariant: fn returned a {type(out).__name__} of {len(out)}; pass a "
+        "function that returns the network's output only (haiku's apply with state returns "
+        "(output, state): use lambda p, x: apply(p, state, None, x)[0]). The state, "
+        "BatchNorm's running statistics, is not scale-invariant and would hide every group.")
   cotangents = jax.tree.map(
       lambda o: jnp.asarray(rng.standard_normal((PROBES,) + o.shape), o.dtype), out)
 
@@ -224,19 +258,84 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
       logging.info("find_scale_invariant: %-40s None    no effect (|J r|/|f| = %.1e)",
                    paths[i], effect[i] / max(out_norm, 1e-30))
       continue
-    for group in _candidates(w64[i].shape):
+    inert_fallback = None
+    for group in _candidates(w64[i].shape, layout_axis):
       ok, along_w, along_d = passes(group, [i])
-      if ok:
-        results[i] = group
-        logging.info("find_scale_invariant: %-40s %-14s |J w|/|J r| = %.1e", paths[i],
-                     group, along_w / max(along_d, 1e-300))
-        break
+      if not ok:
+        continue
+      inert = _inert_slices(group, grads[i], directions[i], layout_axis)
+      if inert:  # passes only because some slices do nothing: not what it means
+        inert_fallback = inert_fallback or (group, *inert)
+        continue
+      results[i] = group
+      logging.info("find_scale_invariant: %-40s %-14s |J w|/|J r| = %.1e", paths[i],
+                   group, along_w / max(along_d, 1e-300))
+      break
     else:
+      if inert_fallback:
+        results[i] = inert_fallback[0]
+    if inert_fallback:
+      logging.warning(
+          "find_scale_invariant: %s: only %d of the %d slices along axis %d affect fn at "
+          "these inputs (a feature map smaller than the kernel?), so %s would pass; "
+          "reported as %s. Detect on full-size inputs.", paths[i], inert_fallback[2],
+          inert_fallback[3], inert_fallback[1], inert_fallback[0], results[i] or "None")
+    elif results[i] is None:
       logging.info("find_scale_invariant: %-40s None    not invariant", paths[i])
 
   if joint:
     _find_joint(paths, float_idx, results, effect, negligible, w64, passes)
+  if not any(r is not None for r in results):
+    logging.warning(
+        "find_scale_invariant: no scale-invariant parameter among %d leaves. Is the "
+        "normalization in evaluation mode (running statistics), the batch a single example, "
+        "or the model without normalization? Transforms given these groups do nothing.",
+        len(paths))
   return treedef.unflatten(results)
+
+
+def _is_equinox(params: Any) -> bool:
+  """Whether ``params`` is an equinox Module (output-first layouts: ``(out, in, ...)``)."""
+  return any(c.__module__.split(".")[0] == "equinox" for c in type(params).__mro__)
+
+
+def _check_leaves(paths: list[str], arrays: list[Any]) -> None:
+  """Refuses params with leaves that are not arrays (an unfiltered equinox model holds its
+  activation functions and static fields among them), naming the first."""
+  for path, x in zip(paths, arrays):
+    if not isinstance(x, (jax.Array, np.ndarray, np.generic, float, int, complex)):
+      raise ValueError(
+          f"find_scale_invariant: params leaf {path!r} is a {type(x).__name__}, not an array. "
+          "Pass the arrays only; for an equinox model: params, static = "
+          "eqx.partition(model, eqx.is_inexact_array) and fn = lambda p, x: "
+          "eqx.combine(p, static)(x) (or filter the model with eqx.filter).")
+
+
+def _inert_slices(group: groups_lib.Group, grads: np.ndarray, direction: np.ndarray,
+                  layout_axis: int) -> tuple[int, int, int] | None:
+  """``(axis, active, total)`` for the first axis that ``group`` splits into groups (a stack
+  axis, or a unit axis other than the layout's) and along which some slices do not
+  affect ``fn`` (their derivative along a random direction at most 1e-6 of the largest
+  slice's); ``None`` if there is none.
+
+  Such a grouping passes the test vacuously on those slices: a 3x3 kernel applied to a
+  1x1 feature map acts through its centre tap only, and per-tap groups then pass. A
+  dead output unit along the layout's unit axis is not such a case and is not counted.
+  """
+  ndim = direction.ndim
+  axes = list(range(group.stack))
+  if group.kind is groups_lib.Invariance.UNIT:
+    unit = group.unit_axis(ndim)
+    if unit != group.stack + layout_axis % (ndim - group.stack):
+      axes.append(unit)
+  prod = grads * direction[None]
+  for axis in axes:
+    others = tuple(a + 1 for a in range(ndim) if a != axis)
+    per_slice = np.sqrt(np.sum(np.square(np.sum(prod, axis=others)), axis=0))
+    active = int(np.sum(per_slice > 1e-6 * per_slice.max()))
+    if active < per_slice.size:
+      return axis, active, per_slice.size
+  return None
 
 
 def _find_joint(paths, float_idx, results, effect, negligible, w64, passes) -> None:
@@ -266,6 +365,14 @@ def _find_joint(paths, float_idx, results, effect, negligible, w64, passes) -> N
         break
 
 
+def _strip_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """``(1, 1, 1, C) -> (C,)``: a vector stored broadcastable, as haiku's BatchNorm stores
+  its scale and offset; ``(3, 1)``, a one-unit kernel, stays."""
+  while shape and shape[0] == 1:
+    shape = shape[1:]
+  return shape
+
+
 def _joint_candidates(shapes: list[tuple[int, ...]]) -> list[groups_lib.Group]:
   """Groupings every member can have with one per-group shape, finest first."""
   common = None
@@ -277,11 +384,12 @@ def _joint_candidates(shapes: list[tuple[int, ...]]) -> list[groups_lib.Group]:
   out = []
   for kind, stack in common or ():
     group = groups_lib.Group(kind, stack)
-    # A joint group holds a kernel or matrix (two axes besides the stack axes): the
-    # (scale, bias) vectors of an inner normalization followed by ReLU are jointly
-    # invariant too, but are left alone, as the paper leaves them.
+    # A joint group holds a kernel or matrix (two axes of more than one element besides
+    # the stack axes): the (scale, bias) vectors of an inner normalization followed by ReLU
+    # are jointly invariant too, but are left alone, as the paper leaves them, also when
+    # stored as (1, ..., 1, C) as haiku's BatchNorm does.
     if (len({group.group_shape(s) for s in shapes}) == 1
-        and any(len(s) - stack >= 2 for s in shapes)):
+        and any(len(_strip_leading_ones(s[stack:])) >= 2 for s in shapes)):
       out.append(group)
   # Most groups first; ties (a set's order is arbitrary) by kind, then fewer stack axes.
   return sorted(out, key=lambda g: (-math.prod(g.group_shape(shapes[0])), g.kind.value,

@@ -114,8 +114,19 @@ def test_candidates_finest_first():
   assert detect._candidates(()) == []
   assert detect._candidates((5,)) == [t()]
   assert detect._candidates((3, 4)) == [u(), t(stack=1), t()]  # 4, 3, 1 groups
-  # 8, 6, 4, 2, 1 groups
-  assert detect._candidates((2, 3, 4)) == [u(stack=1), t(stack=2), u(), t(stack=1), t()]
+  # 8, 6, 4, 3, 2, 1 groups; the unit may sit on any axis after the stack axes.
+  assert detect._candidates((2, 3, 4)) == [u(stack=1), t(stack=2), u(), u(axis=1),
+                                           t(stack=1), t()]
+  # Output-first layouts: a grouping along the first axis after k stack axes is
+  # unit(stack=k, axis=0) there (tensor(stack=k+1), the same groups, in Flax's).
+  assert detect._candidates((3, 4), unit_axis=0) == [u(), u(axis=0), t()]
+  assert detect._candidates((2, 3, 4), unit_axis=0) == [
+      u(stack=1), u(stack=1, axis=0), u(), u(axis=1), u(axis=0), t()]
+  for shape in ((3, 4), (2, 3, 4), (2, 3, 4, 5)):  # one candidate per partition
+    for layout in (-1, 0):
+      found = detect._candidates(shape, layout)
+      parts = {(g.group_shape(shape), g.reduced_axes(len(shape))) for g in found}
+      assert len(parts) == len(found), (shape, layout, found)
 
 
 def test_non_float_and_empty_leaves_are_none_and_left_alone():
