@@ -96,7 +96,8 @@ def parse_group_rules(text: str) -> list[tuple[str, Optional[normreg.Group]]]:
   ``REGEX=unit|tensor|none`` items, comma-separated (commas inside parentheses
   belong to the item), first match wins; ``unit`` and ``tensor`` take options
   in parentheses: ``stack=K`` leading copy axes, ``joint=TAG`` (``\\1`` expands
-  to the regex's first group). Example:
+  to the regex's first group), and ``unit`` ``axis=A``, the unit's axis after the stack
+  axes (0 for output-first layouts). Example:
   ``"convs/.*/kernel=unit,(dense)/(kernel|bias)=tensor(joint=\\1),.*=none"``.
   """
   rules = []
@@ -104,17 +105,19 @@ def parse_group_rules(text: str) -> list[tuple[str, Optional[normreg.Group]]]:
     match = _RULE.fullmatch(item)
     if not match:
       raise errors.InputError(f"--group_rules: {item!r} is not REGEX=unit|tensor|none, with "
-                       "optional (stack=K, joint=TAG) after unit or tensor.")
+                       "optional (stack=K, joint=TAG, axis=A) after unit or tensor.")
     kind, options = match["kind"], {}
     for option in filter(None, (o.strip() for o in (match["options"] or "").split(","))):
       key, sep, value = option.partition("=")
-      if not sep or key.strip() not in ("stack", "joint") or kind == "none":
-        raise errors.InputError(f"--group_rules: {item!r}: option {option!r} is not stack=K or "
-                         "joint=TAG (after unit or tensor).")
+      allowed = ("stack", "joint", "axis") if kind == "unit" else ("stack", "joint")
+      if not sep or key.strip() not in allowed or kind == "none":
+        raise errors.InputError(f"--group_rules: {item!r}: option {option!r} is not stack=K, "
+                         "joint=TAG or (unit only) axis=A, after unit or tensor.")
+      key = key.strip()
       try:
-        options[key.strip()] = int(value) if key.strip() == "stack" else value.strip()
+        options[key] = int(value) if key in ("stack", "axis") else value.strip()
       except ValueError:
-        raise errors.InputError(f"--group_rules: {item!r}: stack must be an integer, got "
+        raise errors.InputError(f"--group_rules: {item!r}: {key} must be an integer, got "
                          f"{value!r}.") from None
     group = None if kind == "none" else (normreg.unit if kind == "unit" else normreg.tensor)(
         **options)

@@ -249,8 +249,13 @@ def test_group_rules_flag(tmp_path):
   assert rules == [("blocks/conv/kernel", normreg.unit(stack=1)),
                    (r"(dense)/(kernel|bias|x{1,2})", normreg.tensor(joint=r"\1")),
                    (r"norms/\d+/(scale|bias)", None)]
+  # Output-first layouts (equinox, PyTorch ports): the unit's axis.
+  assert trainer.parse_group_rules("conv/weight=unit(axis=0, stack=1),.*=none")[0] == (
+      "conv/weight", normreg.unit(stack=1, axis=0))
   for bad, why in (("convs=per-unit", "is not REGEX=unit"), ("a=unit(stack=x)", "integer"),
-                   ("a=unit(depth=1)", "is not stack=K or joint=TAG"),
+                   ("a=unit(depth=1)", "is not stack=K, joint=TAG or"),
+                   ("a=tensor(axis=0)", "is not stack=K, joint=TAG or"),
+                   ("a=unit(axis=x)", "axis must be an integer"),
                    ("a=none(stack=1)", "after unit or tensor")):
     with pytest.raises(ValueError, match=f"--group_rules.*{why}"):
       trainer.parse_group_rules(bad)
