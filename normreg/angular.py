@@ -58,7 +58,9 @@ def _bias_correction(decay: float, count: jax.Array) -> jax.Array:
   """``1 - decay**count`` as ``-expm1(count * log(decay))``: no cancellation (``1 - b**t``
   in float32 loses 1.3e-5 of its value at ``b = 0.999, t = 1``), with ``log(decay)``
   taken in float64 on the host."""
-  return -jnp.expm1(count.astype(_dtype()) * math.log(decay))
+  log = (math.log(decay) if isinstance(decay, (int, float))
+         else jnp.log(jnp.asarray(decay, _dtype())))  # traced (optax.inject_hyperparams)
+  return -jnp.expm1(count.astype(_dtype()) * log)
 
 
 def _bias_corrected(avg: jax.Array, decay: float, count: jax.Array) -> jax.Array:
