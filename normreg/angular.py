@@ -286,8 +286,8 @@ def _adamp_direction(b1: float, b2: float, eps: float, nesterov: bool) -> Direct
   optax's NAdam)."""
 
   def init(params):
-    zeros = lambda p: optax.tree.zeros_like(p)
-    return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros(params), zeros(params))
+    return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params),
+                                  optax.tree.zeros_like(params))
 
   def step(grads, state):
     count = optax.safe_increment(state.count)
