@@ -115,6 +115,54 @@ def measure(layers: int, width: int, batch: int, seq_len: int, rounds: int) -> d
   return out
 
 
+def measure_update(layers: int, width: int, rounds: int) -> dict:
+  """The optimizer alone on one model's params: ``jax.jit`` of ``tx.update`` and
+  ``optax.apply_updates`` (and the metrics) of each variant, compile and step time, each
+  variant interleaved with its base. Groups from ``benchmarks.transformer.rules`` (what
+  detection finds). What normreg adds to a train step's compile and step time is this
+  program's difference from its base's, at a fraction of the cost of compiling the model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import normreg  # pylint: disable=g-import-not-at-top
+  from benchmarks import timing  # pylint: disable=g-import-not-at-top
+  from benchmarks import transformer as tf_lib  # pylint: disable=g-import-not-at-top
+
+  model = tf_lib.Transformer(layers=layers, width=width, heads=4, rngs=nnx.Rngs(0))
+  params = nnx.split(model, nnx.Param)[1]
+  groups = normreg.groups_from_rules(params, tf_lib.rules(), log=False)
+  grads = jax.tree.map(lambda p: 1e-3 * p + 1e-4, params)
+  out = {"layers": layers, "width": width, "params": tf_lib.count_params(params),
+         "load_average_at_start": os.getloadavg(), "variants": {}}
+
+  def build(name):
+    tx, extra = optimizer(name, groups)
+
+    def step(state, grads):
+      p, opt_state = state
+      updates, opt_state = tx.update(grads, opt_state, p)
+      new = optax.apply_updates(p, updates)
+      return (new, opt_state), (None if extra is None else extra(p, new))
+
+    state = (params, tx.init(params))
+    compiled, trace_s, compile_s = timing.compile_seconds(step, state, grads)
+    out["variants"][name] = {"trace_s": trace_s, "compile_s": compile_s}
+    return timing.Timed(name, compiled, state, (grads,))
+
+  bases = {}
+  for name, base in PAIRS:
+    if base not in bases:
+      bases[base] = build(base)
+    pair = [bases[base], build(name)]
+    timing.warm_up(pair, 1)
+    for t in pair:
+      t.times.clear()
+    timing.interleave(pair, rounds)
+    out["variants"][name].update(base=base, step_ms=1e3 * pair[1].median,
+                                 base_step_ms=1e3 * pair[0].median)
+  return out
+
+
 def _g(x: float) -> str:
   return f"{x:.3g}"
 
@@ -226,6 +274,9 @@ def write(size: str, out: str, models: Sequence[dict]) -> dict:
 def main(argv):
   if len(argv) > 2 and argv[1] == "--one":
     print(json.dumps(measure(*json.loads(argv[2]))))
+    return
+  if len(argv) > 2 and argv[1] == "--one_update":
+    print(json.dumps(measure_update(*json.loads(argv[2]))))
     return
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -55,6 +55,16 @@ from normreg.models.norms import List
 GROUPED_PER_BLOCK = ("q/kernel", "k/kernel", "mlp_in/kernel", "mlp_in/bias")
 
 
+def rules(scan: bool = False) -> list:
+  """``normreg.groups_from_rules`` rules giving the groups detection finds (unscanned or
+  scanned blocks): for when detecting them would cost too much (``tests`` check both agree)."""
+  import normreg  # pylint: disable=g-import-not-at-top
+  stack = 1 if scan else 0
+  return [(r"blocks/(\d+/)?(q|k)/kernel", normreg.tensor(stack=stack)),
+          (r"(blocks/(\d+/)?mlp_in)/(kernel|bias)", normreg.tensor(stack=stack, joint=r"\1")),
+          (".*", None)]
+
+
 class Block(nnx.Module):
   """One pre-LN block with QK-norm and a normalized MLP (see the module docstring)."""
 

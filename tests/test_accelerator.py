@@ -134,6 +134,9 @@ def test_transformer_groups_are_found_as_documented(scan):
     for leaf in ("kernel", "bias"):
       expected[b + "mlp_in/" + leaf] = normreg.tensor(stack=stack, joint=b + "mlp_in")
   assert found == expected
+  by_rules = normreg.groups_from_rules(params, tf_lib.rules(scan), log=False)
+  assert jax.tree.leaves(by_rules, is_leaf=lambda g: g is None) == jax.tree.leaves(
+      groups, is_leaf=lambda g: g is None)
   assert set(expected) == {b + leaf for b in blocks for leaf in tf_lib.GROUPED_PER_BLOCK}
 
 
