@@ -205,14 +205,12 @@ def figure(models: Sequence[dict], path: str) -> None:
                       if p.get("base") == name) if base else v["step_ms"])
       step_pts.append((m["params"], step_ms))
     for a, pts in ((ax[0], compile_pts), (ax[1], step_pts)):
-      pts.sort()
-      a.plot([p[0] for p in pts], [p[1] for p in pts], "--" if base else "-", marker="o",
-             label=name)
-  by_params = sorted(models, key=lambda m: m["params"])
-  ax[2].plot([m["params"] for m in by_params], [m["detection_s"] for m in by_params], "-o",
-             label="find_scale_invariant")
-  ax[2].plot([m["params"] for m in by_params], [m["fwd_bwd_first_s"] for m in by_params],
-             "--o", label="forward-backward (compile + run)")
+      a.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="none",
+             marker="s" if base else "o", fillstyle="none" if base else "full", label=name)
+  for key, label, marker in (("detection_s", "find_scale_invariant", "o"),
+                             ("fwd_bwd_first_s", "forward-backward (compile + run)", "s")):
+    ax[2].plot([m["params"] for m in models], [m[key] for m in models], linestyle="none",
+               marker=marker, label=label)
   titles = ("compile (trace + XLA) s vs grouped leaves", "step ms vs parameters",
             "first call s vs parameters")
   for a, title in zip(ax, titles):
