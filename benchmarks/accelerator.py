@@ -173,7 +173,8 @@ def first_call(t: timing.Timed, warmup: int) -> float:
   t0 = time.perf_counter()
   t.run()
   seconds = time.perf_counter() - t0
-  timing.warm_up([t], warmup - 1) if warmup > 1 else None
+  if warmup > 1:
+    timing.warm_up([t], warmup - 1)
   return seconds
 
 
@@ -197,6 +198,7 @@ def ratio_table(part: str, title: str, make, methods: Sequence[str], size: Size,
     budget.skip(part, f"{title}: {', '.join(wanted[k:])}",
                 budget.reason(each * (len(wanted) - k), reserve_s))
   everything = list(timed.values())
+  base.times.clear()  # the probe's step: only the interleaved rounds count
   timing.interleave(everything, size.rounds)
   target = TARGET_RATIO.get(jax.default_backend(), 1.05)
   rows = []
@@ -277,9 +279,11 @@ def transformer_maker(built: dict):
   def make(method):
     config = transformer_config(method)
     tx = trainer.make_optimizer(config, built["groups"], trainer.make_schedule(config, 10_000))
-    params = jax.tree.map(jnp.copy, built["params"])
+    params = built["params"]
+    # Copies: a donated state must not share a buffer with another step's, or with itself.
+    state = jax.tree.map(jnp.copy, (params, tx.init(params)))
     step = jax.jit(tf_lib.make_lm_step(built["graphdef"], tx), donate_argnums=donate)
-    return timing.Timed(method, step, (params, tx.init(params)), (built["tokens"],))
+    return timing.Timed(method, step, state, (built["tokens"],))
 
   return make
 
