@@ -33,13 +33,11 @@ The defaults fit a small CPU (a few minutes); the full version::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
-import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +46,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from benchmarks.timing import Timed
+from benchmarks.timing import interleave
+from benchmarks.timing import loop_seconds
+from benchmarks.timing import print_table
+from benchmarks.timing import warm_up
 from experiments import data as data_lib
 from experiments import sweep
 from experiments import trainer
@@ -94,48 +97,29 @@ def random_dataset(n: int, seed: int = 0) -> data_lib.Dataset:
                           tuple(map(str, range(NUM_CLASSES))), "random")
 
 
-def base_config(model: str, width, batch_size: int, method: str = BASE) -> Config:
-  """``method`` is ``--method``, or ``METHOD:adam`` for ``--optimizer=adam``."""
+def base_config(model: str, width, batch_size: int, method: str = BASE,
+                dtype: str = "float32") -> Config:
+  """``method`` is ``--method``, or ``METHOD:adam`` for ``--optimizer=adam``; ``dtype`` the
+  network's compute dtype (``--dtype``)."""
   method, _, optimizer = method.partition(":")
   return Config(dataset="cifar10", model=model, width=width, norm="batch", method=method,
                 optimizer=optimizer or "sgd", momentum=0.9, lr=0.1, batch_size=batch_size,
-                augment=True).validate()
+                augment=True, dtype=dtype).validate()
 
 
-@dataclasses.dataclass
-class Timed:
-  """A step function, its state, and its inputs; ``run()`` takes one step."""
-  name: str
-  step: Callable
-  state: Any
-  args: tuple
-  times: list = dataclasses.field(default_factory=list)
+def single_run(config: Config, ds: data_lib.Dataset, device_data: tuple,
+               model: trainer.Model | None = None) -> Timed:
+  """``trainer.make_train_step`` of ``config``'s recipe, jitted as the trainer jits it.
 
-  def run(self) -> None:
-    self.state, _ = self.step(self.state, *self.args)
-    jax.block_until_ready(self.state)
-
-  def timed(self) -> None:
-    t0 = time.perf_counter()
-    self.run()
-    self.times.append(time.perf_counter() - t0)
-
-  @property
-  def median(self) -> float:
-    return statistics.median(self.times)
-
-  @property
-  def iqr(self) -> float:
-    if len(self.times) < 2:
-      return 0.0
-    q = statistics.quantiles(self.times, n=4)
-    return q[2] - q[0]
-
-
-def single_run(config: Config, ds: data_lib.Dataset, device_data: tuple) -> Timed:
-  """``trainer.make_train_step`` of ``config``'s recipe, jitted as the trainer jits it."""
+  ``model`` (``trainer.init_model``'s, groups found) is built from ``config`` if not
+  given; its variables are copied, so that several steps may share one model and each
+  donate its own state.
+  """
   images, labels, mean, std = device_data
-  model = trainer.init_model(config, ds.num_classes, images, mean, std)
+  if model is None:
+    model = trainer.init_model(config, ds.num_classes, images, mean, std)
+  model = model._replace(params=jax.tree.map(jnp.copy, model.params),
+                        rest=jax.tree.map(jnp.copy, model.rest))
   tx = trainer.make_optimizer(config, model.groups, trainer.make_schedule(config, 10_000))
   step = jax.jit(trainer.make_train_step(model.graphdef, tx, mean, std, augment=config.augment,
                                          key=jax.random.key(1)),
@@ -150,13 +134,14 @@ def single_run(config: Config, ds: data_lib.Dataset, device_data: tuple) -> Time
 _BUILT: dict = {}
 
 
-def built(model: str, width, batch: int, method: str) -> Timed:
+def built(model: str, width, batch: int, method: str, dtype: str = "float32") -> Timed:
   """The :func:`single_run` of a recipe, built once per process (tables share it)."""
   width = width or DEFAULT_WIDTH[model]
-  key = (model, width, batch, method)
+  key = (model, width, batch, method, dtype)
   if key not in _BUILT:
     ds = random_dataset(max(batch, 64))
-    _BUILT[key] = single_run(base_config(model, width, batch, method), ds, device_data(ds))
+    _BUILT[key] = single_run(base_config(model, width, batch, method, dtype), ds,
+                             device_data(ds))
   return _BUILT[key]
 
 
@@ -165,31 +150,7 @@ def device_data(ds: data_lib.Dataset) -> tuple:
   return jax.device_put((ds.train_images, ds.train_labels, mean, std))
 
 
-def warm_up(timed: Sequence[Timed], steps: int) -> None:
-  for t in timed:
-    for _ in range(max(steps, 1)):  # the first call compiles
-      t.run()
-
-
-def interleave(timed: Sequence[Timed], rounds: int) -> None:
-  """``rounds`` rounds of one timed step each, the order rotated every round."""
-  for r in range(rounds):
-    for i in range(len(timed)):
-      timed[(i + r) % len(timed)].timed()
-
-
 # ------------------------------------------------------------------------ tables
-
-
-def _print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-  cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
-  widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-  print(f"\n{title}")
-  for j, row in enumerate(cells):
-    print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    if j == 0:
-      print("  ".join("-" * w for w in widths))
-  sys.stdout.flush()
 
 
 def overhead_table(model: str, width, batch_sizes: Sequence[int], steps: int,
@@ -206,7 +167,7 @@ def overhead_table(model: str, width, batch_sizes: Sequence[int], steps: int,
       rows.append([t.name if t.name != BASE else "none (base: optax.sgd, momentum 0.9)",
                    batch, f"{1e3 * t.median:.2f}", f"{1e3 * t.iqr:.2f}", f"{ratio:.3f}",
                    "-" if t.name == BASE else ("ok" if ratio <= target else "over")])
-  _print_table(f"1. step overhead: {model} (width {width or DEFAULT_WIDTH[model]}), BatchNorm, "
+  print_table(f"1. step overhead: {model} (width {width or DEFAULT_WIDTH[model]}), BatchNorm, "
                f"augmentation on, median of {steps} interleaved steps; target ratio <= {target}"
                f" on {jax.default_backend()} (<= 1.02 on GPU, <= 1.05 on CPU)",
                ["recipe", "batch", "median ms", "IQR ms", "ratio", "target"], rows)
@@ -220,23 +181,17 @@ def throughput_table(batch: int, steps: int, warmup: int) -> None:
   interleave(fresh, steps)
   rows = [[f"{m} w{w}", r, batch, len(t.times), f"{1e3 * t.median:.1f}",
            f"{batch / t.median:.0f}"] for (m, w, r), t in timed.items()]
-  _print_table(f"2. training throughput at batch {batch}",
+  print_table(f"2. training throughput at batch {batch}",
                ["model", "recipe", "batch", "steps", "median ms", "images/s"], rows)
 
 
-def _loop_seconds(step, states: list, args_of, rounds: int) -> tuple[float, list]:
-  """Median seconds of one step of every state, one after another from Python."""
-  times = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    for i, state in enumerate(states):
-      states[i], _ = step(state, *args_of(i))
-    jax.block_until_ready(states)
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), states
+GRID_HOWS = ("vmap", "lax_map", "sequential", "auto", "separate")
 
 
-def grid_table(model: str, width, batch: int, size: int, rounds: int, warmup: int) -> None:
+def grid_measure(model: str, width, batch: int, size: int, rounds: int, warmup: int,
+                 hows: Sequence[str] = GRID_HOWS) -> list[dict]:
+  """Median seconds of one step of every run of a grid of ``size`` l2 recipes, by each of
+  ``hows``: ``[{"how", "label", "seconds", "runs"}]``, ``separate`` last (the reference)."""
   ds = random_dataset(max(batch, 64))
   lrs = [0.025 * 2 ** i for i in range((size + 1) // 2)]
   configs = sweep.grid(base_config(model, width, batch, "l2"), lrs=lrs, lams=[1e-4, 5e-4])[:size]
@@ -244,9 +199,15 @@ def grid_table(model: str, width, batch: int, size: int, rounds: int, warmup: in
   images, labels, mean, std = device_data(ds)
   idx = jnp.tile(jnp.arange(batch, dtype=jnp.int32), (n, 1))
   keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 1) for c in configs])
+  labels_of = {
+      "vmap": f"vmap: {n} runs in one vmapped step (--strategy=vmap)",
+      "lax_map": "vmap, looped by lax.map (--strategy=vmap --vmap_size=1)",
+      "sequential": "sequential: one single-run step, run after run (--strategy=sequential)",
+      "separate": f"{n} separate runs (the trainer's single-run step, as experiments.train)"}
   swept = []
-  for vmap_size, how in ((None, f"vmap: {n} runs in one vmapped step (--strategy=vmap)"),
-                         (1, "vmap, looped by lax.map (--strategy=vmap --vmap_size=1)")):
+  for vmap_size, how in ((None, "vmap"), (1, "lax_map")):
+    if how not in hows:
+      continue
     program = sweep.make_program(configs, [ds] * n, vmap_size=vmap_size)
     states = [sweep.init_state(program, c, ds) for c in configs]
     swept.append(Timed(how, program.jitted("train_step", False), sweep.stack(states),
@@ -255,32 +216,38 @@ def grid_table(model: str, width, batch: int, size: int, rounds: int, warmup: in
   for _ in range(rounds):
     for t in swept:
       t.timed()
-  # sequential: the sweep's one single-run step (lr, lam in the state), run after run.
+  seconds = {t.name: t.median for t in swept}
   program = sweep.make_program(configs, [ds] * n)
-  step = program.jitted("train_step", False, vmapped=False)
-  seq_states = [sweep.init_state(program, c, ds) for c in configs]
-  args = lambda i: (images, labels, idx[i], keys[i], mean, std)
-  _loop_seconds(step, seq_states, args, max(warmup, 1))
-  sequential, _ = _loop_seconds(step, seq_states, args, rounds)
-  # Separate runs: the trainer's own l2 step (as experiments.train runs it), n states.
-  single = built(model, width, batch, "l2")
-  alone_states = [jax.tree.map(jnp.copy, single.state) for _ in range(n)]
-  _loop_seconds(single.step, alone_states, lambda i: single.args, max(warmup, 1))
-  alone, _ = _loop_seconds(single.step, alone_states, lambda i: single.args, rounds)
-  chosen, _ = sweep.choose_strategy(program, configs, [ds] * n, n)
-  rows = [[t.name, f"{1e3 * t.median:.1f}", f"{1e3 * t.median / n:.1f}",
-           f"{alone / t.median:.2f}"] for t in swept]
-  rows.append(["sequential: one single-run step, run after run (--strategy=sequential)",
-               f"{1e3 * sequential:.1f}", f"{1e3 * sequential / n:.1f}",
-               f"{alone / sequential:.2f}"])
-  auto = sequential if chosen == "sequential" else swept[0].median
-  rows.append([f"auto (--strategy=auto, the default) chose {chosen}", f"{1e3 * auto:.1f}",
-               f"{1e3 * auto / n:.1f}", f"{alone / auto:.2f}"])
-  rows.append([f"{n} separate runs (the trainer's single-run step, as experiments.train)",
-               f"{1e3 * alone:.1f}", f"{1e3 * alone / n:.1f}", "1.00"])
-  _print_table(f"3. a grid of {n} l2 recipes (lr x lam), {model}, batch {batch}: "
-               f"one step of every run (median of {rounds} rounds)",
-               ["how", "ms per grid step", "ms per run-step", "speed-up"], rows)
+  if "sequential" in hows or "auto" in hows:
+    # sequential: the sweep's one single-run step (lr, lam in the state), run after run.
+    step = program.jitted("train_step", False, vmapped=False)
+    seq_states = [sweep.init_state(program, c, ds) for c in configs]
+    args = lambda i: (images, labels, idx[i], keys[i], mean, std)
+    loop_seconds(step, seq_states, args, max(warmup, 1))
+    seconds["sequential"], _ = loop_seconds(step, seq_states, args, rounds)
+  if "auto" in hows:
+    chosen, _ = sweep.choose_strategy(program, configs, [ds] * n, n)
+    labels_of["auto"] = f"auto (--strategy=auto, the default) chose {chosen}"
+    seconds["auto"] = seconds["sequential"] if chosen == "sequential" else seconds["vmap"]
+  if "separate" in hows:
+    # Separate runs: the trainer's own l2 step (as experiments.train runs it), n states.
+    single = built(model, width, batch, "l2")
+    alone_states = [jax.tree.map(jnp.copy, single.state) for _ in range(n)]
+    loop_seconds(single.step, alone_states, lambda i: single.args, max(warmup, 1))
+    seconds["separate"], _ = loop_seconds(single.step, alone_states, lambda i: single.args,
+                                          rounds)
+  return [{"how": how, "label": labels_of[how], "seconds": seconds[how], "runs": n}
+          for how in GRID_HOWS if how in hows]
+
+
+def grid_table(model: str, width, batch: int, size: int, rounds: int, warmup: int) -> None:
+  rows = grid_measure(model, width, batch, size, rounds, warmup)
+  n, alone = rows[-1]["runs"], rows[-1]["seconds"]
+  print_table(f"3. a grid of {n} l2 recipes (lr x lam), {model}, batch {batch}: "
+              f"one step of every run (median of {rounds} rounds)",
+              ["how", "ms per grid step", "ms per run-step", "speed-up"],
+              [[r["label"], f"{1e3 * r['seconds']:.1f}", f"{1e3 * r['seconds'] / n:.1f}",
+                f"{alone / r['seconds']:.2f}"] for r in rows])
 
 
 def header() -> None:

@@ -100,8 +100,12 @@ class RunCache:
       self.used[name] = json.load(f)["train_seconds"]
     return plot_lib.read_run(workdir, label_keys=("method", "lr", "lam"))
 
+  def seed_runs(self, name: str, **overrides) -> list[tuple[str, Config]]:
+    """``(run name, config)`` of every seed of a recipe: what :meth:`seeds_of` trains."""
+    return [(f"{name}_s{s}", self.config(seed=s, **overrides)) for s in self.seeds]
+
   def seeds_of(self, name: str, **overrides) -> list[plot_lib.Run]:
-    return [self.train(f"{name}_s{s}", self.config(seed=s, **overrides)) for s in self.seeds]
+    return [self.train(n, c) for n, c in self.seed_runs(name, **overrides)]
 
   def model_of(self, run: plot_lib.Run):
     """``(graphdef, params, rest)`` of a run's trained model (train mode), from its params."""

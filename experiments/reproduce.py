@@ -354,14 +354,9 @@ def check_recipes(runner: Runner) -> None:
   s = runner.lam
   for lr, lam in L2_RECIPES:
     runner.check(_name("l2", lr, s(lam)), cfg(method="l2", lr=lr, lam=s(lam)))
-  for lr, lam in L2_PLAIN_RECIPES:
-    runner.check(_name("sgd_plain", lr, s(lam)), cfg(method="l2", lr=lr, lam=s(lam),
-                                                     momentum=0.0))
-  for lr, wd in SGDW_RECIPES:
-    runner.check(_name("sgdw", lr, s(wd)), cfg(method="decoupled", lr=lr, lam=s(wd)))
-  for lr, wd in ADAMW_RECIPES:
-    runner.check(_name("adamw", lr, s(wd)), cfg(method="decoupled", optimizer="adam", lr=lr,
-                                                 lam=s(wd)))
+  for recipes in effective_lr_recipes(runner).values():
+    for _, name, config in recipes:
+      runner.check(name, config)
 
 
 def claim_invariance(runner: Runner, trained: dict[str, plot_lib.Run]) -> dict[str, Any]:
@@ -388,10 +383,17 @@ def _l2_key(lr: float, lam: float) -> str:
   return f"lr={lr:g}, lam={lam:g}"
 
 
+def l2_recipe_runs(runner: Runner, lr: float, lam: float,
+                   **overrides) -> list[tuple[str, Config]]:
+  """``(run name, config)`` of the seeds of one SGD+L2 recipe of claim 2 (``lam`` already
+  scaled)."""
+  return runner.seed_runs(_name("l2", lr, lam), method="l2", lr=lr, lam=lam,
+                          ungrouped_lr=UNGROUPED_LR, **overrides)
+
+
 def l2_runs(runner: Runner, lr: float, lam: float, **overrides) -> list[plot_lib.Run]:
   """The seeds of one SGD+L2 recipe of claim 2 (``lam`` already scaled)."""
-  return runner.seeds_of(_name("l2", lr, lam), method="l2", lr=lr, lam=lam,
-                         ungrouped_lr=UNGROUPED_LR, **overrides)
+  return [runner.train(n, c) for n, c in l2_recipe_runs(runner, lr, lam, **overrides)]
 
 
 def claim_no_regularization(runner: Runner) -> dict[str, Any]:
@@ -419,6 +421,22 @@ def _angle_record(run: plot_lib.Run, predicted: float, tau: float) -> dict[str, 
           "acc": final_accuracy(run), "diverged": diverged(run), "drift": drift(run)}
 
 
+def effective_lr_recipes(runner: Runner) -> dict[str, list[tuple[str, str, Config]]]:
+  """Claim 3's runs beyond claim 2's, one seed each: family (``sgd`` without momentum,
+  ``sgdw``, ``adamw``) -> ``[(key in the results, run name, config)]``."""
+  s = runner.lam
+  return {
+      "sgd": [(_l2_key(lr, s(lam)), _name("sgd_plain", lr, s(lam)),
+               runner.config(method="l2", lr=lr, lam=s(lam), momentum=0.0))
+              for lr, lam in L2_PLAIN_RECIPES],
+      "sgdw": [(f"lr={lr:g}, wd={s(wd):g}", _name("sgdw", lr, s(wd)),
+                runner.config(method="decoupled", lr=lr, lam=s(wd)))
+               for lr, wd in SGDW_RECIPES],
+      "adamw": [(f"lr={lr:g}, wd={s(wd):g}", _name("adamw", lr, s(wd)),
+                 runner.config(method="decoupled", optimizer="adam", lr=lr, lam=s(wd)))
+                for lr, wd in ADAMW_RECIPES]}
+
+
 def claim_effective_lr(runner: Runner, l2: dict[str, Any]) -> dict[str, Any]:
   """Measured vs predicted equilibrium angle for four recipe families, and AdamW's eta/||w||."""
   out: dict[str, Any] = {"sgd_momentum": {}, "sgd": {}, "sgdw": {}, "adamw": {}}
@@ -427,24 +445,13 @@ def claim_effective_lr(runner: Runner, l2: dict[str, Any]) -> dict[str, Any]:
     out["sgd_momentum"][key] = {"measured": rec["angle"], "predicted": predicted,
                                 "ratio": rec["angle"] / predicted,
                                 "time_constant": rec["time_constant"], "drift": rec["drift"]}
-  for lr, lam in L2_PLAIN_RECIPES:
-    lam = runner.lam(lam)
-    config = runner.config(method="l2", lr=lr, lam=lam, momentum=0.0)
-    run = runner.train(_name("sgd_plain", lr, lam), config)
-    out["sgd"][_l2_key(lr, lam)] = _angle_record(
-        run, theory.equilibrium_angle_sgd(lr, 2 * lam, 0.0), time_constant(config))
-  for lr, wd in SGDW_RECIPES:
-    wd = runner.lam(wd)
-    config = runner.config(method="decoupled", lr=lr, lam=wd)
-    run = runner.train(_name("sgdw", lr, wd), config)
-    out["sgdw"][f"lr={lr:g}, wd={wd:g}"] = _angle_record(
-        run, theory.equilibrium_angle_sgdw(lr, wd, MOMENTUM), time_constant(config))
-  for lr, wd in ADAMW_RECIPES:
-    wd = runner.lam(wd)
-    config = runner.config(method="decoupled", optimizer="adam", lr=lr, lam=wd)
-    run = runner.train(_name("adamw", lr, wd), config)
-    out["adamw"][f"lr={lr:g}, wd={wd:g}"] = _angle_record(
-        run, theory.equilibrium_angle_adamw(lr, wd, 0.9), time_constant(config))
+  predicted = {"sgd": lambda c: theory.equilibrium_angle_sgd(c.lr, 2 * c.lam, 0.0),
+               "sgdw": lambda c: theory.equilibrium_angle_sgdw(c.lr, c.lam, MOMENTUM),
+               "adamw": lambda c: theory.equilibrium_angle_adamw(c.lr, c.lam, 0.9)}
+  for family, recipes in effective_lr_recipes(runner).items():
+    for key, name, config in recipes:
+      out[family][key] = _angle_record(runner.train(name, config), predicted[family](config),
+                                       time_constant(config))
   # AdamW at equal eta, wd and 2*wd: eta/||w|| ~ sqrt(eta*wd) at equilibrium.
   (lr_a, wd_a), (lr_b, wd_b) = ADAMW_RECIPES[1], ADAMW_RECIPES[2]
   a = out["adamw"][f"lr={lr_a:g}, wd={runner.lam(wd_a):g}"]
@@ -621,6 +628,35 @@ def _same_within_noise(a: float, a_std: float, b: float, b_std: float, seeds: in
   return abs(a - b) <= max(2 * se, 0.005), f"difference {a - b:+.3f}, 2 s.e. = {2 * se:.3f}"
 
 
+def verdict_no_regularization(l2: dict[str, Any], seeds: int) -> tuple[Optional[bool], str]:
+  """Claim 2's verdict (:data:`CRITERIA`) from :func:`claim_no_regularization`'s results
+  over ``seeds`` seeds (one seed: no noise estimate, no verdict)."""
+  same = list(l2.values())[:3]
+  hi = max(same, key=lambda v: v["acc"])
+  lo = min(same, key=lambda v: v["acc"])
+  ok, why = _same_within_noise(hi["acc"], hi["acc_std"], lo["acc"], lo["acc_std"], seeds)
+  first, third = same[0], same[2]
+  predicted = ((first["lr"] / first["lam"]) / (third["lr"] / third["lam"])) ** 0.25
+  measured = first["norm"] / third["norm"]
+  norm_ok = abs(measured / predicted - 1) <= 0.10
+  return (None if ok is None else (ok and norm_ok),
+          f"equal eta*lam, max - min accuracy: {why}; norm ratio {measured:.3f} against "
+          f"{predicted:.3f}")
+
+
+def verdicts_effective_lr(e: dict[str, Any]) -> tuple[tuple[Optional[bool], str], ...]:
+  """Claims 3 and 3b's verdicts (:data:`CRITERIA`) from :func:`claim_effective_lr`'s
+  results."""
+  ratios = [v["ratio"] for fam in ("sgd_momentum", "sgd", "sgdw", "adamw")
+            for v in e[fam].values()]
+  inside = sum(abs(q - 1) <= 0.15 for q in ratios)
+  adam = e["adam_elr"]
+  return ((inside == len(ratios), f"{inside} of {len(ratios)} angles within 15% of the "
+           f"theory (ratios {min(ratios):.2f} to {max(ratios):.2f})"),
+          (abs(adam["elr_ratio"] / adam["predicted"] - 1) <= 0.15,
+           f"eta/||w|| ratio {adam['elr_ratio']:.3f} against {adam['predicted']:.3f}"))
+
+
 def verdicts(r: dict[str, Any]) -> dict[str, tuple[Optional[bool], str]]:
   """Claim -> (holds, why), computed from the results by the criteria of :data:`CRITERIA`."""
   seeds = SIZES[r["size"]]["seeds"]
@@ -629,28 +665,8 @@ def verdicts(r: dict[str, Any]) -> dict[str, tuple[Optional[bool], str]]:
   worst = max(v["logits_rel_change"] for v in inv.values())
   out["1"] = (worst < 1e-3, f"largest change {worst:.1e}")
 
-  l2 = list(r["2_no_regularization"].values())
-  same = l2[:3]
-  hi = max(same, key=lambda v: v["acc"])
-  lo = min(same, key=lambda v: v["acc"])
-  ok, why = _same_within_noise(hi["acc"], hi["acc_std"], lo["acc"], lo["acc_std"], seeds)
-  first, third = same[0], same[2]
-  predicted = ((first["lr"] / first["lam"]) / (third["lr"] / third["lam"])) ** 0.25
-  measured = first["norm"] / third["norm"]
-  norm_ok = abs(measured / predicted - 1) <= 0.10
-  out["2"] = (None if ok is None else (ok and norm_ok),
-              f"equal eta*lam, max - min accuracy: {why}; norm ratio {measured:.3f} against "
-              f"{predicted:.3f}")
-
-  e = r["3_effective_lr"]
-  ratios = [v["ratio"] for fam in ("sgd_momentum", "sgd", "sgdw", "adamw")
-            for v in e[fam].values()]
-  inside = sum(abs(q - 1) <= 0.15 for q in ratios)
-  out["3"] = (inside == len(ratios), f"{inside} of {len(ratios)} angles within 15% of the "
-              f"theory (ratios {min(ratios):.2f} to {max(ratios):.2f})")
-  adam = e["adam_elr"]
-  out["3b"] = (abs(adam["elr_ratio"] / adam["predicted"] - 1) <= 0.15,
-               f"eta/||w|| ratio {adam['elr_ratio']:.3f} against {adam['predicted']:.3f}")
+  out["2"] = verdict_no_regularization(r["2_no_regularization"], seeds)
+  out["3"], out["3b"] = verdicts_effective_lr(r["3_effective_lr"])
 
   g1, g4 = r["4_growth_without_l2"]["init_scale=1"], r["4_growth_without_l2"]["init_scale=4"]
   out["4"] = (g1["norm_last"] > g1["norm_first"] and g1["elr_last"] < g1["elr_first"]

@@ -1,0 +1,156 @@
+"""benchmarks.accelerator and benchmarks.scaling run, and write sane, complete results.
+
+The accelerator command at ``--size=tiny`` (every part, small models, on the
+CPU) checks the command that an accelerator will run, not its figures; so do
+the scaling script's small size and the transformer's groups. No timing is
+asserted: the figures are measured by running the commands (README,
+"Performance").
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+import normreg
+from experiments import reproduce
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `pytest` does not put the repository root (benchmarks' parent) on sys.path.
+sys.path.insert(0, ROOT)
+from benchmarks import accelerator  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import transformer as tf_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _run(module, *flags):
+  return subprocess.run([sys.executable, "-m", module, *flags], capture_output=True,
+                        text=True, timeout=1500, cwd=ROOT)
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_tiny_run_measures_every_part(tmp_path):
+  # A generous budget: on a loaded CI machine nothing may be skipped for time.
+  result = _run("benchmarks.accelerator", "--size=tiny", f"--out={tmp_path}",
+                "--budget_s=1000")
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = json.loads((tmp_path / "results.json").read_text())
+  assert r["skipped"] == [] and not r["tensorflow_imported"]
+  parts = r["parts"]
+  tiny = accelerator.SIZES["tiny"]
+  tables = {t["table"]: t for t in parts["a_step_overhead"]}
+  wanted = {name: methods or accelerator.METHODS for name, methods in tiny.methods.items()}
+  assert wanted["a_unscanned"] == accelerator.METHODS  # every method, on one table at least
+  assert set(tables) == set(wanted)
+  assert len(accelerator.METHODS) == 10 and "hyperball:adam" in accelerator.METHODS
+  for name, methods in wanted.items():
+    rows = tables[name]["rows"]
+    assert [row["method"] for row in rows] == list(methods), name
+    for row in rows:
+      assert row["base"] == ("none:adam" if row["method"].endswith(":adam") else "none")
+      assert _positive(row["median_ms"]) and _positive(row["base_median_ms"])
+      assert row["ratio"] == pytest.approx(row["median_ms"] / row["base_median_ms"])
+      assert row["ok"] == (row["ratio"] <= row["target"])
+  for grid, runs in zip(parts["b_sweep"], tiny.sweep["runs"]):
+    assert grid["runs"] == runs
+    assert [row["how"] for row in grid["rows"]] == ["vmap", "sequential", "separate"]
+    assert all(_positive(row["speedup_vs_separate"]) for row in grid["rows"])
+    assert grid["rows"][-1]["speedup_vs_separate"] == 1.0
+  assert [(t["model"], t["width"]) for t in parts["c_throughput"]] == list(tiny.throughput)
+  assert [t["from"] for t in parts["c_throughput"]] == ["measured here", "part a"]
+  assert all(_positive(t["images_per_s"]) for t in parts["c_throughput"])
+  # Four grouped leaves per block; scanned, the same four with a layers axis.
+  assert [d["grouped"] for d in parts["d_detection"]] == [4 * tiny.transformer["layers"], 4]
+  assert all(_positive(d["detection_s"]) and _positive(d["ratio_to_first_fwd_bwd"])
+             for d in parts["d_detection"])
+  claims = parts["e_claims"]
+  assert claims["size"] == "smoke" and [u["runs"] for u in claims["units"]] == [5, 9]
+  assert set(claims["verdicts"]) == {"2", "3", "3b"}
+  for key, verdict in claims["verdicts"].items():
+    assert verdict["criterion"] == reproduce.CRITERIA[key]
+    assert verdict["holds"] in (True, False, None) and verdict["why"]
+  # One seed (smoke): claim 2 has no noise estimate, hence no verdict.
+  assert claims["verdicts"]["2"]["holds"] is None
+  text = (tmp_path / "results.md").read_text()
+  for section in ("## a.", "## b.", "## c.", "## d.", "## e.", "## Skipped"):
+    assert section in text
+
+
+def test_what_the_budget_cannot_hold_is_skipped_and_says_why(tmp_path):
+  result = _run("benchmarks.accelerator", "--size=tiny", f"--out={tmp_path}",
+                "--budget_s=0.01", "--parts=a,e")
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = json.loads((tmp_path / "results.json").read_text())
+  assert [s["part"] for s in r["skipped"]] == ["a_float32", "a_bfloat16", "a_unscanned",
+                                               "a_scanned", "e"]
+  assert all("s left" in s["why"] for s in r["skipped"])
+  assert r["parts"]["a_step_overhead"] == [] and r["parts"]["e_claims"] == {}
+  assert "| e | the whole part |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--parts=a,z", "--parts"), ("--data_dir=/nonexistent", "is not a folder")])
+def test_bad_flags_are_refused(tmp_path, flag, message):
+  result = _run("benchmarks.accelerator", "--size=tiny", f"--out={tmp_path}", flag)
+  assert result.returncode != 0 and message in result.stderr
+
+
+def test_the_budget_takes_what_fits_and_keeps_the_reserve():
+  budget = accelerator.Budget(1e9)
+  budget.end = accelerator.time.perf_counter() + 100.0
+  safety = accelerator.SAFETY
+  assert safety == 1.2
+  # (100 - 28) / 1.2 = 60 s of room: 5 s fixed, then 5 of 10 s each (only 4 wanted).
+  assert accelerator.how_many_fit(budget, 10.0, 4, 5.0, 28.0) == 4
+  assert accelerator.how_many_fit(budget, 10.0, 9, 5.0, 28.0) == 5
+  assert accelerator.how_many_fit(budget, 10.0, 9, 70.0, 28.0) == 0
+  assert budget.fits(59.0, 28.0) and not budget.fits(61.0, 28.0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_transformer_groups_are_found_as_documented(scan):
+  model = tf_lib.Transformer(layers=2, width=8, heads=2, vocab=7, seq_len=4, scan=scan,
+                             rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tokens = tf_lib.random_tokens(4, 4, vocab=7)
+  groups = normreg.find_scale_invariant(lambda p, x: nnx.merge(graphdef, p)(x), params,
+                                        tokens[:, :-1])
+  found = {path: g for path, g in zip(normreg.param_paths(params),
+                                       jax.tree.leaves(groups, is_leaf=lambda g: g is None))
+           if g is not None}
+  blocks = [f"blocks/{i}/" for i in range(2)] if not scan else ["blocks/"]
+  stack = 1 if scan else 0
+  expected = {}
+  for b in blocks:
+    expected[b + "q/kernel"] = expected[b + "k/kernel"] = normreg.tensor(stack=stack)
+    for leaf in ("kernel", "bias"):
+      expected[b + "mlp_in/" + leaf] = normreg.tensor(stack=stack, joint=b + "mlp_in")
+  assert found == expected
+  by_rules = normreg.groups_from_rules(params, tf_lib.rules(scan), log=False)
+  assert jax.tree.leaves(by_rules, is_leaf=lambda g: g is None) == jax.tree.leaves(
+      groups, is_leaf=lambda g: g is None)
+  assert set(expected) == {b + leaf for b in blocks for leaf in tf_lib.GROUPED_PER_BLOCK}
+
+
+def test_scaling_small_writes_its_table_and_figure(tmp_path):
+  result = _run("benchmarks.scaling", "--size=small", f"--out={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = json.loads((tmp_path / "scaling.json").read_text())
+  assert [(m["layers"], m["grouped"]) for m in r["models"]] == [(2, 8)]
+  for m in r["models"]:
+    assert _positive(m["detection_ratio"]) and m["params"] > 0
+    for name, base in (("spherical_sgd", "sgd"), ("l2_sgd", "sgd"), ("metrics_sgd", "sgd"),
+                       ("adamp", "adamw")):
+      v = m["variants"][name]
+      assert v["base"] == base and _positive(v["step_ratio"]) and _positive(v["compile_ratio"])
+      assert _positive(m["variants"][base]["compile_s"])
+  assert (tmp_path / "scaling.png").stat().st_size > 10_000
+  assert "| 8 |" in (tmp_path / "scaling.md").read_text()
