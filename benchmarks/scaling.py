@@ -229,6 +229,8 @@ def define_flags() -> None:
                     "on a 2-core CPU); small: a check of the script.")
   flags.DEFINE_list("models", [], "LAYERSxWIDTH of the models to measure (default: the "
                     "size's), e.g. 25x64,3x192; the batch and rounds are the size's.")
+  flags.DEFINE_bool("detection_only", False, "Time only find_scale_invariant against the "
+                    "first forward-backward call, one line per model (writes nothing).")
 
 
 FLAGS = flags.FLAGS
@@ -255,6 +257,35 @@ def run(size: str, out: str, only: Sequence[tuple[int, int]] = ()) -> dict:
   return results
 
 
+def detection(size: str, only: Sequence[tuple[int, int]] = ()) -> list[dict]:
+  """Detection seconds over the first forward-backward call's, each model in a fresh
+  process (nothing cached): the last column of the table, alone."""
+  spec = SIZES[size]
+  rows = []
+  for layers, width in only or spec["models"]:
+    args = json.dumps([layers, width, spec["batch"], spec["seq_len"]])
+    result = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--", "--one_detection",
+                             args], capture_output=True, text=True, check=False)
+    if result.returncode:
+      raise RuntimeError(f"model {layers} x {width} failed:\n{result.stderr[-3000:]}")
+    rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    r = rows[-1]
+    print(f"{layers} x {width}: {r['params'] / 1e6:.3g}M params, {r['grouped']} grouped leaves: "
+          f"detection {r['detection_s']:.3g} s / first forward-backward "
+          f"{r['fwd_bwd_first_s']:.3g} s = {r['detection_ratio']:.2f} "
+          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+  return rows
+
+
+def _one_detection(layers: int, width: int, batch: int, seq_len: int) -> dict:
+  from benchmarks import transformer as tf_lib  # pylint: disable=g-import-not-at-top
+  built = tf_lib.detected(batch, seq_len=seq_len, layers=layers, width=width, heads=4)
+  return {"layers": layers, "width": width, "params": built["params_count"],
+          "grouped": built["grouped"], "detection_s": built["detection_s"],
+          "fwd_bwd_first_s": built["fwd_bwd_first_s"],
+          "detection_ratio": built["detection_s"] / built["fwd_bwd_first_s"]}
+
+
 def write(size: str, out: str, models: Sequence[dict]) -> dict:
   """``scaling.json``, ``scaling.md`` and ``scaling.png`` of the models measured so far."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -276,14 +307,20 @@ def main(argv):
   if len(argv) > 2 and argv[1] == "--one_update":
     print(json.dumps(measure_update(*json.loads(argv[2]))))
     return
+  if len(argv) > 2 and argv[1] == "--one_detection":
+    print(json.dumps(_one_detection(*json.loads(argv[2]))))
+    return
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.out:
+  if not FLAGS.out and not FLAGS.detection_only:
     raise app.UsageError("--out=DIR is required")
   try:
     only = [tuple(int(n) for n in m.split("x")) for m in FLAGS.models]
   except ValueError:
     raise app.UsageError(f"--models: {FLAGS.models} are not LAYERSxWIDTH") from None
+  if FLAGS.detection_only:
+    detection(FLAGS.size, only)
+    return
   results = run(FLAGS.size, FLAGS.out, only)
   print(table(results["models"]))
 

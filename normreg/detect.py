@@ -26,7 +26,8 @@ alone are then tried together, as a joint group tagged with the module's path.
 Invariance is a property of the function, not of the point: a leaf that is
 zero (biases, BatchNorm shifts at init) has a zero derivative along itself
 whatever the function does. So the test runs at randomized parameter values
-``p + 0.5 * rms(p) * N(0, 1)`` (``rms`` replaced by 1 for an all-zero leaf).
+``p + 0.5 * rms(p) * u``, ``u`` noise of variance 1 (``rms`` replaced by 1 for an
+all-zero leaf).
 """
 
 from __future__ import annotations
@@ -46,15 +47,36 @@ from normreg import groups as groups_lib
 PROBES = 2
 # Siblings tried together as one joint group, at most.
 MAX_JOINT = 4
+# A joint member may hold one element per group (a bias beside a kernel's units): the
+# per-element sums come back from the device for leaves up to this size.
+MAX_PER_ELEMENT = 1 << 16
 
 
-def _randomize(leaf: Any, rng: np.random.Generator) -> jax.Array:
-  """``leaf + 0.5 rms(leaf) N(0, 1)`` (``rms`` 1 for a zero leaf), drawn and summed in
-  float32, in the leaf's dtype. ``leaf`` is a non-empty floating array."""
+def _noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+  """Float32 noise of mean 0 and variance 1, uniform on ``[-sqrt(3), sqrt(3)]``: generic
+  enough for the tests, and drawn 2-3 times faster than a normal on the host."""
+  x = rng.random(shape, np.float32)
+  x -= np.float32(0.5)
+  x *= np.float32(np.sqrt(12.0))
+  return x
+
+
+def _randomize(leaf: Any, rng: np.random.Generator) -> np.ndarray:
+  """``leaf + 0.5 rms(leaf) u`` (``rms`` 1 for a zero leaf; ``u`` :func:`_noise`), drawn
+  and summed in float32, in the leaf's dtype. ``leaf`` is a non-empty floating array."""
   x = np.asarray(leaf, np.float32)
   rms = float(np.sqrt(np.mean(np.square(x))))
-  scale = 0.5 * (rms if rms > 0 else 1.0)
-  return jnp.asarray(x + scale * rng.standard_normal(x.shape, np.float32), leaf.dtype)
+  noise = _noise(rng, x.shape)
+  noise *= np.float32(0.5 * (rms if rms > 0 else 1.0))
+  noise += x
+  return noise.astype(leaf.dtype)
+
+
+def _direction(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """A random direction (:func:`_noise`) of ``w``'s norm, in float32; nonzero a.s."""
+  d = _noise(rng, w.shape)
+  d *= np.float32(np.linalg.norm(w.astype(np.float32)) / np.linalg.norm(d))
+  return d
 
 
 def _candidates(shape: tuple[int, ...], unit_axis: int = -1) -> list[groups_lib.Group]:
@@ -76,12 +98,6 @@ def _candidates(shape: tuple[int, ...], unit_axis: int = -1) -> list[groups_lib.
   out += [groups_lib.tensor(stack=k) for k in range(ndim)
           if not (first and 0 < k < ndim)]
   return sorted(out, key=lambda g: -math.prod(g.group_shape(shape)))
-
-
-def _group_dots(group: groups_lib.Group, grads: np.ndarray, x: np.ndarray) -> np.ndarray:
-  """``<J^T r_k, x>`` per group, for each probe ``k``: shape ``(probes, n_groups)``."""
-  axes = tuple(a + 1 for a in group.reduced_axes(x.ndim))
-  return np.sum(grads * x[None], axis=axes).reshape(grads.shape[0], -1)
 
 
 def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: int = 0,
@@ -199,18 +215,25 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   layout_axis = (0 if _is_equinox(params) else -1) if unit_axis is None else unit_axis
   is_float = [jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.size(x) > 0
               for x in arrays]
-  # numpy draws: no per-shape compilation of jax.random ops on the host.
-  rng = np.random.default_rng(seed)
-  randomized = [_randomize(x, rng) if ok else x for x, ok in zip(arrays, is_float)]
   float_idx = [i for i, ok in enumerate(is_float) if ok]
+  shapes = [tuple(np.shape(arrays[i])) for i in float_idx]
+  # numpy draws on the host: jax.random inside the program below makes it several times
+  # slower to compile and run on a CPU (threefry's rounds over every parameter).
+  rng = np.random.default_rng(seed)
+  primals = [_randomize(arrays[i], rng) for i in float_idx]
+  directions = [_direction(w, rng) for w in primals]
+  # Every test below is a sum of J^T r * w (or * d) over some axes of one leaf: which
+  # axes is known from the shapes. So the whole test runs in one compiled program:
+  # randomized params, random directions, the vmapped VJP and the sums, and only the
+  # sums come back (not the gradients, as large as the params).
+  needed = [_summed_axes(shape, layout_axis) for shape in shapes]
 
   def rebuild(float_leaves):
-    full = list(randomized)
+    full = list(arrays)
     for i, x in zip(float_idx, float_leaves):
       full[i] = x
     return treedef.unflatten(full)
 
-  primals = [randomized[i] for i in float_idx]
   forward = lambda q: fn(rebuild(q), *args, **kwargs)
   out = jax.eval_shape(forward, primals)
   if isinstance(out, (tuple, list)):
@@ -219,51 +242,60 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
         "function that returns the network's output only (haiku's apply with state returns "
         "(output, state): use lambda p, x: apply(p, state, None, x)[0]). The state, "
         "BatchNorm's running statistics, is not scale-invariant and would hide every group.")
+
   cotangents = jax.tree.map(
       lambda o: jnp.asarray(rng.standard_normal((PROBES,) + o.shape), o.dtype), out)
 
   @jax.jit
-  def probe(primals, cotangents):
+  def probe(primals, cotangents, directions):
     value, vjp = jax.vjp(forward, primals)
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(v.astype(jnp.float32)))
                         for v in jax.tree.leaves(value)))
-    return norm, jax.vmap(vjp)(cotangents)[0]
+    grads = jax.vmap(vjp)(cotangents)[0]
+    sums = []
+    for g, w, d, axes_sets in zip(grads, primals, directions, needed):
+      dtype = jnp.promote_types(g.dtype, jnp.float32)
+      along_w, along_d = g.astype(dtype) * w.astype(dtype)[None], g.astype(dtype) * d[None]
+      sums.append({axes: (jnp.sum(along_w, tuple(a + 1 for a in axes)),
+                          jnp.sum(along_d, tuple(a + 1 for a in axes))) for axes in axes_sets})
+    return norm, sums
 
-  out_norm, grads = probe(primals, cotangents)
+  out_norm, sums = probe(primals, cotangents, directions)
   out_norm = float(out_norm)
-  grads = {i: np.asarray(g, np.float64) for i, g in zip(float_idx, grads)}
+  sums = {i: {axes: tuple(np.asarray(x, np.float64) for x in pair) for axes, pair in s.items()}
+          for i, s in zip(float_idx, jax.device_get(sums))}
   # A leaf whose random-direction derivative is this small relative to the output
   # has no effect on fn (float32 noise is ~1e-7): it is no scale group.
   negligible = 1e-5 * out_norm
-  w64 = {i: np.asarray(randomized[i], np.float64) for i in float_idx}
-  directions = {}
-  for i in float_idx:
-    d = rng.standard_normal(w64[i].shape)
-    directions[i] = d * (np.linalg.norm(w64[i]) / np.linalg.norm(d))  # d != 0: a.s.
+  ndims = {i: len(shape) for i, shape in zip(float_idx, shapes)}
+
+  def dots(group, i, which):
+    """Per-group sums of J^T r * w (``which`` 0) or * d (1): ``(probes, n_groups)``."""
+    return sums[i][group.reduced_axes(ndims[i])][which].reshape(PROBES, -1)
 
   def rms(dots):
     return float(np.sqrt(np.mean(np.sum(np.square(dots), axis=1))))
 
   def passes(group, members):
-    along_w = sum(_group_dots(group, grads[i], w64[i]) for i in members)
-    along_d = sum(_group_dots(group, grads[i], directions[i]) for i in members)
+    along_w = sum(dots(group, i, 0) for i in members)
+    along_d = sum(dots(group, i, 1) for i in members)
     return rms(along_w) <= rtol * rms(along_d), rms(along_w), rms(along_d)
 
   results: list[Any] = [None] * len(paths)
   effect = {}
   for i in float_idx:
-    whole = groups_lib.TENSOR
-    effect[i] = rms(_group_dots(whole, grads[i], directions[i]))
+    effect[i] = rms(dots(groups_lib.TENSOR, i, 1))
     if not effect[i] > negligible or not np.isfinite(effect[i]):
       logging.info("find_scale_invariant: %-40s None    no effect (|J r|/|f| = %.1e)",
                    paths[i], effect[i] / max(out_norm, 1e-30))
       continue
     inert_fallback = None
-    for group in _candidates(w64[i].shape, layout_axis):
+    for group in _candidates(shapes[float_idx.index(i)], layout_axis):
       ok, along_w, along_d = passes(group, [i])
       if not ok:
         continue
-      inert = _inert_slices(group, grads[i], directions[i], layout_axis)
+      inert = _inert_slices(group, ndims[i], lambda axis: sums[i][_all_but(axis, ndims[i])][1],
+                            layout_axis)
       if inert:  # passes only because some slices do nothing: not what it means
         inert_fallback = inert_fallback or (group, *inert)
         continue
@@ -284,7 +316,8 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
       logging.info("find_scale_invariant: %-40s None    not invariant", paths[i])
 
   if joint:
-    _find_joint(paths, float_idx, results, effect, negligible, w64, passes)
+    _find_joint(paths, float_idx, results, effect, negligible, dict(zip(float_idx, shapes)),
+                passes)
   if not any(r is not None for r in results):
     logging.warning(
         "find_scale_invariant: no scale-invariant parameter among %d leaves. Is the "
@@ -311,34 +344,51 @@ def _check_leaves(paths: list[str], arrays: list[Any]) -> None:
           "eqx.combine(p, static)(x) (or filter the model with eqx.filter).")
 
 
-def _inert_slices(group: groups_lib.Group, grads: np.ndarray, direction: np.ndarray,
+def _all_but(axis: int, ndim: int) -> tuple[int, ...]:
+  return tuple(a for a in range(ndim) if a != axis)
+
+
+def _summed_axes(shape: tuple[int, ...], layout_axis: int) -> set[tuple[int, ...]]:
+  """Every set of axes a test sums a leaf of ``shape`` over: each candidate's reduced axes
+  (alone and in a joint group), every axis but one (the slices of :func:`_inert_slices`)
+  and, for a small leaf, none (a joint member with one element per group)."""
+  ndim = len(shape)
+  groups = _candidates(shape, layout_axis) + [groups_lib.Group(kind, k)
+                                              for kind in groups_lib.Invariance
+                                              for k in range(ndim)
+                                              if kind is groups_lib.Invariance.TENSOR or k < ndim - 1]
+  out = {g.reduced_axes(ndim) for g in groups} | {_all_but(a, ndim) for a in range(ndim)}
+  if math.prod(shape) <= MAX_PER_ELEMENT:
+    out.add(())
+  return out
+
+
+def _inert_slices(group: groups_lib.Group, ndim: int, slice_sums: Callable[[int], np.ndarray],
                   layout_axis: int) -> tuple[int, int, int] | None:
   """``(axis, active, total)`` for the first axis that ``group`` splits into groups (a stack
   axis, or a unit axis other than the layout's) and along which some slices do not
   affect ``fn`` (their derivative along a random direction at most 1e-6 of the largest
-  slice's); ``None`` if there is none.
+  slice's); ``None`` if there is none. ``slice_sums(axis)`` gives that derivative per
+  probe and slice, ``(probes, n)``.
 
   Such a grouping passes the test vacuously on those slices: a 3x3 kernel applied to a
   1x1 feature map acts through its centre tap only, and per-tap groups then pass. A
   dead output unit along the layout's unit axis is not such a case and is not counted.
   """
-  ndim = direction.ndim
   axes = list(range(group.stack))
   if group.kind is groups_lib.Invariance.UNIT:
     unit = group.unit_axis(ndim)
     if unit != group.stack + layout_axis % (ndim - group.stack):
       axes.append(unit)
-  prod = grads * direction[None]
   for axis in axes:
-    others = tuple(a + 1 for a in range(ndim) if a != axis)
-    per_slice = np.sqrt(np.sum(np.square(np.sum(prod, axis=others)), axis=0))
+    per_slice = np.sqrt(np.sum(np.square(slice_sums(axis)), axis=0))
     active = int(np.sum(per_slice > 1e-6 * per_slice.max()))
     if active < per_slice.size:
       return axis, active, per_slice.size
   return None
 
 
-def _find_joint(paths, float_idx, results, effect, negligible, w64, passes) -> None:
+def _find_joint(paths, float_idx, results, effect, negligible, shapes, passes) -> None:
   """Tags sibling leaves that fail alone but pass together (largest set first)."""
   parents: dict[str, list[int]] = {}
   for i in float_idx:
@@ -350,7 +400,7 @@ def _find_joint(paths, float_idx, results, effect, negligible, w64, passes) -> N
     for size in range(len(siblings), 1, -1):
       found = False
       for members in itertools.combinations(siblings, size):
-        for group in _joint_candidates([w64[i].shape for i in members]):
+        for group in _joint_candidates([shapes[i] for i in members]):
           if passes(group, list(members))[0]:
             tag = parent or "+".join(paths[i] for i in members)
             for i in members:
@@ -378,7 +428,9 @@ def _joint_candidates(shapes: list[tuple[int, ...]]) -> list[groups_lib.Group]:
   common = None
   for shape in shapes:
     # A member may hold one element per group (a bias beside a kernel's units).
-    options = _candidates(shape) + ([groups_lib.unit(stack=len(shape) - 1)] if shape else [])
+    per_element = bool(shape) and math.prod(shape) <= MAX_PER_ELEMENT
+    options = _candidates(shape) + ([groups_lib.unit(stack=len(shape) - 1)] if per_element
+                                    else [])
     keys = {(g.kind, g.stack) for g in options}
     common = keys if common is None else common & keys
   out = []

@@ -10,6 +10,7 @@ asserted: the figures are measured by running the commands (README,
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -154,3 +155,15 @@ def test_scaling_small_writes_its_table_and_figure(tmp_path):
       assert _positive(m["variants"][base]["compile_s"])
   assert (tmp_path / "scaling.png").stat().st_size > 10_000
   assert "| 8 |" in (tmp_path / "scaling.md").read_text()
+
+
+def test_scaling_detection_only_prints_one_ratio_per_model():
+  result = _run("benchmarks.scaling", "--size=small", "--detection_only", "--models=2x16")
+  assert result.returncode == 0, result.stderr[-3000:]
+  line, = [l for l in result.stdout.splitlines() if l.startswith("2 x 16:")]
+  found = re.search(r"detection ([\d.e+-]+) s / first forward-backward ([\d.e+-]+) s = "
+                    r"([\d.]+)", line)
+  assert found, line
+  det, fwd, ratio = map(float, found.groups())
+  assert det > 0 and fwd > 0 and abs(det / fwd - ratio) < 0.02 * ratio + 0.01
+  assert "8 grouped leaves" in line

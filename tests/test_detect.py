@@ -98,15 +98,28 @@ def _p(seed, *shape):
 def test_randomize_against_numpy(dtype, rms):
   leaf = (rms * _p(0, 40, 50)).astype(dtype)
   x = np.asarray(leaf, np.float32)
-  draws = np.random.default_rng(7).standard_normal(x.shape, np.float32)
+  # Uniform noise of variance 1: (U[0, 1) - 1/2) * sqrt(12).
+  draws = (np.random.default_rng(7).random(x.shape, np.float32) - 0.5) * np.sqrt(12.0)
   want = jnp.asarray(x + 0.5 * np.sqrt(np.mean(x * x)) * draws, dtype)
   got = detect._randomize(leaf, np.random.default_rng(7))
   assert got.dtype == dtype
-  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=1e-6, atol=1e-6)
+  assert abs(np.var(draws) - 1.0) < 0.1 and abs(np.mean(draws)) < 0.1
   # A zero leaf: rms taken as 1.
   zero = detect._randomize(jnp.zeros((5,), dtype), np.random.default_rng(7))
   np.testing.assert_allclose(np.asarray(zero, np.float32),
-                             np.asarray(jnp.asarray(0.5 * draws.ravel()[:5], dtype), np.float32))
+                             np.asarray(jnp.asarray(0.5 * draws.ravel()[:5], dtype), np.float32),
+                             rtol=1e-6)
+
+
+def test_direction_has_the_norm_of_the_leaf():
+  w = 3.0 * np.asarray(_p(1, 6, 4))
+  d = detect._direction(w, np.random.default_rng(2))
+  assert d.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(d), np.linalg.norm(w), rtol=1e-6)
+  draws = np.random.default_rng(2).random((6, 4), np.float32) - 0.5
+  np.testing.assert_allclose(d, draws * np.linalg.norm(w) / np.linalg.norm(draws), rtol=1e-5)
 
 
 def test_candidates_finest_first():
