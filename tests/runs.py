@@ -41,6 +41,18 @@ def image_folder(root, classes=3, n_train=16, n_test=8, size=8, seed=0):
   return str(root)
 
 
+def one_line(result, marker, *needles, status=1):
+  """Asserts that the finished command ``result`` exited with ``status``, printed no
+  traceback and exactly one stderr line holding ``marker`` and every needle; returns it."""
+  assert result.returncode == status, (result.returncode, result.stderr[-2000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines() if marker in l]
+  assert len(lines) == 1, result.stderr[-3000:]
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+  return lines[0]
+
+
 def command(module, *args, env=None, timeout=300):
   """Runs ``python -m module args`` from the repository root; the CompletedProcess."""
   import subprocess  # pylint: disable=g-import-not-at-top
