@@ -41,6 +41,8 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from etils import epath
 
 from experiments import errors
 
@@ -142,16 +144,14 @@ def _load_catalog(name: str, data_dir: Optional[str], train_size: Optional[int],
         f"install the extra: pip install -e '.[tfds]', or use --dataset=folder "
         f"--data_dir=DIR on an image folder ({_FOLDER_LAYOUT}).") from e
   try:
-    train_src, test_src = tfds.data_source(
-        name, split=["train", "test"], data_dir=data_dir, download=True,
-        builder_kwargs={"file_format": "array_record"})
+    train_src, test_src = _data_source(tfds, name, data_dir)
   except ImportError as e:
     # Preparing a catalog data set (the first time) needs TensorFlow and more.
     raise errors.MissingExtraError(
         f"--dataset={name}: downloading and preparing it with tensorflow-datasets needs "
         f"{e.name or 'a module'} ({e}); install the extra: pip install -e '.[tfds]', or "
         f"use --dataset=folder --data_dir=DIR on an image folder ({_FOLDER_LAYOUT}).") from e
-  except (OSError, ConnectionError) as e:
+  except (OSError, ConnectionError, tfds.download.DownloadError) as e:
     raise errors.MissingInputError(
         f"--dataset={name}: could not download or read it ({type(e).__name__}: {e}); check "
         f"the network and --data_dir, or use --dataset=folder --data_dir=DIR on an image "
@@ -164,6 +164,69 @@ def _load_catalog(name: str, data_dir: Optional[str], train_size: Optional[int],
   test_images, test_labels = _read_source(test_src, test_idx)
   return Dataset(train_images, train_labels, test_images, test_labels,
                  num_classes=int(label.num_classes), class_names=tuple(label.names), name=name)
+
+
+def _data_source(tfds, name: str, data_dir: Optional[str]):
+  """``tfds.data_source`` of the train and test splits, downloaded and prepared if needed.
+
+  A prepared (or ``tfds.testing.mock_data``) data set is read without the
+  network. Otherwise one request with a timeout (:func:`probe_download`) checks
+  that the download can start, instead of tfds' 10 retries with backoff
+  (3.5 minutes offline); after a failed preparation, the empty and temporary
+  folders it left under the tfds data folder are removed.
+  """
+  kwargs = dict(split=["train", "test"], data_dir=data_dir,
+                builder_kwargs={"file_format": "array_record"})
+  try:  # prepared (or tfds.testing.mock_data)
+    return tfds.data_source(name, download=False, **kwargs)
+  except (KeyError, AssertionError, FileNotFoundError):  # not prepared: tfds says so thus
+    pass
+  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  probe_download(name, sorted(builder.url_infos or {}))
+  root = epath.Path(builder.data_dir).parent.parent  # DATA_DIR/name/version
+  before = _folders(root)
+  try:
+    return tfds.data_source(name, download=True, **kwargs)
+  except BaseException:
+    _remove_new_folders(root, before)
+    raise
+
+
+PROBE_TIMEOUT_S = 10.0
+
+
+def probe_download(name: str, urls: Sequence[str]) -> None:
+  """One HEAD request (``requests``, as tfds downloads, so proxies count) to the first of
+  ``urls``; raises a one-line ``errors.MissingInputError`` if no answer comes within
+  :data:`PROBE_TIMEOUT_S` seconds per connect and read. Any HTTP answer will do."""
+  if not urls:
+    return
+  import requests  # pylint: disable=g-import-not-at-top
+  try:
+    requests.head(urls[0], timeout=PROBE_TIMEOUT_S, allow_redirects=True)
+  except requests.RequestException as e:
+    raise errors.MissingInputError(
+        f"--dataset={name}: cannot reach {urls[0]} to download it ({type(e).__name__}); check "
+        f"the network (or its proxy), or use --dataset=folder --data_dir=DIR on an image folder "
+        f"({_FOLDER_LAYOUT}).") from None
+
+
+def _folders(root: epath.Path) -> set[str]:
+  return {dirpath for dirpath, _, _ in os.walk(root)}
+
+
+def _remove_new_folders(root: epath.Path, before: set[str]) -> None:
+  """Removes the folders under ``root`` made since ``before`` that are empty or tfds'
+  temporary ones (``*.tmp.*``, ``*.incomplete*``), deepest first."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  for dirpath, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+    if dirpath in before or not os.path.isdir(dirpath):
+      continue
+    name = os.path.basename(dirpath)
+    if ".tmp." in name or ".incomplete" in name or "incomplete." in name:
+      shutil.rmtree(dirpath, ignore_errors=True)
+    elif not os.listdir(dirpath):
+      os.rmdir(dirpath)
 
 
 def _read_source(source: Any, indices: np.ndarray,
@@ -226,17 +289,18 @@ def _load_folder(data_dir: Optional[str], train_size: Optional[int],
       raise errors.InputError(f"--data_dir={data_dir}: {split}/ holds no images "
                        f"({', '.join(IMAGE_EXTENSIONS)}); expected {_FOLDER_LAYOUT}.")
     files[split] = (paths, np.asarray(labels, np.int32))
+  empty = [f"test/{name}/" for name in classes if not splits["test"][name]]
+  if empty and len(empty) < len(classes):
+    logging.warning("--data_dir=%s: %s hold(s) no images: the test accuracy covers %d of the "
+                    "%d classes.", data_dir, ", ".join(empty), len(classes) - len(empty),
+                    len(classes))
 
   train_idx = _subset(len(files["train"][0]), train_size, seed, 0, "train_size",
                       f"the training set of --data_dir={data_dir}")
   test_idx = _subset(len(files["test"][0]), test_size, seed, 1, "test_size",
                      f"the test set of --data_dir={data_dir}")
-  train_images = [_decode(files["train"][0][i]) for i in train_idx]
-  test_images = [_decode(files["test"][0][i]) for i in test_idx]
-  train_images, test_images = _stack(
-      train_images + test_images,
-      [files["train"][0][i] for i in train_idx] + [files["test"][0][i] for i in test_idx],
-      len(train_idx))
+  paths = [files["train"][0][i] for i in train_idx] + [files["test"][0][i] for i in test_idx]
+  train_images, test_images = _stack(_decode_all(paths, data_dir), paths, len(train_idx))
   return Dataset(train_images, files["train"][1][train_idx], test_images,
                  files["test"][1][test_idx], num_classes=len(classes),
                  class_names=tuple(classes), name="folder")
@@ -254,6 +318,22 @@ def _list_classes(path: str) -> dict[str, list[str]]:
               if f.is_file() and not f.name.startswith(".")
               and os.path.splitext(f.name)[1].lower() in IMAGE_EXTENSIONS)
   return classes
+
+
+def _decode_all(paths: Sequence[str], data_dir: str) -> list[np.ndarray]:
+  """:func:`_decode` of every path; a file pillow cannot read (cut short, not an image)
+  stops the load with one line naming it, after all are tried (to count them)."""
+  images, bad = [], []
+  for path in paths:
+    try:
+      images.append(_decode(path))
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # what pillow raises on bad data
+      bad.append(f"{path} ({type(e).__name__}: {e})")
+  if bad:
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    raise errors.InputError(f"--data_dir={data_dir}: {len(bad)} image file(s) cannot be read: "
+                            f"{bad[0]}{more}; replace or remove them.")
+  return images
 
 
 def _decode(path: str) -> np.ndarray:

@@ -18,6 +18,8 @@ folders.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from absl import flags
 from absl import logging
 
@@ -60,3 +62,31 @@ def initialize_from_flags() -> None:
     logging.set_verbosity(logging.WARNING)
   logging.info("process %d of %d; %d local and %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+AGREE_BYTES = 2048
+
+
+def agree(error: Optional[str]) -> Optional[str]:
+  """The first process's ``error`` (``None`` if no process has one), the same on every process.
+
+  A collective (``jax.experimental.multihost_utils.process_allgather`` of the
+  messages as bytes, cut at :data:`AGREE_BYTES`): every process must call it.
+  It lets a check that fails on one process (process 0's lock, a folder
+  another host cannot write) stop every process with the same line, instead
+  of leaving the others waiting in their first collective; it is also a
+  barrier. One process: returns ``error`` at once.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return error
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = np.zeros(AGREE_BYTES, np.uint8)
+  text = (error or "").encode()[:AGREE_BYTES]
+  mine[:len(text)] = np.frombuffer(text, np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, AGREE_BYTES)
+  for row in every:
+    if row.any():
+      return bytes(row).rstrip(b"\0").decode(errors="replace")
+  return None

@@ -52,12 +52,14 @@ from typing import Any, Optional, Sequence
 
 from absl import app
 from absl import flags
+from etils import epath
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from experiments import errors
+from experiments import workdir as workdir_lib
 
 DEFAULT_LABEL_KEYS = ("method", "lam", "lr")
 MAX_PANELS = 16
@@ -102,12 +104,11 @@ class Run:
 
 def read_config(workdir: str) -> dict[str, Any]:
   """``WORKDIR/config.json`` as a dict; ``{}`` if there is none."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     return {}
   try:
-    with open(path) as f:
-      config = json.load(f)
+    config = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise errors.InputError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(config, dict):
@@ -116,15 +117,24 @@ def read_config(workdir: str) -> dict[str, Any]:
 
 
 def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
-  """The train and test records of a metrics.jsonl, last one per step, by step."""
+  """The train and test records of a metrics.jsonl, last one per step, by step.
+
+  A last line without its newline is being written (a live run) or was cut
+  short (a killed one): it is skipped if it does not parse.
+  """
   records: dict[tuple[str, int], dict] = {}
-  with open(path) as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      record = _parse_record(line, f"{path}:{number}")
-      if record["kind"] in ("train", "test"):
-        records[(record["kind"], record["step"])] = record
+  lines = epath.Path(path).read_text().splitlines(keepends=True)
+  if lines and not lines[-1].endswith("\n"):
+    try:
+      json.loads(lines[-1])
+    except json.JSONDecodeError:
+      lines.pop()
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    record = _parse_record(line, f"{path}:{number}")
+    if record["kind"] in ("train", "test"):
+      records[(record["kind"], record["step"])] = record
   if not records:
     raise errors.InputError(f"{path}: no train or test records")
   ordered = [records[key] for key in sorted(records, key=lambda k: k[1])]
@@ -163,10 +173,10 @@ def _format_value(value: Any) -> str:
 
 def read_run(workdir: str, label_keys: Sequence[str] = DEFAULT_LABEL_KEYS) -> Run:
   """Reads one WORKDIR (config.json optional, metrics.jsonl required)."""
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise errors.MissingInputError(f"{workdir}: no such folder")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(metrics_path):
+  if not epath.Path(metrics_path).exists():
     raise errors.MissingInputError(f"{metrics_path}: no such file (is {workdir} a training workdir?)")
   config = read_config(workdir)
   train, test = read_metrics(metrics_path)
@@ -321,13 +331,15 @@ def make_figures(runs: Sequence[Run], layers_regex: Optional[str] = None) -> dic
 
 def plot_runs(runs: Sequence[Run], out_dir: str,
               layers_regex: Optional[str] = None) -> list[str]:
-  """Writes the PNGs of ``runs`` into ``out_dir`` (created if missing); returns their paths."""
+  """Writes the PNGs of ``runs`` into ``out_dir`` (created if missing; a folder or a
+  ``gs://`` URL, through ``etils.epath``); returns their paths."""
   figures = make_figures(runs, layers_regex)
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   paths = []
   for filename, fig in figures.items():
     path = os.path.join(out_dir, filename)
-    fig.savefig(path, dpi=100)
+    with epath.Path(path).open("wb") as f:
+      fig.savefig(f, format="png", dpi=100)
     paths.append(path)
   return paths
 
@@ -339,6 +351,8 @@ def main(argv: Sequence[str]) -> None:
     workdirs = list(argv[1:])
     if not workdirs:
       raise errors.InputError("give at least one WORKDIR: python -m experiments.plot WORKDIR ...")
+    for workdir in workdirs + [_OUT.value or workdirs[0]]:
+      workdir_lib.resolve(workdir, "WORKDIR")  # gs:// (through gcsfs) or local; else one line
     label_keys = [k.strip() for k in _LABEL.value.split(",") if k.strip()]
     runs = [read_run(w, label_keys) for w in workdirs]
     check_label_keys(runs, label_keys)

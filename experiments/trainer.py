@@ -20,14 +20,18 @@ Design:
 - A NaN/inf loss stops the run, naming the first step where it appeared: the
   step is recorded on the device and read at the next log step (no host sync
   per step).
+- The run folder is checked, locked and reconciled with the settings before
+  anything slow (``experiments.workdir``); Ctrl-C saves the current step, and
+  a run resumes in the middle of an epoch as well as at its end.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx
 
 import normreg
@@ -43,6 +48,7 @@ from normreg import theory
 from experiments import checkpoint as ckpt_lib
 from experiments import errors
 from experiments import records
+from experiments import workdir as workdir_lib
 from experiments import data as data_lib
 from experiments import config as config_lib
 from experiments.config import Config
@@ -477,19 +483,24 @@ def eval_batches(images, labels, batch_size: int, axis: int = 0):
 
 
 def evaluate(eval_step, params, rest, images, labels, batch_size: int,
-             sharding: Optional[jax.sharding.Sharding] = None) -> dict[str, float]:
+             sharding: Optional[jax.sharding.Sharding] = None,
+             progress: bool = False) -> dict[str, float]:
   """Test loss and accuracy over the whole set; the last batch is padded and masked.
 
   ``sharding`` places each batch (replicated over a multi-host mesh: every process
-  holds the same test set and evaluates on it with the others).
+  holds the same test set and evaluates on it with the others). ``progress``
+  shows a bar over the batches (removed when done).
   """
   n = images.shape[0]
   total_loss = total_correct = 0.0
+  bar = progress_bar(-(-n // batch_size), progress, desc="test", leave=False, unit="batch")
   for batch in eval_batches(images, labels, batch_size):
     x, y, w = batch if sharding is None else jax.device_put(batch, sharding)
     loss, correct = eval_step(params, rest, x, y, w)
     total_loss += float(records.host_value(loss))
     total_correct += float(records.host_value(correct))
+    bar.update(1)
+  bar.close()
   return {"loss": total_loss / n, "accuracy": total_correct / n}
 
 
@@ -515,40 +526,12 @@ def train_record(step: int, steps_per_epoch: int, metrics: dict[str, float],
           "learning_rate": learning_rate, "layers": layers}
 
 
-append_record = records.append_record
+changed_settings = workdir_lib.changed_settings
 
 
-def changed_settings(workdir: str, config: Config) -> dict[str, tuple[Any, Any]]:
-  """``{field: (old, new)}`` where ``workdir/config.json`` differs from ``config``.
-
-  Empty if the files agree or ``workdir`` has no ``config.json`` yet; a field
-  only one side has shows ``"<absent>"`` on the other.
-  """
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      old = json.load(f)
-  except FileNotFoundError:
-    return {}
-  new = json.loads(config.to_json())
-  defaults = json.loads(Config().to_json())
-  # A setting added after the run was written counts as its default there.
-  old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
-  absent = "<absent>"
-  return {k: (old.get(k, absent), new.get(k, absent)) for k in {**old, **new}
-          if old.get(k, absent) != new.get(k, absent)}
-
-
-def check_workdir(workdir: str, config: Config) -> None:
-  """Refuses a ``workdir`` whose ``config.json`` holds other settings (naming them)."""
-  diff = changed_settings(workdir, config)
-  if diff:
-    raise errors.InputError(f"--workdir={workdir} holds a run with other settings {diff} "
-                            "(old, new); resume with the same flags or use a new --workdir.")
-
-
-def write_config(workdir: str, config: Config) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json())
+def write_config(workdir: Any, config: Config) -> None:
+  """``workdir/config.json``, written whole (a kill mid-write leaves the old one)."""
+  workdir_lib.write_atomic(epath.Path(workdir) / workdir_lib.CONFIG, config.to_json())
 
 
 def _to_float(tree):
@@ -575,8 +558,14 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
                        progress: bool = True,
                        devices: Optional[Sequence[jax.Device]] = None,
                        on_step: Optional[Callable[[int, TrainState], None]] = None,
-                       tensorboard: bool = True) -> TrainState:
+                       tensorboard: bool = True,
+                       restart: bool = False) -> TrainState:
   """Trains ``config`` and writes metrics, config and checkpoints into ``workdir``.
+
+  Before anything slow, ``workdir`` (a folder or ``gs://`` URL) is checked and
+  locked, and its settings reconciled with ``config`` (``experiments.workdir``).
+  Ctrl-C (SIGINT, in a one-process run) stops after the current step, saves it
+  and raises ``errors.Interrupted``: the same call resumes from there.
 
   Args:
     config: the run's settings (validated here).
@@ -585,7 +574,7 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
       default: loaded from ``config``.
     interrupt_after_step: stop (as if killed) right after this step, without
       saving: for tests of resumption.
-    progress: show a progress bar.
+    progress: show a progress bar and a line per epoch.
     devices: devices to train on, data-parallel (batch split, params
       replicated); default all of them. Multi-host: call
       ``jax.distributed.initialize()`` first (``--distributed``).
@@ -596,13 +585,55 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
       ``state``: the next step may donate its buffers.
     tensorboard: mirror ``metrics.jsonl`` to TensorBoard event files in
       ``workdir/tensorboard`` (``experiments.records``).
+    restart: discard what ``workdir`` holds (checkpoints, records) and start afresh.
 
   Returns:
     The final ``TrainState``.
   """
   config.validate()
-  check_workdir(workdir, config)
+  with workdir_lib.open_run(workdir, config, restart=restart) as run:
+    return _train(config, run.path, dataset=dataset, interrupt_after_step=interrupt_after_step,
+                  progress=progress, devices=devices, on_step=on_step, tensorboard=tensorboard)
+
+
+class _StopRequest:
+  """Ctrl-C while training: stop after the current step and save it (a second one stops
+  at once). Only in a one-process run's main thread: a multi-host job must stop together."""
+
+  def __init__(self, show: bool):
+    self.requested, self._show, self._old = False, show, None
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
+      self._old = signal.signal(signal.SIGINT, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    _note("Ctrl-C: stopping after this step to save it (Ctrl-C again stops at once).",
+          self._show)
+
+  def close(self) -> None:
+    if self._old is not None:
+      signal.signal(signal.SIGINT, self._old)
+      self._old = None
+
+
+def _note(message: str, show: bool) -> None:
+  """A line for the user: beside the progress bar when it shows, else an INFO log."""
+  if show:
+    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+    tqdm.tqdm.write(message, file=sys.stderr)
+  else:
+    logging.info("%s", message)
+
+
+def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step, progress,
+           devices, on_step, tensorboard) -> TrainState:
+  """:func:`train_and_evaluate` in an opened, locked run folder."""
   writer = jax.process_index() == 0  # one process writes files (all save checkpoints)
+  show = progress and writer
 
   ds = dataset if dataset is not None else data_lib.load(
       config.dataset, data_dir=config.data_dir, train_size=config.train_size,
@@ -632,14 +663,22 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   state = jax.device_put(state, replicated)
 
   # Nothing is written before the first step: a failed start leaves no settings behind.
-  checkpoints = os.path.join(workdir, "checkpoints")
-  manager = ckpt_lib.Manager(checkpoints) if os.path.isdir(checkpoints) else None
+  checkpoints = folder / workdir_lib.CHECKPOINTS
+  manager = ckpt_lib.Manager(checkpoints) if checkpoints.is_dir() else None
   restored = manager.restore_latest(state) if manager else None
   if restored is not None:
     state = restored
-    logging.info("resumed from step %d", int(records.host_value(state.step)))
   step = int(records.host_value(state.step))  # the host's copy: no device sync per step
-  log = records.RunLog(workdir, enabled=writer, tensorboard=tensorboard, resume_step=step)
+  saved_step = step
+  if step > total_steps:
+    if manager:
+      manager.close()
+    raise errors.InputError(f"--epochs={config.epochs}: {folder} already holds step {step}, "
+                            f"past this run's {total_steps} steps; give more --epochs, or "
+                            "--restart to start afresh, or use a new --workdir.")
+  if restored is not None:
+    _note(f"resumed from step {step} (epoch {step / steps_per_epoch:g})", show)
+  log = records.RunLog(folder, enabled=writer, tensorboard=tensorboard, resume_step=step)
   start_epoch = step // steps_per_epoch
 
   if on_step is not None and step == 0:
@@ -655,62 +694,77 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   eval_step = jax.jit(make_eval_step(eval_graphdef, mean, std))
   metrics_fn = jax.jit(make_layer_metrics(config, groups))
 
-  def stop():
+  def save():
+    nonlocal manager, saved_step
+    log.flush()  # the records first: a checkpoint never runs ahead of them
+    if manager is None:
+      manager = ckpt_lib.Manager(checkpoints)
+    manager.save(step, state)
+    saved_step = step
+
+  bar = progress_bar(total_steps, show, initial=step)
+  stop = _StopRequest(show)
+  config_written = False
+  try:
+    for epoch in range(start_epoch, config.epochs):
+      order = np.asarray(data_lib.epoch_permutation(jax.random.fold_in(key, 1000 + epoch),
+                                                    n_train, config.batch_size))
+      t0, images_seen = time.perf_counter(), 0
+      # A run stopped by Ctrl-C resumes in the middle of its epoch.
+      for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
+        if stop.requested:
+          if step != saved_step:
+            save()
+          raise errors.Interrupted(f"stopped by Ctrl-C at step {step} of {total_steps}; "
+                                   f"saved it in {checkpoints}")
+        idx = shard_batch_indices(order[i], batch_sharding)
+        log_now = (step + 1) % config.log_every == 0 or i == steps_per_epoch - 1
+        # The step may donate its input: keep a copy of the params to measure the turn.
+        before = jax.tree.map(jnp.copy, state.params) if log_now else None
+        state, m = train_step(state, train_images, train_labels, idx)
+        step += 1
+        images_seen += config.batch_size
+        if not config_written and writer:  # the settings, once this launch has trained
+          folder.mkdir(parents=True, exist_ok=True)
+          write_config(folder, config)
+          config_written = True
+        if log_now:
+          bad = int(records.host_value(state.first_bad_step))
+          if bad >= 0:
+            raise NonFiniteLossError(non_finite_message(bad, epoch, config.lr) + (
+                " A checkpoint is kept: --restart starts afresh with other settings."
+                if saved_step else ""))
+          lr = float(rate(step - 1))  # the grouped weights' rate this step used
+          record = train_record(step, steps_per_epoch, _to_float(m), lr,
+                                _to_float(metrics_fn(before, state.params, learning_rate=lr)))
+          log.write(record)
+          bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
+        if on_step is not None:
+          on_step(step, state)
+        bar.update(1)
+        if interrupt_after_step is not None and step >= interrupt_after_step:
+          return state
+      jax.block_until_ready(state.params)
+      seconds = time.perf_counter() - t0
+      test = evaluate(eval_step, state.params, state.rest, ds.test_images, ds.test_labels,
+                      config.batch_size, sharding=replicated, progress=show)
+      log.write({"kind": "test", "step": step, "epoch": epoch + 1, **test,
+                 "images_per_sec": images_seen / seconds})
+      _note(f"epoch {epoch + 1}/{config.epochs}: test accuracy {test['accuracy']:.4f}, loss "
+            f"{test['loss']:.4f}; {images_seen / seconds:.0f} images/s", show)
+      save()
+  finally:
+    stop.close()
     bar.close()
     log.close()
     if manager:
       manager.close()
-
-  bar = progress_bar(total_steps, progress and writer, initial=step)
-  for epoch in range(start_epoch, config.epochs):
-    order = np.asarray(data_lib.epoch_permutation(jax.random.fold_in(key, 1000 + epoch),
-                                                  n_train, config.batch_size))
-    t0, images_seen = time.perf_counter(), 0
-    for i in range(steps_per_epoch):
-      idx = shard_batch_indices(order[i], batch_sharding)
-      log_now = (step + 1) % config.log_every == 0 or i == steps_per_epoch - 1
-      # The step may donate its input: keep a copy of the params to measure the turn.
-      before = jax.tree.map(jnp.copy, state.params) if log_now else None
-      state, m = train_step(state, train_images, train_labels, idx)
-      step += 1
-      images_seen += config.batch_size
-      if step == 1 and writer:
-        os.makedirs(workdir, exist_ok=True)
-        write_config(workdir, config)
-      if log_now:
-        bad = int(records.host_value(state.first_bad_step))
-        if bad >= 0:
-          stop()
-          raise NonFiniteLossError(non_finite_message(bad, epoch, config.lr))
-        lr = float(rate(step - 1))  # the grouped weights' rate this step used
-        record = train_record(step, steps_per_epoch, _to_float(m), lr,
-                              _to_float(metrics_fn(before, state.params, learning_rate=lr)))
-        log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
-      if on_step is not None:
-        on_step(step, state)
-      bar.update(1)
-      if interrupt_after_step is not None and step >= interrupt_after_step:
-        stop()
-        return state
-    jax.block_until_ready(state.params)
-    seconds = time.perf_counter() - t0
-    test = evaluate(eval_step, state.params, state.rest, ds.test_images, ds.test_labels,
-                    config.batch_size, sharding=replicated)
-    log.write({"kind": "test", "step": step, "epoch": epoch + 1, **test,
-               "images_per_sec": images_seen / seconds})
-    log.flush()
-    logging.info("epoch %d: test loss %.4f, accuracy %.4f, %.0f images/s", epoch + 1,
-                 test["loss"], test["accuracy"], images_seen / seconds)
-    if manager is None:
-      manager = ckpt_lib.Manager(checkpoints)
-    manager.save(step, state)
-  stop()
   return state
 
 
-def progress_bar(total: int, enabled: bool, initial: int = 0, desc: Optional[str] = None):
+def progress_bar(total: int, enabled: bool, initial: int = 0, desc: Optional[str] = None,
+                 leave: bool = True, unit: str = "step"):
   """A tqdm bar over ``total`` steps (``tqdm.auto``; disabled unless ``enabled``)."""
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit="step",
-                   dynamic_ncols=True, desc=desc)
+  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit=unit,
+                   dynamic_ncols=True, desc=desc, leave=leave)

@@ -41,9 +41,70 @@ def image_folder(root, classes=3, n_train=16, n_test=8, size=8, seed=0):
   return str(root)
 
 
+def one_line(result, marker, *needles, status=1):
+  """Asserts that the finished command ``result`` exited with ``status``, printed no
+  traceback and exactly one stderr line holding ``marker`` and every needle; returns it."""
+  assert result.returncode == status, (result.returncode, result.stderr[-2000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines() if marker in l]
+  assert len(lines) == 1, result.stderr[-3000:]
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+  return lines[0]
+
+
 def command(module, *args, env=None, timeout=300):
   """Runs ``python -m module args`` from the repository root; the CompletedProcess."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                         timeout=timeout, cwd=REPO, env=env)
+
+
+TINY = dict(dataset="cifar10", model="cnn", width=4, batch_size=16, log_every=2, lr=0.05)
+
+_HOLD = """
+import sys, time
+from experiments import workdir
+workdir.Lock(workdir.resolve(sys.argv[1])).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_lock(path):
+  """A real process holding ``path``'s run lock (as a run does); ended by the caller."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  if "://" not in str(path):
+    os.makedirs(path, exist_ok=True)
+  proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  if proc.stdout.readline().strip() != "locked":
+    proc.kill()
+    pytest.fail(f"the lock holder did not start: {proc.communicate()[1][-2000:]}")
+  return proc
+
+
+def check_lock_is_honoured_then_taken_over(workdir, caplog):
+  """A live holder refuses a run of ``workdir`` before its data is read (a missing
+  --data_dir is not reached); once the holder is killed (SIGKILL: no clean-up), its lock
+  is taken over with a warning naming it, and the run trains."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from experiments import errors  # pylint: disable=g-import-not-at-top
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from experiments.config import Config  # pylint: disable=g-import-not-at-top
+  holder = hold_lock(workdir)
+  try:
+    missing = Config(**{**TINY, "dataset": "folder"}, data_dir="/nonexistent", epochs=1)
+    with pytest.raises(errors.UsageError, match=rf"in use by another run \(pid {holder.pid} "):
+      trainer.train_and_evaluate(missing, str(workdir), progress=False)
+  finally:
+    holder.kill()
+    holder.wait()
+  with caplog.at_level("WARNING"):
+    trainer.train_and_evaluate(Config(**TINY, epochs=1), str(workdir), dataset=tiny_dataset(),
+                               progress=False)
+  taken = [r.getMessage() for r in caplog.records if "taken over" in r.getMessage()]
+  assert len(taken) == 1 and f"pid {holder.pid} " in taken[0], taken

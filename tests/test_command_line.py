@@ -6,16 +6,20 @@ Every error a user can cause is one line on stderr, ``experiments.X: error: ...`
 naming the flag, with exit status 1 and no traceback.
 """
 
+import http.server
 import json
 import os
+import socketserver
 import subprocess
 import sys
+import threading
 from unittest import mock
 
 import numpy as np
 import pytest
 
 from experiments import data as data_lib
+from experiments import errors
 from experiments import records
 from experiments import trainer
 from experiments.config import Config
@@ -27,13 +31,7 @@ SMALL = ["--model=cnn", "--width=4", "--epochs=1", "--batch_size=16", "--log_eve
 
 
 def _one_line_error(result, program, *needles):
-  assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  errors = [l for l in result.stderr.splitlines() if f"{program}: error:" in l]
-  assert len(errors) == 1, result.stderr[-3000:]
-  for needle in needles:
-    assert needle in errors[0], errors[0]
-  return errors[0]
+  return runs.one_line(result, f"{program}: error:", *needles)
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +162,13 @@ def _has_tfds_extra():
                     "is not installed: preparing a catalog data set needs TensorFlow")
 def test_catalog_preparation_runs_offline_with_the_extra(tmp_path):
   """The real download-and-prepare path of --dataset=cifar10 (tfds' own builder, array_record
-  files, TensorFlow's encoders), with only the download replaced by local files."""
+  files, TensorFlow's encoders), with only the download (and its probe) replaced by local
+  files."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   written = _fake_cifar10_download(str(tmp_path / "download"))
   with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
-                         lambda self, url: str(tmp_path / "download")):
+                         lambda self, url: str(tmp_path / "download")), \
+       mock.patch.object(data_lib, "probe_download", lambda name, urls: None):
     ds = data_lib.load("cifar10", data_dir=str(tmp_path / "tfds"))
   assert ds.train_images.shape == (10, 32, 32, 3) and ds.test_images.shape == (2, 32, 32, 3)
   labels, pixels = written["test_batch.bin"]
@@ -187,6 +187,7 @@ from unittest import mock
 import tensorflow_datasets as tfds
 sys.modules["tensorflow"] = None  # as if the tfds extra were not installed
 from experiments import data, errors
+data.probe_download = lambda name, urls: None  # the download is local files: no network
 with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
                        lambda self, url: sys.argv[1]):
   try:
@@ -197,7 +198,7 @@ with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
 
 
 @pytest.mark.slow
-def test_catalog_without_the_extra_or_a_network_is_one_line(tmp_path):
+def test_catalog_without_the_extra_is_one_line(tmp_path):
   # Without TensorFlow, preparing the default --dataset=cifar10 (the download done, here
   # by local files) says what to install. A fresh process: no TensorFlow imported before.
   _fake_cifar10_download(str(tmp_path / "download"))
@@ -208,20 +209,73 @@ def test_catalog_without_the_extra_or_a_network_is_one_line(tmp_path):
   assert line, result.stderr[-3000:]
   assert "--dataset=cifar10" in line[0] and "pip install -e '.[tfds]'" in line[0]
   assert "--dataset=folder" in line[0]
-  # No network: the download fails; one line through the real command, naming the way out.
-  # (tfds retries 10 times with exponential backoff, 3.5 minutes: here it tries once.)
-  once = ("import runpy, sys\n"
-          "from tensorflow_datasets.core.download import downloader\n"
-          "downloader.MAX_RETRIES = 0\n"
-          "sys.argv = ['experiments.train'] + sys.argv[1:]\n"
-          "runpy.run_module('experiments.train', run_name='__main__', alter_sys=True)\n")
-  result = subprocess.run([sys.executable, "-c", once, f"--workdir={tmp_path / 'w'}",
-                           f"--data_dir={tmp_path / 'tfds2'}", *SMALL],
-                          capture_output=True, text=True, timeout=300, cwd=runs.REPO,
-                          env=dict(os.environ, HTTPS_PROXY="http://127.0.0.1:9",
-                                   HTTP_PROXY="http://127.0.0.1:9"))
-  _one_line_error(result, "experiments.train", "--dataset=cifar10: could not download",
-                  "--dataset=folder")
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+  """A proxy to a network where nothing downloads: every request is recorded; a HEAD gets
+  200 (so the probe of a plain-http URL passes), a GET 404, an https tunnel 403."""
+
+  def log_message(self, *args):
+    del args
+
+  def _answer(self, status):
+    self.server.seen.append(f"{self.command} {self.path}")
+    self.send_response(status)
+    self.send_header("Content-Length", "0")
+    self.end_headers()
+
+  def do_HEAD(self):  # pylint: disable=invalid-name
+    self._answer(200)
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    self._answer(404)
+
+  def do_CONNECT(self):  # pylint: disable=invalid-name
+    self._answer(403)
+
+
+@pytest.fixture
+def proxy(monkeypatch):
+  """Points HTTP(S)_PROXY (for this process and the commands it starts) at :class:`_Proxy`;
+  yields the list of requests it saw."""
+  server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Proxy)
+  server.daemon_threads, server.seen = True, []
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  url = f"http://127.0.0.1:{server.server_address[1]}"
+  for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    monkeypatch.setenv(name, url)
+  for name in ("NO_PROXY", "no_proxy"):
+    monkeypatch.setenv(name, "")
+  yield server.seen
+  server.shutdown()
+  server.server_close()
+
+
+@pytest.mark.slow
+def test_catalog_offline_is_one_line_after_one_probe_and_leaves_nothing(tmp_path, proxy):
+  # Offline (the proxy refuses the tunnel): one request, then one line naming the way out;
+  # tfds' own download, 10 retries with backoff (3.5 minutes), is never started.
+  data_dir = tmp_path / "tfds"
+  result = runs.command("experiments.train", f"--workdir={tmp_path / 'w'}",
+                        f"--data_dir={data_dir}", *SMALL, timeout=120)
+  _one_line_error(result, "experiments.train", "--dataset=cifar10: cannot reach "
+                  "https://www.cs.toronto.edu/", "--dataset=folder")
+  assert proxy == ["CONNECT www.cs.toronto.edu:443"]
+  assert not os.path.exists(data_dir) and not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.skipif(not _has_tfds_extra(), reason="the tfds extra (pip install -e '.[tfds]') "
+                    "is not installed: tfds' download manager needs TensorFlow")
+def test_a_catalog_download_failing_midway_leaves_no_folders(tmp_path, proxy):
+  # fashion_mnist downloads over plain http: the probe (HEAD) passes, the downloads (GET)
+  # fail in tfds, which leaves its temporary folders behind; they are removed.
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(errors.MissingInputError, match="--dataset=fashion_mnist: could not "
+                     "download or read it .*HTTP code: 404"):
+    data_lib.load("fashion_mnist", data_dir=str(data_dir))
+  assert proxy[0].startswith("HEAD http://fashion-mnist") and len(proxy) > 1
+  assert all(p.startswith("GET http://fashion-mnist") for p in proxy[1:])
+  assert not os.path.exists(data_dir)
 
 
 def test_every_command_imports_beside_the_others():

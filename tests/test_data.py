@@ -197,6 +197,37 @@ def test_too_large_subset_is_refused(tmp_path):
   assert data_lib.load("folder", data_dir=str(tmp_path), train_size=12).train_images.shape[0] == 12
 
 
+def test_unreadable_images_are_named_in_one_error(tmp_path):
+  """Real damage: a PNG cut to 100 bytes (pillow: truncated) and a text file named .jpg
+  (pillow: not an image). The load stops before training, naming the first and counting."""
+  _make_folder(tmp_path, size=(32, 32))
+  cut = tmp_path / "train" / "ant" / "01.png"
+  with open(cut, "r+b") as f:
+    f.truncate(100)
+  (tmp_path / "test" / "mole" / "notes.jpg").write_text("not an image\n")
+  with pytest.raises(ValueError) as info:
+    data_lib.load("folder", data_dir=str(tmp_path))
+  message = str(info.value)
+  assert "2 image file(s) cannot be read" in message and "and 1 more" in message
+  assert str(cut) in message and message.count("\n") == 0
+  cut.unlink()  # with the truncated file gone, the text file is the one named
+  with pytest.raises(ValueError, match=r"1 image file\(s\) cannot be read: .*notes\.jpg "
+                     r"\(UnidentifiedImageError"):
+    data_lib.load("folder", data_dir=str(tmp_path))
+
+
+def test_a_class_empty_in_test_only_is_one_warning(tmp_path, caplog):
+  _make_folder(tmp_path)
+  for f in (tmp_path / "test" / "mole").iterdir():
+    f.unlink()
+  with caplog.at_level("WARNING"):
+    ds = data_lib.load("folder", data_dir=str(tmp_path))
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1, warnings
+  assert "test/mole/ hold(s) no images" in warnings[0] and "covers 2 of the 3" in warnings[0]
+  assert ds.num_classes == 3 and sorted(set(ds.test_labels.tolist())) == [0, 2]  # ant, zebra
+
+
 # ----------------------------------------------------------------- normalization
 
 
