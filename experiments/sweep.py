@@ -378,7 +378,8 @@ def run_step(program: Program) -> Callable:
 
   def one(state, images, labels, idx, key, mean, std):
     step = trainer.make_train_step(program.graphdef, program.tx, mean, std,
-                                   augment=config.augment, key=key)
+                                   augment=config.augment, key=key,
+                                   **data_lib.augment_options(config.dataset))
     return step(state, images, labels, idx)
 
   return one

@@ -198,7 +198,7 @@ with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
 
 @pytest.mark.slow
 def test_catalog_without_the_extra_or_a_network_is_one_line(tmp_path):
-  # Without TensorFlow, preparing the default --dataset=cifar10 (the download done, here
+  # Without TensorFlow, preparing --dataset=cifar10 (the download done, here
   # by local files) says what to install. A fresh process: no TensorFlow imported before.
   _fake_cifar10_download(str(tmp_path / "download"))
   result = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW, str(tmp_path / "download"),
@@ -216,7 +216,7 @@ def test_catalog_without_the_extra_or_a_network_is_one_line(tmp_path):
           "sys.argv = ['experiments.train'] + sys.argv[1:]\n"
           "runpy.run_module('experiments.train', run_name='__main__', alter_sys=True)\n")
   result = subprocess.run([sys.executable, "-c", once, f"--workdir={tmp_path / 'w'}",
-                           f"--data_dir={tmp_path / 'tfds2'}", *SMALL],
+                           "--dataset=cifar10", f"--data_dir={tmp_path / 'tfds2'}", *SMALL],
                           capture_output=True, text=True, timeout=300, cwd=runs.REPO,
                           env=dict(os.environ, HTTPS_PROXY="http://127.0.0.1:9",
                                    HTTP_PROXY="http://127.0.0.1:9"))
