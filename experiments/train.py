@@ -1,8 +1,10 @@
 """Launcher: ``python -m experiments.train --workdir=DIR [flags]``.
 
-Parses the absl flags into a checked ``Config`` and calls
-``experiments.trainer.train_and_evaluate(config, workdir)``. Run with
-``--helpfull`` for every flag. Examples in the README.
+Parses the absl flags into a checked ``Config``, calls
+``experiments.trainer.train_and_evaluate(config, workdir)``, draws the run's
+figures and prints one last line: the test accuracy and where the metrics and
+figures are. ``--help`` lists the launcher's flags; examples in
+docs/experiments.md.
 """
 
 import os
@@ -17,11 +19,32 @@ from experiments import errors
 
 config_lib.define_flags()
 distributed.define_flags()
+# --help lists the key flags of the main module: make the shared ones this module's too.
+flags.adopt_module_key_flags(config_lib)
+flags.adopt_module_key_flags(distributed)
 flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl and checkpoints; "
                     "a run restarted on the same folder resumes.")
+flags.DEFINE_bool("figures", True, "When training ends, draw the run's figures (weight norm, "
+                  "effective lr and angle per layer; accuracy; loss) into WORKDIR/figures, "
+                  "as python -m experiments.plot WORKDIR --out=WORKDIR/figures does.")
 flags.DEFINE_integer("exit_after_step", None, "Testing: stop abruptly (exit status 17, as if "
                      "killed) after this step, to check that the same command resumes.")
 flags.mark_flag_as_required("workdir")
+
+
+def finish(workdir: str, figures: bool) -> str:
+  """Draws the run's figures (if ``figures``) and returns the launcher's last line: the
+  final test accuracy and where the metrics and figures are."""
+  from experiments import plot  # pylint: disable=g-import-not-at-top  (matplotlib)
+  run = plot.read_run(workdir)
+  where = f"metrics: {os.path.join(workdir, 'metrics.jsonl')}"
+  if figures:
+    out = os.path.join(workdir, "figures")
+    plot.plot_runs([run], out)
+    where += f"; figures: {out}{os.sep}"
+  test = run.test[-1]
+  epochs = f"{test['epoch']} epoch{'' if test['epoch'] == 1 else 's'}"
+  return f"test accuracy {test['accuracy']:.4f} after {epochs}; {where}"
 
 
 def main(argv):
@@ -30,12 +53,15 @@ def main(argv):
       raise errors.InputError(f"unexpected arguments: {argv[1:]}")
     config = config_lib.from_flags()
     distributed.initialize_from_flags()
+    import jax  # pylint: disable=g-import-not-at-top
     from experiments import trainer  # pylint: disable=g-import-not-at-top
     logging.info("config:\n%s", config.to_json())
     stop = flags.FLAGS.exit_after_step
     trainer.train_and_evaluate(config, flags.FLAGS.workdir, interrupt_after_step=stop)
     if stop is not None:
       os._exit(17)  # pylint: disable=protected-access
+    if jax.process_index() == 0:
+      print(finish(flags.FLAGS.workdir, flags.FLAGS.figures), flush=True)
 
 
 if __name__ == "__main__":

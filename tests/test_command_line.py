@@ -6,17 +6,22 @@ Every error a user can cause is one line on stderr, ``experiments.X: error: ...`
 naming the flag, with exit status 1 and no traceback.
 """
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from unittest import mock
 
+from absl import flags
 import numpy as np
 import pytest
 
+from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import records
+from experiments import train  # pylint: disable=unused-import  (its flags, for their help)
 from experiments import trainer
 from experiments.config import Config
 
@@ -53,7 +58,15 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_command(tmp_pat
   assert right.returncode == 0, right.stderr[-3000:]
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["data_dir"] == folder
-  assert runs.read_metrics(workdir)[-1]["kind"] == "test"
+  test = runs.read_metrics(workdir)[-1]
+  assert test["kind"] == "test"
+  # The last line says how the run ended and where its metrics and figures are.
+  figures = os.path.join(workdir, "figures")
+  assert right.stdout.splitlines()[-1] == (
+      f"test accuracy {test['accuracy']:.4f} after 1 epoch; metrics: "
+      f"{os.path.join(workdir, 'metrics.jsonl')}; figures: {figures}{os.sep}")
+  assert sorted(os.listdir(figures)) == ["accuracy.png", "angular_update.png",
+                                         "effective_lr.png", "loss.png", "weight_norm.png"]
 
 
 @pytest.mark.slow
@@ -234,3 +247,16 @@ def test_every_command_imports_beside_the_others():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=runs.REPO, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_help_lists_the_launchers_flags_with_their_help_text():
+  result = runs.command("experiments.train", "--help")  # absl's --help exits with status 1
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  text = " ".join(result.stdout.split())  # absl wraps the help texts at 80 columns
+  helps = {f.name: config_lib._HELP[f.name] for f in dataclasses.fields(Config)}  # pylint: disable=protected-access
+  for name in ("workdir", "figures", "distributed", "coordinator_address"):
+    helps[name] = flags.FLAGS[name].help
+  for name, help_text in helps.items():
+    assert re.search(rf"--(\[no\])?{name}:", text), f"--{name} is missing from --help"
+    assert " ".join(help_text.split()) in text, f"--{name}'s help text is missing"
+  assert "--xla_" not in text and "--helpfull" in text  # other libraries' flags: --helpfull
