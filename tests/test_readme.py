@@ -24,7 +24,8 @@ def test_python_blocks_run(page):
 def test_license_file_matches_pyproject():
   import tomllib  # pylint: disable=g-import-not-at-top
   root = README.parent
-  declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"]["text"]
-  assert declared == "Apache-2.0"
+  project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+  assert project["license"] == "Apache-2.0"  # an SPDX expression (PEP 639)
+  assert project["license-files"] == ["LICENSE"]
   text = " ".join((root / "LICENSE").read_text().split())
   assert text.startswith("Apache License Version 2.0, January 2004")
