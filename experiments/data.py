@@ -179,12 +179,13 @@ def _load_catalog(name: str, data_dir: Optional[str], train_size: Optional[int],
     raise errors.MissingExtraError(
         f"--dataset={name}: downloading and preparing it with tensorflow-datasets needs "
         f"{e.name or 'a module'} ({e}); install the extra: pip install -e '.[tfds]', or "
-        f"use --dataset=folder --data_dir=DIR on an image folder ({_FOLDER_LAYOUT}).") from e
+        f"use the shipped --dataset=digits, or --dataset=folder --data_dir=DIR on an image "
+        f"folder ({_FOLDER_LAYOUT}).") from e
   except (OSError, ConnectionError) as e:
     raise errors.MissingInputError(
         f"--dataset={name}: could not download or read it ({type(e).__name__}: {e}); check "
-        f"the network and --data_dir, or use --dataset=folder --data_dir=DIR on an image "
-        f"folder ({_FOLDER_LAYOUT}).") from e
+        f"the network and --data_dir, or use the shipped --dataset=digits, or "
+        f"--dataset=folder --data_dir=DIR on an image folder ({_FOLDER_LAYOUT}).") from e
   label = train_src.dataset_info.features["label"]
   train_idx = _subset(len(train_src), train_size, seed, 0, "train_size",
                       f"the {name} training set")
