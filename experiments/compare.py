@@ -410,8 +410,8 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
       "Step time: the method's training throughput against plain SGD's (`none`), same "
       "model, measured while the runs trained. The runs were trained at different times "
       "on a machine shared with other work, so a step-time ratio within about 2x says "
-      "nothing about the method: the interleaved timings of the README's Performance "
-      "section are the ones to read.", "",
+      "nothing about the method: the interleaved timings of docs/performance.md are the "
+      "ones to read.", "",
       "| method | settings | base lr |", "| --- | --- | --- |"]
   transient = sorted({n for m in r["models"].values() for n, v in m["methods"].items()
                       if v.get("time_constants") is not None

@@ -16,7 +16,7 @@ from absl import flags
 
 from experiments import errors
 
-DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
 MODELS = ("cnn", "resnet20", "scan_cnn")
 NORMS = ("batch", "layer", "group", "weight", "none")
 METHODS = ("l2", "decoupled", "spherical", "elr_rescale", "tangent", "exp_lr", "rotational",
@@ -36,7 +36,7 @@ DEFAULT_LAM = 5e-4
 class Config:
   """One run. Field docs are the flags' help texts (see ``define_flags``)."""
 
-  dataset: str = "cifar10"
+  dataset: str = "digits"
   data_dir: Optional[str] = None
   train_size: Optional[int] = None
   test_size: Optional[int] = None
@@ -147,8 +147,9 @@ class Config:
 
 
 _HELP = {
-    "dataset": f"Data set: one of {', '.join(DATASETS)} (catalog ones via tensorflow-datasets; "
-               "'folder' reads --data_dir).",
+    "dataset": f"Data set: one of {', '.join(DATASETS)}. 'digits' is shipped in the "
+               "repository (offline; 1,497 training and 300 test images); the catalog ones "
+               "come through tensorflow-datasets; 'folder' reads --data_dir.",
     "data_dir": "Image folder (train/<class>/*, test/<class>/*) for --dataset=folder; tfds "
                 "data_dir for catalog data sets.",
     "train_size": "Use a random subset of this many training images.",
@@ -179,7 +180,8 @@ _HELP = {
     "group_rules": "Scale-invariance groups as ordered REGEX=unit|tensor|none rules, "
                    "comma-separated (first match wins); default: found by autodiff.",
     "log_every": "Log train metrics every this many steps.",
-    "augment": "Random crop and flip (CIFAR-style) inside the jitted step.",
+    "augment": "Random crop and flip inside the jitted step (CIFAR-style; digits: shifts "
+               "of at most 2 pixels, never mirrored).",
     "dtype": "Compute dtype of the network (params and optimizer state stay float32).",
     "corrected_decay": "With --method=decoupled: decay scaled by lr_t/lr_max (Defazio 2025), "
                        "so that the equilibrium follows a decaying --schedule.",

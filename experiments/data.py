@@ -8,8 +8,13 @@ uint8): read the whole data set once into host memory as uint8 numpy arrays
 (:func:`normalize`) the batch inside the jitted train step. There is no input
 pipeline in the training loop: TensorFlow stays out of it and off the GPU.
 
-Two readers build on existing pieces:
+Three readers:
 
+* ``digits`` (the default) is shipped in the repository, so a fresh clone
+  trains offline: the UCI handwritten digits as scikit-learn bundles them
+  (``experiments/digits/``: provenance, licence and the script that made the
+  file), 1,497 training and 300 test images of 10 classes, 8x8 grayscale
+  repeated to 16x16 (the paper's CNN pools three times);
 * the catalog data sets (``cifar10``, ``cifar100``, ``mnist``,
   ``fashion_mnist``) are read through ``tfds.data_source`` (tensorflow-datasets'
   random-access reader over ``array_record`` files), which needs neither
@@ -46,8 +51,13 @@ from etils import epath
 
 from experiments import errors
 
-DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
-CATALOG = DATASETS[:-1]
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
+CATALOG = ("cifar10", "cifar100", "mnist", "fashion_mnist")
+
+# The shipped data set: the UCI handwritten digits, 1,497 training and 300 test images
+# (experiments/digits/README.md says where they come from and under which licence).
+DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits", "digits.npz")
+DIGITS_SIZE = 16  # the 8x8 images, each pixel repeated 2x2: three 2x2 poolings leave 2x2
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -84,7 +94,8 @@ def load(dataset: str, *, data_dir: Optional[str] = None, train_size: Optional[i
   """Reads a whole data set into host memory.
 
   Args:
-    dataset: one of :data:`DATASETS`. The catalog names are read with
+    dataset: one of :data:`DATASETS`. ``"digits"`` is read from the shipped
+      ``experiments/digits/digits.npz``; the catalog names are read with
       ``tfds.data_source`` (downloaded and prepared on first use); ``"folder"``
       reads an image folder laid out as ``DIR/train/<class>/*.jpg|*.jpeg|*.png``
       and ``DIR/test/<class>/*`` with pillow. Class ``i`` is the ``i``-th of the
@@ -119,6 +130,8 @@ def load(dataset: str, *, data_dir: Optional[str] = None, train_size: Optional[i
                        f"leave it unset to use the whole set.")
   if dataset == "folder":
     return _load_folder(data_dir, train_size, test_size, seed)
+  if dataset == "digits":
+    return _load_digits(train_size, test_size, seed)
   return _load_catalog(dataset, data_dir, train_size, test_size, seed)
 
 
@@ -134,6 +147,21 @@ def _subset(n: int, size: Optional[int], seed: int, which: int, flag: str,
   return np.sort(rng.choice(n, size=size, replace=False))
 
 
+def _load_digits(train_size: Optional[int], test_size: Optional[int], seed: int) -> Dataset:
+  """The shipped digits: 8x8 pixels 0..16 scaled to 0..255 and repeated to 16x16, 1 channel."""
+  with np.load(DIGITS_FILE) as f:
+    images, labels, test = f["images"], f["labels"].astype(np.int32), f["test"]
+  scale = DIGITS_SIZE // images.shape[1]
+  images = (images.astype(np.int32) * 255 + 8) // 16  # 0..16 -> 0..255, rounded
+  images = images.repeat(scale, 1).repeat(scale, 2)[..., None].astype(np.uint8)
+  train_idx = np.flatnonzero(~test)[_subset(int((~test).sum()), train_size, seed, 0,
+                                            "train_size", "the digits training set")]
+  test_idx = np.flatnonzero(test)[_subset(int(test.sum()), test_size, seed, 1, "test_size",
+                                          "the digits test set")]
+  return Dataset(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+                 num_classes=10, class_names=tuple(map(str, range(10))), name="digits")
+
+
 def _load_catalog(name: str, data_dir: Optional[str], train_size: Optional[int],
                   test_size: Optional[int], seed: int) -> Dataset:
   try:
@@ -141,8 +169,9 @@ def _load_catalog(name: str, data_dir: Optional[str], train_size: Optional[int],
   except ImportError as e:
     raise errors.MissingExtraError(
         f"--dataset={name} is read with tensorflow-datasets, which is not installed; "
-        f"install the extra: pip install -e '.[tfds]', or use --dataset=folder "
-        f"--data_dir=DIR on an image folder ({_FOLDER_LAYOUT}).") from e
+        f"install the launcher's extra: pip install -e '.[experiments]', or use the shipped "
+        f"--dataset=digits, or --dataset=folder --data_dir=DIR on an image folder "
+        f"({_FOLDER_LAYOUT}).") from e
   try:
     train_src, test_src = _data_source(tfds, name, data_dir)
   except ImportError as e:
@@ -150,12 +179,13 @@ def _load_catalog(name: str, data_dir: Optional[str], train_size: Optional[int],
     raise errors.MissingExtraError(
         f"--dataset={name}: downloading and preparing it with tensorflow-datasets needs "
         f"{e.name or 'a module'} ({e}); install the extra: pip install -e '.[tfds]', or "
-        f"use --dataset=folder --data_dir=DIR on an image folder ({_FOLDER_LAYOUT}).") from e
+        f"use the shipped --dataset=digits, or --dataset=folder --data_dir=DIR on an image "
+        f"folder ({_FOLDER_LAYOUT}).") from e
   except (OSError, ConnectionError, tfds.download.DownloadError) as e:
     raise errors.MissingInputError(
         f"--dataset={name}: could not download or read it ({type(e).__name__}: {e}); check "
-        f"the network and --data_dir, or use --dataset=folder --data_dir=DIR on an image "
-        f"folder ({_FOLDER_LAYOUT}).") from e
+        f"the network and --data_dir, or use the shipped --dataset=digits, or "
+        f"--dataset=folder --data_dir=DIR on an image folder ({_FOLDER_LAYOUT}).") from e
   label = train_src.dataset_info.features["label"]
   train_idx = _subset(len(train_src), train_size, seed, 0, "train_size",
                       f"the {name} training set")
@@ -207,8 +237,8 @@ def probe_download(name: str, urls: Sequence[str]) -> None:
   except requests.RequestException as e:
     raise errors.MissingInputError(
         f"--dataset={name}: cannot reach {urls[0]} to download it ({type(e).__name__}); check "
-        f"the network (or its proxy), or use --dataset=folder --data_dir=DIR on an image folder "
-        f"({_FOLDER_LAYOUT}).") from None
+        f"the network (or its proxy), or use the shipped --dataset=digits, or --dataset=folder "
+        f"--data_dir=DIR on an image folder ({_FOLDER_LAYOUT}).") from None
 
 
 def _folders(root: epath.Path) -> set[str]:
@@ -453,6 +483,18 @@ def augment(key: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = Tru
     return out
 
   return jax.vmap(one)(jax.random.split(key, images.shape[0]), padded)
+
+
+def augment_options(dataset: str) -> dict[str, Any]:
+  """:func:`augment`'s ``pad`` and ``flip`` for ``dataset`` (a ``--dataset`` name).
+
+  CIFAR's (pad 4, flip) for every data set but ``digits``: its 16x16 images are
+  shifted by at most 2 pixels (one pixel of the 8x8 original) and never
+  mirrored (a mirrored 2 is no 2).
+  """
+  if dataset == "digits":
+    return {"pad": 2, "flip": False}
+  return {"pad": 4, "flip": True}
 
 
 def epoch_permutation(key: jax.Array, n: int, batch_size: int) -> jax.Array:

@@ -41,7 +41,7 @@ How it builds on the single-run trainer (``experiments.trainer``):
 - With ``vmap``, the runs are vectorized all at once by default, or
   ``--vmap_size`` at a time with the groups looped by ``jax.lax.map`` in the
   same program (:func:`over_runs`). On a 2-core CPU both are slower per run
-  than separate runs (README, "Performance"), and ``auto`` picks
+  than separate runs (docs/performance.md), and ``auto`` picks
   ``sequential`` there.
 - A grid too big for the device is split into chunks of at most
   ``--max_runs_per_chunk`` runs, trained one after another. Where the device
@@ -378,7 +378,8 @@ def run_step(program: Program) -> Callable:
 
   def one(state, images, labels, idx, key, mean, std):
     step = trainer.make_train_step(program.graphdef, program.tx, mean, std,
-                                   augment=config.augment, key=key)
+                                   augment=config.augment, key=key,
+                                   **data_lib.augment_options(config.dataset))
     return step(state, images, labels, idx)
 
   return one

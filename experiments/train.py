@@ -1,11 +1,12 @@
 """Launcher: ``python -m experiments.train --workdir=DIR [flags]``.
 
-Parses the absl flags into a checked ``Config`` and calls
-``experiments.trainer.train_and_evaluate(config, workdir)``; then draws the
-run's figures into ``WORKDIR/figures`` (``experiments.plot``) and ends with one
-line: test accuracy, steps, wall time and where the files are. INFO logs
-(orbax's, the groups found, the settings) are off unless ``--verbose``. Run
-with ``--helpfull`` for every flag. Examples in the README.
+Parses the absl flags into a checked ``Config``, calls
+``experiments.trainer.train_and_evaluate(config, workdir)``, draws the run's
+figures into ``WORKDIR/figures`` (``experiments.plot``) and prints one last
+line: the test accuracy, steps, wall time and where the metrics and figures
+are. INFO logs (orbax's, the groups found, the settings) are off unless
+``--verbose``. ``--help`` lists the launcher's flags; examples in
+docs/experiments.md.
 """
 
 import logging as pylogging
@@ -22,12 +23,17 @@ from experiments import errors
 
 config_lib.define_flags()
 distributed.define_flags()
+# --help lists the key flags of the main module: make the shared ones this module's too.
+flags.adopt_module_key_flags(config_lib)
+flags.adopt_module_key_flags(distributed)
 flags.DEFINE_string("workdir", None, "Folder (or gs://BUCKET/PATH) for config.json, "
                     "metrics.jsonl, TensorBoard files and checkpoints; a run restarted on the "
                     "same folder resumes, and more --epochs (constant schedule) extend it.")
 flags.DEFINE_bool("restart", False, "Discard what --workdir holds (checkpoints, records) and "
                   "start afresh, with new settings if given.")
-flags.DEFINE_bool("figures", True, "Draw the run's figures into WORKDIR/figures at the end.")
+flags.DEFINE_bool("figures", True, "When training ends, draw the run's figures (weight norm, "
+                  "effective lr and angle per layer; accuracy; loss) into WORKDIR/figures, "
+                  "as python -m experiments.plot WORKDIR --out=WORKDIR/figures does.")
 flags.DEFINE_bool("verbose", False, "Show INFO logs (the settings, the groups found, orbax's "
                   "checkpointing).")
 flags.DEFINE_integer("exit_after_step", None, "Testing: stop abruptly (exit status 17, as if "
@@ -35,21 +41,23 @@ flags.DEFINE_integer("exit_after_step", None, "Testing: stop abruptly (exit stat
 flags.mark_flag_as_required("workdir")
 
 
-def summary(workdir: str, seconds: float, figures: bool) -> str:
-  """The last line of a run: its final test record, where its files and figures are."""
-  from experiments import plot  # pylint: disable=g-import-not-at-top
+def finish(workdir: str, seconds: float, figures: bool) -> str:
+  """Draws the run's figures (if ``figures``) and returns the launcher's last line: the
+  final test accuracy, steps, wall time and where the metrics and figures are."""
+  from experiments import plot  # pylint: disable=g-import-not-at-top  (matplotlib)
   run = plot.read_run(workdir)
-  where = f"files in {workdir}"
+  where = f"metrics: {os.path.join(workdir, 'metrics.jsonl')}"
   if figures:
+    out = os.path.join(workdir, "figures")
     try:
-      plot.plot_runs([run], os.path.join(workdir, "figures"))
-      where += f", figures in {os.path.join(workdir, 'figures')}"
+      plot.plot_runs([run], out)
+      where += f"; figures: {out}{os.sep}"
     except Exception as e:  # pylint: disable=broad-except  (the run itself is done and saved)
       logging.warning("could not draw the figures (%s: %s)", type(e).__name__, e)
   test = run.test[-1]
-  return (f"experiments.train: done in {seconds:.0f} s: test accuracy {test['accuracy']:.4f} "
-          f"(loss {test['loss']:.4f}) after {test['step']} steps, {test['epoch']} epochs; "
-          f"{where}")
+  epochs = f"{test['epoch']} epoch{'' if test['epoch'] == 1 else 's'}"
+  return (f"test accuracy {test['accuracy']:.4f} after {epochs} ({test['step']} steps, "
+          f"{seconds:.0f} s); {where}")
 
 
 def main(argv):
@@ -63,6 +71,7 @@ def main(argv):
     start = time.perf_counter()
     config = config_lib.from_flags()
     distributed.initialize_from_flags()
+    import jax  # pylint: disable=g-import-not-at-top
     from experiments import trainer  # pylint: disable=g-import-not-at-top
     logging.info("config:\n%s", config.to_json())
     stop = flags.FLAGS.exit_after_step
@@ -70,9 +79,8 @@ def main(argv):
                                restart=flags.FLAGS.restart)
     if stop is not None:
       os._exit(17)  # pylint: disable=protected-access
-    import jax  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
-      print(summary(flags.FLAGS.workdir, time.perf_counter() - start, flags.FLAGS.figures),
+      print(finish(flags.FLAGS.workdir, time.perf_counter() - start, flags.FLAGS.figures),
             flush=True)
 
 

@@ -373,11 +373,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, mean, std, *,
                     augment: bool, key: jax.Array,
-                    batch_sharding: Optional[jax.sharding.Sharding] = None) -> Callable:
+                    batch_sharding: Optional[jax.sharding.Sharding] = None,
+                    pad: int = 4, flip: bool = True) -> Callable:
   """``step(state, images, labels, idx) -> (state, metrics)``, pure, to be jitted.
 
   ``images`` (uint8) and ``labels`` are the whole training set on the device;
   ``idx`` the batch's indices, gathered inside the step (no per-step copy).
+  With ``augment``, ``data.augment(..., pad=pad, flip=flip)``
+  (``data.augment_options(config.dataset)`` gives a data set's).
   With ``batch_sharding`` (data parallelism) the gathered batch is split over
   the devices; everything reduced over the batch (the loss, BatchNorm's batch
   statistics) is then reduced over the global batch by XLA.
@@ -389,7 +392,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mean, std, *,
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
       labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
     if augment:
-      x = data_lib.augment(jax.random.fold_in(key, state.step), x)
+      x = data_lib.augment(jax.random.fold_in(key, state.step), x, pad=pad, flip=flip)
     x = data_lib.normalize(x, mean, std)
 
     def loss_fn(params):
@@ -687,7 +690,8 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
   key = jax.random.key(config.seed)
   train_step = jax.jit(
       make_train_step(graphdef, tx, mean, std, augment=config.augment,
-                      key=jax.random.fold_in(key, 1), batch_sharding=batch_sharding),
+                      key=jax.random.fold_in(key, 1), batch_sharding=batch_sharding,
+                      **data_lib.augment_options(config.dataset)),
       in_shardings=(replicated, replicated, replicated, batch_sharding),
       out_shardings=(replicated, replicated),
       donate_argnums=() if jax.default_backend() == "cpu" else 0)

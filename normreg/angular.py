@@ -139,8 +139,7 @@ def rotational(inner: optax.GradientTransformation, groups: groups_lib.GroupsOrF
     eps: added to ``sqrt(nu_hat)``.
     zero_mean: keep each group at zero mean (REQ's default).
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, optax, normreg
     >>> params = {"w": jnp.array([3., 4.])}
     >>> tx = normreg.rotational(optax.sgd(0.1), {"w": normreg.TENSOR}, target_angle=0.01)
@@ -421,7 +420,9 @@ def adamp(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
   Args:
     learning_rate: ``eta > 0``, float or schedule.
     groups: groups pytree, or a callable ``params -> groups``.
-    b1, b2, eps: as in ``optax.adam``; ``eps`` also guards ``w_hat`` and the cosine.
+    b1: as in ``optax.adam``.
+    b2: as in ``optax.adam``.
+    eps: as in ``optax.adam``; it also guards ``w_hat`` and the cosine.
     weight_decay: ``lambda >= 0`` on the grouped weights.
     wd_ratio: ``r``, the fraction of the decay the projected weights get.
     nesterov: the official Nesterov momentum.
@@ -615,8 +616,7 @@ def balance(params: Any, groups: groups_lib.GroupsOrFn | groups_lib.Resolved) ->
   parameter of two or more axes before the first forward pass; apply it to the
   initial params to start where it starts.
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, normreg
     >>> from normreg import angular
     >>> w = angular.balance({"w": jnp.array([[1., 3.], [3., 5.]])}, {"w": normreg.UNIT})["w"]

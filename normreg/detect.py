@@ -176,8 +176,7 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   Returns:
     A groups pytree shaped like ``params``.
 
-  Example (NNX):
-
+  Examples:
     >>> import jax, jax.numpy as jnp, normreg
     >>> from flax import nnx
     >>> class Net(nnx.Module):

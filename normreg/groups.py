@@ -163,12 +163,13 @@ def unit(stack: int = 0, joint: Optional[str] = None, axis: int = -1) -> Group:
   """A per-output-unit group, with ``stack`` leading copy axes, an optional joint tag and
   the unit's ``axis`` (counted after the stack axes; -1, the last, is Flax's layout).
 
-  >>> unit(stack=1)
-  normreg.unit(stack=1)
-  >>> unit(axis=0)  # equinox / PyTorch layouts: (out, in, kh, kw)
-  normreg.unit(axis=0)
-  >>> unit() == UNIT
-  True
+  Examples:
+    >>> unit(stack=1)
+    normreg.unit(stack=1)
+    >>> unit(axis=0)  # equinox / PyTorch layouts: (out, in, kh, kw)
+    normreg.unit(axis=0)
+    >>> unit() == UNIT
+    True
   """
   return _intern(Group(Invariance.UNIT, stack, joint, axis))
 
@@ -176,8 +177,9 @@ def unit(stack: int = 0, joint: Optional[str] = None, axis: int = -1) -> Group:
 def tensor(stack: int = 0, joint: Optional[str] = None) -> Group:
   """A whole-tensor group (per copy with ``stack``), with an optional joint tag.
 
-  >>> tensor(joint="dense")
-  normreg.tensor(joint='dense')
+  Examples:
+    >>> tensor(joint="dense")
+    normreg.tensor(joint='dense')
   """
   return _intern(Group(Invariance.TENSOR, stack, joint))
 
@@ -271,8 +273,7 @@ def groups_from_rules(params: Any, rules: Rules, *, log: bool = True) -> Groups:
       fit its leaf's shape, or a joint group whose members disagree; the
       message names them.
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, normreg
     >>> params = {"conv": {"kernel": jnp.ones((3, 3, 3, 8))},
     ...           "bn": {"scale": jnp.ones(8), "bias": jnp.zeros(8)}}
@@ -431,9 +432,10 @@ def resolve_at_init(groups: GroupsOrFn, params: Any, caller: str) -> Resolved:
 def as_mask(groups: Groups) -> Any:
   """The boolean mask (``True`` where grouped) for ``optax.masked`` and friends.
 
-  Example, decoupled weight decay on the scale-invariant weights only (optax's
-  own transform; this is PyTorch's ``weight_decay`` convention, ``+wd*w``):
+  The example decays the scale-invariant weights only, by optax's own
+  transform (PyTorch's ``weight_decay`` convention, ``+wd*w``).
 
+  Examples:
     >>> import jax.numpy as jnp, optax, normreg
     >>> params = {"kernel": jnp.ones((2, 3)), "scale": jnp.ones(3)}
     >>> groups = {"kernel": normreg.UNIT, "scale": None}

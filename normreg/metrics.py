@@ -51,8 +51,7 @@ def _norms(params: Any, groups: groups_lib.GroupsOrFn, caller: str) -> Any:
 def unit_norms(params: Any, groups: groups_lib.GroupsOrFn) -> Any:
   """``||w||`` per group: shape ``(out,)`` (UNIT), ``()`` (TENSOR), stack axes first.
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, normreg
     >>> params = {"kernel": jnp.array([[3., 0.], [4., 2.]]), "bias": jnp.ones(2)}
     >>> norms = normreg.unit_norms(params, {"kernel": normreg.UNIT, "bias": None})
@@ -75,8 +74,7 @@ def effective_learning_rate(learning_rate: Any, params: Any, groups: groups_lib.
   Returns:
     A pytree shaped like ``params``, with the shapes of :func:`unit_norms`.
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, normreg
     >>> params = {"kernel": jnp.array([[3., 0.], [4., 2.]])}
     >>> normreg.effective_learning_rate(0.1, params, {"kernel": normreg.UNIT})["kernel"]
@@ -95,8 +93,7 @@ def angular_update(before: Any, after: Any, groups: groups_lib.GroupsOrFn) -> An
   and large angles alike (``arccos`` of the cosine loses all precision below
   about 1e-4 rad in float32).
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, normreg
     >>> a, b = {"w": jnp.array([1., 0.])}, {"w": jnp.array([1., 1.])}
     >>> round(float(normreg.angular_update(a, b, {"w": normreg.TENSOR})["w"]), 6)

@@ -55,8 +55,7 @@ def scale_by_learning_rates(learning_rate: optax.ScalarOrSchedule,
       ``None``: ``learning_rate``.
     caller: name used in error messages.
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, normreg
     >>> params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones(2)}
     >>> tx = normreg.scale_by_learning_rates(0.1, {"kernel": normreg.UNIT, "scale": None},
@@ -122,8 +121,7 @@ def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib
       same ``ungrouped_learning_rate``) train the same network at every step:
       ``lam`` alone has no effect (van Laarhoven 2017, sec. 3).
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, normreg
     >>> params = {"kernel": jnp.ones((3, 2)), "scale": jnp.ones(2)}
     >>> tx = normreg.sgd_l2(0.1, 0.5, {"kernel": normreg.UNIT, "scale": None}, momentum=0.9)
@@ -214,7 +212,11 @@ def spherical_adam(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Gro
   Args:
     learning_rate: ``eta > 0``, float or schedule.
     groups: groups pytree, or a callable ``params -> groups``.
-    b1, b2, eps, eps_root, mu_dtype: as in ``optax.adam``.
+    b1: as in ``optax.adam``.
+    b2: as in ``optax.adam``.
+    eps: as in ``optax.adam``.
+    eps_root: as in ``optax.adam``.
+    mu_dtype: as in ``optax.adam``.
     ungrouped_learning_rate: as in :func:`spherical_sgd`.
 
   References:

@@ -52,8 +52,7 @@ def add_l2_penalty(lam: Any, groups: groups_lib.GroupsOrFn) -> optax.GradientTra
     An ``optax.GradientTransformationExtraArgs`` with empty state; it needs
     ``params`` in ``update``.
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, optax, normreg
     >>> params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones(2)}
     >>> groups = {"kernel": normreg.UNIT, "scale": None}

@@ -128,8 +128,7 @@ def rescale_groups(params: Any, groups: groups_lib.GroupsOrFn,
   Returns:
     ``params`` with the grouped leaves rescaled, dtypes kept.
 
-  Example:
-
+  Examples:
     >>> import numpy as np, jax.numpy as jnp, normreg
     >>> params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}
     >>> groups = {"kernel": normreg.UNIT, "bias": None}

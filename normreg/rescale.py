@@ -49,8 +49,7 @@ def scale_by_weight_norm(groups: groups_lib.GroupsOrFn,
     An ``optax.GradientTransformationExtraArgs`` with empty state; it needs
     ``params`` in ``update``.
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, optax, normreg
     >>> params = {"kernel": jnp.array([[3.], [4.]])}
     >>> tx = normreg.scale_by_weight_norm({"kernel": normreg.UNIT}, power=2)

@@ -70,8 +70,7 @@ def project_to_sphere(groups: groups_lib.GroupsOrFn,
   Returns:
     An ``optax.GradientTransformationExtraArgs``; it needs ``params``.
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, optax, normreg
     >>> params = {"kernel": jnp.array([[3.], [4.]])}
     >>> tx = optax.chain(optax.sgd(0.1), normreg.project_to_sphere({"kernel": normreg.UNIT}))
@@ -141,8 +140,7 @@ def tangent_projection(groups: groups_lib.GroupsOrFn) -> optax.GradientTransform
     An ``optax.GradientTransformationExtraArgs`` with empty state; it needs
     ``params``.
 
-  Example:
-
+  Examples:
     >>> import jax.numpy as jnp, normreg
     >>> params = {"w": jnp.array([1., 0.])}
     >>> tx = normreg.tangent_projection({"w": normreg.TENSOR})

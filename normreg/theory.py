@@ -119,8 +119,9 @@ def equilibrium_angle_sgd(lr: float, lam_wd: float, momentum: float = 0.0) -> fl
   ``lam_wd`` is the coefficient of ``w`` in the gradient (``2*lam`` for the
   penalty ``lam*||w||^2``).
 
-  >>> round(equilibrium_angle_sgd(0.1, 2 * 5e-4, momentum=0.9), 5)
-  0.01026
+  Examples:
+    >>> round(equilibrium_angle_sgd(0.1, 2 * 5e-4, momentum=0.9), 5)
+    0.01026
   """
   _check(lr=lr, lam_wd=lam_wd, momentum=momentum)
   return math.sqrt(2 * lr * lam_wd / (1 + momentum))
@@ -209,9 +210,10 @@ def spherical_learning_rate(lr: float, lam_wd: float, grad_norm: float,
   become one (van Laarhoven 2017, sec. 4). With the same momentum, both then
   turn each unit by ``sqrt(2 eta lam_wd / (1+mu))`` per step.
 
-  >>> eta_s = spherical_learning_rate(0.1, 1e-3, grad_norm=2.0, momentum=0.9)
-  >>> round(eta_s, 6)
-  0.002236
+  Examples:
+    >>> eta_s = spherical_learning_rate(0.1, 1e-3, grad_norm=2.0, momentum=0.9)
+    >>> round(eta_s, 6)
+    0.002236
   """
   return equilibrium_elr_sgd(lr, lam_wd, grad_norm, momentum)
 
@@ -221,8 +223,9 @@ def time_constant_sgd(lr: float, lam_wd: float, momentum: float = 0.0) -> float:
 
   The rate of ``||w||^4`` in the closed form of :func:`norm_trajectory_sgd`.
 
-  >>> round(time_constant_sgd(0.1, 2 * 2e-3, momentum=0.9), 3)
-  62.5
+  Examples:
+    >>> round(time_constant_sgd(0.1, 2 * 2e-3, momentum=0.9), 3)
+    62.5
   """
   _check(lr=lr, lam_wd=lam_wd, momentum=momentum)
   return math.inf if lam_wd == 0 else (1 - momentum) / (4 * lr * lam_wd)
@@ -252,8 +255,9 @@ def exponential_lr_rate(lr: float, lam_wd: float, momentum: float = 0.0) -> floa
 
   ``1 - eta*lam_wd`` without momentum.
 
-  >>> exponential_lr_rate(0.1, 0.01)
-  0.999
+  Examples:
+    >>> exponential_lr_rate(0.1, 0.01)
+    0.999
   """
   _check(lr=lr, lam_wd=lam_wd, momentum=momentum)
   b = 1 + momentum - lr * lam_wd
@@ -271,10 +275,11 @@ def exponential_lr_schedule(lr: float, lam_wd: float, momentum: float = 0.0):
   scale-invariant weights only: the other parameters keep ``eta``, unregularized in both
   runs. Evaluated as ``exp(-(2t+1) ln alpha)`` in float32.
 
-  >>> import optax
-  >>> schedule = exponential_lr_schedule(0.1, 0.01)  # rho = 0.999
-  >>> [round(float(schedule(t)), 6) for t in (0, 1, 1000)]
-  [0.1001, 0.100301, 0.740386]
+  Examples:
+    >>> import optax
+    >>> schedule = exponential_lr_schedule(0.1, 0.01)  # rho = 0.999
+    >>> [round(float(schedule(t)), 6) for t in (0, 1, 1000)]
+    [0.1001, 0.100301, 0.740386]
   """
   log_alpha = math.log(exponential_lr_rate(lr, lam_wd, momentum))
 
@@ -308,8 +313,9 @@ def equilibrium_angle_adamp(lr: float, wd: float, wd_ratio: float = 0.1) -> floa
   ``(1-beta1)/(1+beta1)`` (the radial part of the momentum is gone). ``r`` is
   the ``wd_ratio``.
 
-  >>> round(equilibrium_angle_adamp(1e-3, 1.0, 0.5), 6)
-  0.031623
+  Examples:
+    >>> round(equilibrium_angle_adamp(1e-3, 1.0, 0.5), 6)
+    0.031623
   """
   _check(lr=lr, wd=wd)
   return math.sqrt(2 * lr * wd * wd_ratio)
@@ -358,8 +364,9 @@ def equilibrium_angle_lion(lr: float, wd: float, b1: float = 0.9, b2: float = 0.
   b2 = 0.99`` that is ``0.148 sqrt(2 eta wd)``: Lion turns much less than its
   step size suggests, because its successive steps nearly repeat.
 
-  >>> round(equilibrium_angle_lion(1e-3, 1.0) / math.sqrt(2e-3), 3)
-  0.148
+  Examples:
+    >>> round(equilibrium_angle_lion(1e-3, 1.0) / math.sqrt(2e-3), 3)
+    0.148
   """
   _check(lr=lr, wd=wd, b1=b1, b2=b2)
   return math.sqrt(2 * lr * wd / (1 + 2 * lion_sign_correlation(b1, b2)))
@@ -408,10 +415,11 @@ def weight_decay_timescale(lr: float, wd: float, steps_per_epoch: Optional[int] 
   ``tau_iter / steps_per_epoch`` (returned when ``steps_per_epoch`` is given). The
   paper recommends keeping ``tau_epoch`` fixed as model and data grow.
 
-  >>> weight_decay_timescale(1e-3, 0.1)
-  10000.0
-  >>> weight_decay_timescale(1e-3, 0.1, steps_per_epoch=500)
-  20.0
+  Examples:
+    >>> weight_decay_timescale(1e-3, 0.1)
+    10000.0
+    >>> weight_decay_timescale(1e-3, 0.1, steps_per_epoch=500)
+    20.0
   """
   _check(lr=lr, wd=wd)
   tau = math.inf if wd == 0 else 1 / (lr * wd)
@@ -424,8 +432,9 @@ def weight_decay_for_timescale(lr: float, tau: float,
   ``steps_per_epoch``): ``1 / (eta tau_iter)``, the inverse of
   :func:`weight_decay_timescale`.
 
-  >>> weight_decay_for_timescale(1e-3, 20, steps_per_epoch=500)
-  0.1
+  Examples:
+    >>> weight_decay_for_timescale(1e-3, 20, steps_per_epoch=500)
+    0.1
   """
   _check(lr=lr)
   if not tau > 0:

@@ -1,8 +1,8 @@
 """benchmarks.step_overhead runs with one command and prints its three tables.
 
 Tiny sizes (a width-4 CNN, batch 8, one or two timed steps): this checks the
-script, not the figures; the figures are measured by running it (README,
-"Performance").
+script, not the figures; the figures are measured by running it
+(docs/performance.md).
 """
 
 import os

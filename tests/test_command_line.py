@@ -6,21 +6,26 @@ Every error a user can cause is one line on stderr, ``experiments.X: error: ...`
 naming the flag, with exit status 1 and no traceback.
 """
 
+import dataclasses
 import http.server
 import json
 import os
+import re
 import socketserver
 import subprocess
 import sys
 import threading
 from unittest import mock
 
+from absl import flags
 import numpy as np
 import pytest
 
+from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import errors
 from experiments import records
+from experiments import train  # pylint: disable=unused-import  (its flags, for their help)
 from experiments import trainer
 from experiments.config import Config
 
@@ -51,7 +56,16 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_command(tmp_pat
   assert right.returncode == 0, right.stderr[-3000:]
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["data_dir"] == folder
-  assert runs.read_metrics(workdir)[-1]["kind"] == "test"
+  test = runs.read_metrics(workdir)[-1]
+  assert test["kind"] == "test"
+  # The last line says how the run ended and where its metrics and figures are.
+  figures = os.path.join(workdir, "figures")
+  assert re.fullmatch(
+      rf"test accuracy {test['accuracy']:.4f} after 1 epoch \({test['step']} steps, \d+ s\); "
+      rf"metrics: {re.escape(os.path.join(workdir, 'metrics.jsonl'))}; figures: "
+      rf"{re.escape(figures + os.sep)}", right.stdout.splitlines()[-1]), right.stdout[-500:]
+  assert sorted(os.listdir(figures)) == ["accuracy.png", "angular_update.png",
+                                         "effective_lr.png", "loss.png", "weight_norm.png"]
 
 
 @pytest.mark.slow
@@ -199,7 +213,7 @@ with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
 
 @pytest.mark.slow
 def test_catalog_without_the_extra_is_one_line(tmp_path):
-  # Without TensorFlow, preparing the default --dataset=cifar10 (the download done, here
+  # Without TensorFlow, preparing --dataset=cifar10 (the download done, here
   # by local files) says what to install. A fresh process: no TensorFlow imported before.
   _fake_cifar10_download(str(tmp_path / "download"))
   result = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW, str(tmp_path / "download"),
@@ -259,7 +273,7 @@ def test_catalog_offline_is_one_line_after_one_probe_and_leaves_nothing(tmp_path
   result = runs.command("experiments.train", f"--workdir={tmp_path / 'w'}",
                         f"--data_dir={data_dir}", *SMALL, timeout=120)
   _one_line_error(result, "experiments.train", "--dataset=cifar10: cannot reach "
-                  "https://www.cs.toronto.edu/", "--dataset=folder")
+                  "https://www.cs.toronto.edu/", "--dataset=digits", "--dataset=folder")
   assert proxy == ["CONNECT www.cs.toronto.edu:443"]
   assert not os.path.exists(data_dir) and not os.path.exists(tmp_path / "w")
 
@@ -288,3 +302,16 @@ def test_every_command_imports_beside_the_others():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=runs.REPO, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_help_lists_the_launchers_flags_with_their_help_text():
+  result = runs.command("experiments.train", "--help")  # absl's --help exits with status 1
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  text = " ".join(result.stdout.split())  # absl wraps the help texts at 80 columns
+  helps = {f.name: config_lib._HELP[f.name] for f in dataclasses.fields(Config)}  # pylint: disable=protected-access
+  for name in ("workdir", "figures", "distributed", "coordinator_address"):
+    helps[name] = flags.FLAGS[name].help
+  for name, help_text in helps.items():
+    assert re.search(rf"--(\[no\])?{name}:", text), f"--{name} is missing from --help"
+    assert " ".join(help_text.split()) in text, f"--{name}'s help text is missing"
+  assert "--xla_" not in text and "--helpfull" in text  # other libraries' flags: --helpfull

@@ -65,15 +65,80 @@ def test_catalog_mnist_under_mock_data():
   assert ds.num_classes == 10 and ds.class_names == tuple(map(str, range(10)))
 
 
-def test_import_needs_no_tensorflow_and_folder_reads_without_it(tmp_path):
+def test_import_needs_no_tensorflow_and_folder_and_digits_read_without_it(tmp_path):
   _make_folder(tmp_path)
   code = ("import sys; from experiments import data; "
           "assert 'tensorflow_datasets' not in sys.modules; "
           f"ds = data.load('folder', data_dir={str(tmp_path)!r}); "
           "assert ds.train_images.shape == (12, 8, 8, 3); "
+          "assert data.load('digits').train_images.shape == (1497, 16, 16, 1); "
           "assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+# ------------------------------------------------------------------- shipped digits
+
+# Images per class of the UCI optdigits test set (optdigits.tes), from the data set's
+# description at the UCI repository: what the shipped file must hold.
+UCI_TEST_SET_CLASS_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+def _rows(images, labels):
+  """Each (image, label) as bytes, to compare sets of examples."""
+  return [image.tobytes() + bytes([label]) for image, label in zip(images, labels)]
+
+
+def test_digits_are_the_uci_test_set_split_30_per_class_for_testing():
+  ds = data_lib.load("digits")
+  assert ds.name == "digits" and ds.num_classes == 10 and ds.class_names[3] == "3"
+  assert ds.train_images.shape == (1497, 16, 16, 1) and ds.train_images.dtype == np.uint8
+  assert ds.test_images.shape == (300, 16, 16, 1) and ds.test_labels.dtype == np.int32
+  np.testing.assert_array_equal(np.bincount(ds.test_labels), [30] * 10)
+  np.testing.assert_array_equal(np.bincount(ds.train_labels) + 30, UCI_TEST_SET_CLASS_COUNTS)
+  # Each pixel of the 8x8 original repeated 2x2; the 17 levels 0..16 spread over 0..255.
+  images = np.concatenate([ds.train_images, ds.test_images])
+  np.testing.assert_array_equal(images, images[:, ::2, ::2].repeat(2, 1).repeat(2, 2))
+  assert set(np.unique(images)) <= {(v * 255 + 8) // 16 for v in range(17)}
+  assert images.min() == 0 and images.max() == 255
+  # The file holds each example once: no image of the test set is also a training example.
+  with np.load(data_lib.DIGITS_FILE) as f:
+    raw, labels, test = f["images"], f["labels"], f["test"]
+  assert raw.shape == (1797, 8, 8) and raw.max() == 16 and test.sum() == 300
+  train_rows, test_rows = (set(_rows(ds.train_images, ds.train_labels)),
+                           set(_rows(ds.test_images, ds.test_labels)))
+  assert not train_rows & test_rows
+  assert len(set(_rows(raw, labels))) == len(train_rows) + len(test_rows)
+
+
+def test_digits_subsets_are_seeded_and_drawn_from_their_split():
+  full = data_lib.load("digits")
+  ds = data_lib.load("digits", train_size=100, test_size=50, seed=1)
+  assert ds.train_images.shape == (100, 16, 16, 1) and ds.test_images.shape == (50, 16, 16, 1)
+  assert set(_rows(ds.train_images, ds.train_labels)) <= set(
+      _rows(full.train_images, full.train_labels))
+  assert set(_rows(ds.test_images, ds.test_labels)) <= set(
+      _rows(full.test_images, full.test_labels))
+  again = data_lib.load("digits", train_size=100, test_size=50, seed=1)
+  np.testing.assert_array_equal(again.train_images, ds.train_images)
+  other = data_lib.load("digits", train_size=100, seed=2)
+  assert not np.array_equal(other.train_images, ds.train_images)
+  with pytest.raises(ValueError, match="--train_size=1498 is larger than the digits training"):
+    data_lib.load("digits", train_size=1498)
+
+
+def test_the_trainer_never_mirrors_digits(tmp_path, monkeypatch):
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from experiments.config import Config  # pylint: disable=g-import-not-at-top
+  import runs  # pylint: disable=g-import-not-at-top
+  seen = []
+  augment = data_lib.augment
+  monkeypatch.setattr(data_lib, "augment", lambda key, x, **kw: seen.append(kw) or augment(
+      key, x, **kw))
+  config = Config(dataset="digits", width=4, epochs=1, batch_size=16, log_every=1)
+  trainer.train_and_evaluate(config, str(tmp_path), dataset=runs.tiny_dataset(n_train=16),
+                             progress=False, tensorboard=False)
+  assert seen == [{"pad": 2, "flip": False}]  # traced once; CIFAR's (4, True) elsewhere
 
 
 # ------------------------------------------------------------------------- folder

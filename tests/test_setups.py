@@ -250,7 +250,7 @@ def test_nnx_optimizer_with_normreg_matches_the_functional_loop():
   for _ in range(3):
     nnx_step(model, optimizer, x, y)
 
-  # The same three steps written functionally (README's split/merge form), from a fresh
+  # The same three steps written functionally (the split/merge form of docs/groups.md), from a fresh
   # copy of the model: nnx.split shares its Variables with the model the optimizer updated.
   graphdef, params, rest = nnx.split(_small_model(), nnx.Param, ...)
   tx = normreg.spherical_sgd(0.1, groups, momentum=0.9)

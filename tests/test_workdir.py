@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -230,7 +231,8 @@ def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path, folder):
   resumed = runs.command("experiments.train", *args[3:])
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed from step {step} " in resumed.stderr
-  assert "done in" in resumed.stdout and "test accuracy" in resumed.stdout
+  assert re.search(r"test accuracy [01]\.\d{4} after 40 epochs \(\d+ steps, \d+ s\)",
+                   resumed.stdout), resumed.stdout[-500:]
   # The records of one run that was never stopped (here, in this process).
   config = Config(dataset="folder", data_dir=folder, epochs=40, log_every=1, **{
       k: v for k, v in TINY.items() if k not in ("dataset", "log_every")})

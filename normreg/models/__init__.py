@@ -11,7 +11,7 @@ is. Inputs are NHWC; params are ``nnx.Param`` and BatchNorm statistics
 
 This package imports nothing else from normreg.
 
-Example:
+Examples:
   >>> import jax.numpy as jnp
   >>> from flax import nnx
   >>> from normreg import models

@@ -52,7 +52,7 @@ class CNN(nnx.Module):
       :data:`normreg.models.norms.EPSILON`).
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> model = CNN(num_classes=10, norm='batch', width=4, rngs=nnx.Rngs(0))

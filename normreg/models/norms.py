@@ -66,7 +66,7 @@ def group_count(channels: int) -> int:
   GroupNorm never degenerates into InstanceNorm (one channel per group), whose
   invariance would be per unit rather than per tensor.
 
-  Example:
+  Examples:
     >>> [group_count(c) for c in (1, 3, 4, 6, 16, 64)]
     [1, 1, 2, 3, 8, 8]
   """
@@ -89,7 +89,7 @@ def conv(norm: str, in_features: int, out_features: int, kernel_size: int = 3, *
   ``nnx.Conv`` without bias for ``batch``/``layer``/``group``, ``WeightNormConv``
   for ``weight`` and ``nnx.Conv`` with bias for ``none``.
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> type(conv('weight', 3, 4, rngs=nnx.Rngs(0))).__name__
     'WeightNormConv'
@@ -120,7 +120,7 @@ def norm_layer(norm: str, channels: int, *, dtype: Optional[Dtype] = None,
   ``epsilon / var``; a negligible value (``1e-30``) makes it exact, which the
   reproduction's exact-equivalence runs use.
 
-  Example:
+  Examples:
     >>> from flax import nnx
     >>> norm_layer('group', 16, rngs=nnx.Rngs(0)).num_groups
     8

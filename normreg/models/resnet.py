@@ -99,7 +99,7 @@ class ResNet20(nnx.Module):
       :data:`normreg.models.norms.EPSILON`).
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> model = ResNet20(num_classes=10, norm='group', width=4, rngs=nnx.Rngs(0))

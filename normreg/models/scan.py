@@ -61,7 +61,7 @@ class ScanCNN(nnx.Module):
     epsilon: the normalizations' epsilon.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> model = ScanCNN(width=4, depth=3, rngs=nnx.Rngs(0))

@@ -74,7 +74,7 @@ def weight_from_direction(v: jax.Array, g: jax.Array) -> jax.Array:
   Returns:
     The weight, shape and dtype of ``v``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> v = jnp.array([[3., 0.], [4., 2.]])
     >>> weight_from_direction(v, jnp.array([1., 5.]))
@@ -112,7 +112,7 @@ class WeightNormLinear(nnx.Module):
     param_dtype: dtype of ``v``, ``g`` and ``bias``.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> layer = WeightNormLinear(3, 2, rngs=nnx.Rngs(0))
@@ -173,7 +173,7 @@ class WeightNormConv(nnx.Module):
     param_dtype: dtype of ``v``, ``g`` and ``bias``.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> conv = WeightNormConv(3, 8, 3, strides=2, rngs=nnx.Rngs(0))

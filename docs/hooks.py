@@ -1,0 +1,46 @@
+"""mkdocs hooks: the repository files that the pages link to, served beside the pages.
+
+The pages link to files outside docs/ by their path in the repository
+(``../experiments/RESULTS.md``, ``../experiments/figures/equivalences.png``),
+which is right in a checkout and on a code host. mkdocs knows only the files
+under docs/, so :func:`on_files` adds the files of :data:`REPOSITORY_FILES`
+to the site under ``repository/`` and :func:`on_page_markdown` points the
+links there. A link to a file that does not exist is left as written, and the
+strict build fails on it.
+"""
+
+import glob
+import os
+import re
+
+from mkdocs.structure.files import File
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFIX = "repository/"
+# Repository files (globs) that the pages may link to.
+REPOSITORY_FILES = ("experiments/*.md", "experiments/digits/README.md",
+                    "experiments/figures/**/*.png", "benchmarks/*.md",
+                    "benchmarks/scaling/*")
+_LINK = re.compile(r"(\]\()((?:\.\./)+)([^)#\s]+)")
+
+
+def on_files(files, config):
+  for pattern in REPOSITORY_FILES:
+    for path in sorted(glob.glob(os.path.join(ROOT, pattern), recursive=True)):
+      uri = PREFIX + os.path.relpath(path, ROOT).replace(os.sep, "/")
+      files.append(File.generated(config, uri, abs_src_path=path))
+  return files
+
+
+def on_page_markdown(markdown, page, config, files):
+  depth = page.file.src_uri.count("/")  # folders between docs/ and the page
+
+  def to_site(match):
+    opening, ups, path = match.groups()
+    if page.file.src_uri.startswith(PREFIX):  # a repository file: its links stay inside
+      return match.group(0)
+    if ups != "../" * (depth + 1) or files.get_file_from_path(PREFIX + path) is None:
+      return match.group(0)
+    return opening + "../" * depth + PREFIX + path
+
+  return _LINK.sub(to_site, markdown)
