@@ -40,7 +40,8 @@ MODULES = ("groups", "detect", "penalty", "rescale", "sphere", "optimizers", "me
            "theory", "reductions", "angular")
 TESTS = ("tests/test_transforms.py", "tests/test_references.py", "tests/test_groups.py",
          "tests/test_detect.py", "tests/test_theory.py", "tests/test_setups.py",
-         "tests/test_equivalences.py", "tests/test_goldens.py")
+         "tests/test_equivalences.py", "tests/test_goldens.py", "tests/test_reductions.py",
+         "tests/test_angular.py")
 # Imported once by mutmut's fork server: none of them starts JAX's backend on import.
 PRELOAD = ("numpy", "jax", "jax.numpy", "optax", "chex", "flax.nnx", "pytest")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
