@@ -171,3 +171,212 @@ def test_nero_gives_no_update_where_there_is_no_gradient():
   assert updates["b"] is None
   np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
   np.testing.assert_allclose(updates["c"], expected["c"], rtol=1e-6)
+
+
+# ------------------------------------------------------------- AdamP, SGDP: one step
+#
+# At the first step Adam's direction is ``d = g / (|g| + eps)`` elementwise whatever the
+# betas (``(1 + b1) g / (|g| + eps)`` with Nesterov) and SGD's is the gradient, so one
+# step of AdamP/SGDP is a few lines of numpy.
+
+
+def _np_cos(g, w, axes, eps):
+  return np.abs(np.sum(g * w, axes)) / (np.maximum(np.sqrt(np.sum(g * g, axes)), eps) *
+                                        np.maximum(np.sqrt(np.sum(w * w, axes)), eps))
+
+
+def _np_project(d, w, axes, eps):
+  n = w / (np.sqrt(np.sum(w * w, axes, keepdims=True)) + eps)
+  return d - n * np.sum(n * d, axes, keepdims=True)
+
+
+def _np_heuristic_step(d, g, w, lr, wd, ratio, delta, eps, unit_axis=-1):
+  """The paper's code: 1-D leaves fully decayed; else projected per unit, per tensor or not."""
+  if w.ndim <= 1:
+    return -lr * (d + wd * w)
+  unit = unit_axis % w.ndim
+  axes = tuple(a for a in range(w.ndim) if a != unit)
+  if _np_cos(g, w, axes, eps).max() < delta / np.sqrt(w.size // w.shape[unit]):
+    return -lr * (_np_project(d, w, axes, eps) + ratio * wd * w)
+  if _np_cos(g, w, None, eps) < delta / np.sqrt(w.size):
+    return -lr * (_np_project(d, w, None, eps) + ratio * wd * w)
+  return -lr * (d + wd * w)
+
+
+def _cosine_case(unit_axis=-1):
+  """Leaves that take each branch of the cosine test: "unit" (g orthogonal to w per unit),
+  "layer" (only as a whole), "none", "tie" (|cos| = delta / sqrt(fan-in) exactly, with
+  delta = 0.05 sqrt(5): not below, so not projected), "bias" (1-D, g orthogonal to it:
+  never projected), and "small" ("none" scaled by 0.01: norms below 1, where a wrong eps
+  of 1 would decide differently)."""
+  rng = np.random.default_rng(7)
+  w = {k: rng.standard_normal((5, 4)) for k in ("unit", "layer", "none")}
+  g = {k: rng.standard_normal((5, 4)) for k in w}
+  g["unit"] -= np.sum(g["unit"] * w["unit"], 0) / np.sum(w["unit"] ** 2, 0) * w["unit"]
+  g["layer"] -= np.sum(g["layer"] * w["layer"]) / np.sum(w["layer"] ** 2) * w["layer"]
+  w["tie"], g["tie"] = np.eye(5)[:, :1], np.array([[1.0], [19.0], [6.0], [1.0], [1.0]])
+  w["bias"], g["bias"] = np.array([1.0, 2.0, 0.0]), np.array([2.0, -1.0, 3.0])
+  w["small"], g["small"] = 0.01 * w["none"], 0.01 * g["none"]
+  if unit_axis == 0:  # output-first layout: the same leaves, transposed
+    w = {k: v.T for k, v in w.items()}
+    g = {k: v.T for k, v in g.items()}
+  return w, g
+
+
+def test_cosine_groups_takes_each_branch():
+  w, g = _cosine_case()
+  expected = {"unit": normreg.UNIT, "layer": normreg.TENSOR, "none": None, "tie": None,
+              "bias": None, "small": None}
+  assert normreg.cosine_groups(g, w) == expected  # the default delta, 0.1, and eps
+  assert normreg.cosine_groups(g, w, delta=0.05 * np.sqrt(5))["tie"] is None
+  # output-first layouts: the unit is axis 0
+  wt, gt = _cosine_case(unit_axis=0)
+  assert normreg.cosine_groups(gt, wt, unit_axis=0) == dict(expected, unit=normreg.unit(axis=0))
+  # a larger delta takes more: every unit of "none" is below 1.0 / sqrt(5)?
+  cos = _np_cos(g["none"], w["none"], (0,), 1e-8)
+  big = float(cos.max() * np.sqrt(5) * 1.01)
+  assert normreg.cosine_groups(g, w, delta=big)["none"] == normreg.UNIT
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("unit_axis", [-1, 0])
+def test_adamp_heuristic_first_step_against_numpy(nesterov, unit_axis):
+  lr, wd = 0.1, 0.5
+  w, g = _cosine_case(unit_axis)
+  tx = normreg.adamp(lr, None, weight_decay=wd, nesterov=nesterov, heuristic=True,
+                     unit_axis=unit_axis)  # wd_ratio 0.1, delta 0.1, eps 1e-8: the defaults
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
+  updates, _ = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()},
+                         tx.init(params), params)
+  for k in w:
+    d = (1.9 if nesterov else 1.0) * g[k] / (np.abs(g[k]) + 1e-8)
+    want = _np_heuristic_step(d, g[k], w[k], lr, wd, 0.1, 0.1, 1e-8, unit_axis)
+    np.testing.assert_allclose(updates[k], want, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_the_cosine_test_is_strict():
+  """``|cos| < delta / sqrt(fan-in)``, as the paper's code: at equality (the "tie" leaf,
+  ``|cos| = 1/20``, delta = 0.05 sqrt(5)) nothing is projected and the decay is full."""
+  w, g = _cosine_case()
+  w, g = {"tie": w["tie"]}, {"tie": g["tie"]}
+  delta = 0.05 * np.sqrt(5)
+  assert delta / np.sqrt(5) == 0.05 and normreg.cosine_groups(g, w, delta=delta) == {"tie": None}
+  tx = normreg.adamp(0.1, None, weight_decay=0.5, heuristic=True, delta=delta)
+  params = {"tie": jnp.asarray(w["tie"], jnp.float32)}
+  updates, _ = tx.update({"tie": jnp.asarray(g["tie"], jnp.float32)}, tx.init(params), params)
+  d = g["tie"] / (np.abs(g["tie"]) + 1e-8)
+  np.testing.assert_allclose(updates["tie"], -0.1 * (d + 0.5 * w["tie"]), rtol=1e-6)
+
+
+def test_sgdp_heuristic_first_step_against_numpy():
+  lr, wd, mu = 0.1, 0.05, 0.9
+  w, g = _cosine_case()
+  tx = normreg.sgdp(lr, None, weight_decay=wd, heuristic=True)
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
+  updates, _ = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()},
+                         tx.init(params), params)
+  for k in w:
+    want = _np_heuristic_step(g[k], g[k], w[k], lr, wd / (1 - mu), 0.1, 0.1, 1e-8)
+    np.testing.assert_allclose(updates[k], want, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+EXACT = {"unit": normreg.UNIT, "tensor": normreg.TENSOR, "free": None}
+
+
+def _exact_case():
+  rng = np.random.default_rng(8)
+  w = {"unit": 0.2 * rng.standard_normal((4, 3)), "tensor": 0.1 * rng.standard_normal((2, 3)),
+       "free": rng.standard_normal(3)}
+  grads = [{k: rng.standard_normal(v.shape) for k, v in w.items()} for _ in range(3)]
+  return w, grads
+
+
+def _np_exact_project(k, d, w, eps):
+  return d if EXACT[k] is None else _np_project(d, w, (0,) if k == "unit" else None, eps)
+
+
+def _run(tx, w, grads):
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
+  state = tx.init(params)
+  out = []
+  for g in grads:
+    updates, state = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state,
+                               params)
+    params = optax.apply_updates(params, updates)
+    out.append({k: np.asarray(v, np.float64) for k, v in params.items()})
+  return out
+
+
+@pytest.mark.parametrize("eps", [None, 0.05])
+def test_adamp_on_exact_groups_with_its_defaults_and_eps(eps):
+  """AdamP's defaults (b1 0.9, b2 0.999, eps 1e-8, no decay; wd_ratio 0.1 once there is
+  decay) over three steps, and an eps large enough to show where it enters: Adam's
+  denominator and ``w_hat = w / (||w|| + eps)``."""
+  w, grads = _exact_case()
+  for wd in (None, 0.3):
+    kwargs = {k: v for k, v in (("eps", eps), ("weight_decay", wd)) if v is not None}
+    ours = _run(normreg.adamp(0.05, EXACT, **kwargs), w, grads)
+    e, decay = (1e-8 if eps is None else eps), (0.0 if wd is None else wd * 0.1)
+    p, m, v = dict(w), {k: 0.0 for k in w}, {k: 0.0 for k in w}
+    for t, g in enumerate(grads, start=1):
+      new = {}
+      for k in w:
+        m[k] = 0.9 * m[k] + 0.1 * g[k]
+        v[k] = 0.999 * v[k] + 0.001 * g[k] ** 2
+        d = m[k] / (np.sqrt(v[k] / (1 - 0.999 ** t)) + e) / (1 - 0.9 ** t)
+        if EXACT[k] is None:
+          new[k] = p[k] - 0.05 * d
+        else:
+          new[k] = p[k] - 0.05 * (_np_exact_project(k, d, p[k], e) + decay * p[k])
+      p = new
+      np.testing.assert_allclose(ours[t - 1]["unit"], p["unit"], rtol=1e-5, atol=1e-6)
+      for k in w:
+        np.testing.assert_allclose(ours[t - 1][k], p[k], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{kwargs} step {t} {k}")
+
+
+def test_sgdp_on_exact_groups_with_its_defaults():
+  """SGDP's defaults: momentum 0.9, no Nesterov, no dampening, the buffer projected,
+  eps 1e-8, wd_ratio 0.1 on a decay divided by 1 - momentum."""
+  w, grads = _exact_case()
+  ours = _run(normreg.sgdp(0.05, EXACT, weight_decay=0.02), w, grads)
+  p, buf = dict(w), {k: 0.0 for k in w}
+  for t, g in enumerate(grads):
+    new = {}
+    for k in w:
+      b = 0.9 * buf[k] + g[k]
+      d_perp = _np_exact_project(k, b, p[k], 1e-8)
+      if EXACT[k] is None:
+        new[k] = p[k] - 0.05 * b
+      else:
+        new[k] = p[k] - 0.05 * (d_perp + 0.1 * 0.02 / 0.1 * p[k])
+      buf[k] = d_perp
+    p = new
+    for k in w:
+      np.testing.assert_allclose(ours[t][k], p[k], rtol=1e-5, atol=1e-6, err_msg=f"{t} {k}")
+
+
+@pytest.mark.parametrize("name", ["adamp", "sgdp"])
+@pytest.mark.parametrize("heuristic", [False, True])
+def test_adamp_and_sgdp_give_no_update_where_there_is_no_gradient(name, heuristic):
+  w, grads = _exact_case()
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
+  make = normreg.adamp if name == "adamp" else normreg.sgdp
+  tx = make(0.1, None if heuristic else EXACT, weight_decay=0.1, heuristic=heuristic)
+  full = {k: jnp.asarray(v, jnp.float32) for k, v in grads[0].items()}
+  expected, _ = tx.update(full, tx.init(params), params)
+  for hole in ("unit", "free"):
+    updates, state = tx.update(dict(full, **{hole: None}), tx.init(params), params)
+    assert updates[hole] is None
+    for k in w:
+      if k != hole:
+        np.testing.assert_allclose(updates[k], expected[k], rtol=1e-6, err_msg=k)
+    tx.update(dict(full, **{hole: None}), state, params)  # and again from that state
+
+
+@pytest.mark.parametrize("name", ["adamp", "sgdp"])
+def test_adamp_and_sgdp_check_the_groups_at_init(name):
+  make = normreg.adamp if name == "adamp" else normreg.sgdp
+  with pytest.raises(ValueError, match=rf"^{name}: the groups pytree does not match"):
+    make(0.1, {"v": normreg.UNIT}).init({"w": jnp.ones((2, 2))})
+  make(0.1, None, heuristic=True).init({"w": jnp.ones((2, 2))})  # the heuristic needs none
