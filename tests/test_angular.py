@@ -380,3 +380,48 @@ def test_adamp_and_sgdp_check_the_groups_at_init(name):
   with pytest.raises(ValueError, match=rf"^{name}: the groups pytree does not match"):
     make(0.1, {"v": normreg.UNIT}).init({"w": jnp.ones((2, 2))})
   make(0.1, None, heuristic=True).init({"w": jnp.ones((2, 2))})  # the heuristic needs none
+
+
+# ----------------------------------------------------------------------------- bf16
+
+
+BF16 = {
+    "rotational": lambda g: normreg.rotational(optax.scale(-0.5), g, 0.05),
+    "rotational_centred": lambda g: normreg.rotational(optax.scale(-0.5), g, 0.05,
+                                                       zero_mean=True),
+    "nero": lambda g: normreg.nero(0.1, g),
+    "adamp": lambda g: normreg.adamp(0.1, g, weight_decay=0.1),
+    "adamp_cosine": lambda g: normreg.adamp(0.1, None, weight_decay=0.1, heuristic=True),
+    "sgdp": lambda g: normreg.sgdp(0.1, g, weight_decay=0.1),
+    "sgdp_cosine": lambda g: normreg.sgdp(0.1, None, weight_decay=0.1, heuristic=True),
+    "adamh": lambda g: normreg.adamh(0.1, g),
+    "corrected_decay": lambda g: normreg.add_corrected_decayed_weights(0.1, 0.05, g,
+                                                                       peak_learning_rate=0.1),
+}
+# Whose step is taken in float32 from the (exact) inner update: its bf16 update is the
+# float32 update of the same values to within the rounding of the tangent part to bf16
+# (one ulp or two). Nero's and the centred rotational's are not: their balanced start is
+# rounded to bf16 before the step.
+ROUNDED_ONCE = ("rotational",)
+
+
+@pytest.mark.parametrize("name", sorted(BF16))
+def test_bf16_params_get_bf16_updates_computed_in_float32(name):
+  w, grads = _exact_case()
+  params = {k: jnp.asarray(v, jnp.bfloat16) for k, v in w.items()}
+  g16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in grads[0].items()}
+  tx = BF16[name](EXACT)
+  updates, state = tx.update(g16, tx.init(params), params)
+  updates, _ = tx.update(g16, state, params)  # a second step, from a bf16 state
+  for k, u in updates.items():
+    assert u.dtype == jnp.bfloat16, k
+    assert np.all(np.isfinite(np.asarray(u, np.float32))), k
+  if name in ROUNDED_ONCE:
+    p32 = {k: v.astype(jnp.float32) for k, v in params.items()}
+    g32 = {k: v.astype(jnp.float32) for k, v in g16.items()}
+    u32, state = tx.update(g32, tx.init(p32), p32)
+    u32, _ = tx.update(g32, state, p32)
+    for k in updates:
+      want = np.asarray(u32[k], np.float64)
+      np.testing.assert_allclose(np.asarray(updates[k], np.float64), want, rtol=2 ** -6,
+                                 atol=2 ** -6 * np.abs(want).max(), err_msg=k)
