@@ -15,6 +15,8 @@ of CI (an hour on a 2-core CPU); run it after a change to the mathematics.
   # a report over runs made in several sittings (each module from the last folder
   # where its mutants ran), without running mutmut again:
   python -m benchmarks.mutation --report_only --workdir=/tmp/b --merge=/tmp/a
+  # modules with no folder keep their row and survivors from the committed report:
+  python -m benchmarks.mutation --report_only --workdir=/tmp/b --keep_previous
 
 Statements starting with ``raise`` or a ``logging.`` call are not mutated: their
 strings are messages, and the conditions that raise are mutated where they are
@@ -40,7 +42,8 @@ MODULES = ("groups", "detect", "penalty", "rescale", "sphere", "optimizers", "me
            "theory", "reductions", "angular")
 TESTS = ("tests/test_transforms.py", "tests/test_references.py", "tests/test_groups.py",
          "tests/test_detect.py", "tests/test_theory.py", "tests/test_setups.py",
-         "tests/test_equivalences.py")
+         "tests/test_equivalences.py", "tests/test_goldens.py", "tests/test_reductions.py",
+         "tests/test_angular.py")
 # Imported once by mutmut's fork server: none of them starts JAX's backend on import.
 PRELOAD = ("numpy", "jax", "jax.numpy", "optax", "chex", "flax.nnx", "pytest")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +52,10 @@ KILLED = (1, 2)  # pytest's exit codes: tests failed, collection failed
 # Surviving mutants that cannot change any result, by mutmut's name, with why. Reviewed by
 # hand; a new survivor is not equivalent until it is listed here.
 EQUIVALENT_FILE = os.path.join(REPO, "benchmarks", "mutation_equivalent.json")
+# How the report's runs were made and what they found, written by hand: copied into the
+# report between its header and its table.
+NOTES_FILE = os.path.join(REPO, "benchmarks", "mutation_notes.md")
+COUNTS = ("mutants", "killed", "survived", "equivalent", "other", "not_run")
 
 def define_flags() -> None:
   """This command's flags: defined when it runs, not on import (flag names repeat)."""
@@ -63,6 +70,9 @@ def define_flags() -> None:
                     "module from the last of these folders and --workdir where it ran.")
   flags.DEFINE_bool("report_only", False, "Write the report from --workdir and --merge "
                     "without running mutmut.")
+  flags.DEFINE_bool("keep_previous", False, "A module with no results in --workdir or "
+                    "--merge keeps its row and surviving mutants from the report --report "
+                    "names (as it was before this run overwrites it).")
 
 
 def prepare(workdir: str, modules) -> None:
@@ -79,6 +89,11 @@ def prepare(workdir: str, modules) -> None:
     f.write("pytest_add_cli_args =\n" + "".join(
         f"    {a}\n" for a in ("-p", "no:cacheprovider", "-q", "-x", "-m", "not slow")))
     f.write("do_not_mutate_patterns =\n    ^\\s*raise \\b\n    logging\\.\n")
+    # mutmut runs the tests in mutants/ with the scratch root off sys.path; without its
+    # own copy there, `experiments` (imported by some tests) would come from wherever an
+    # editable install of normreg points. normreg itself comes from mutants/ (first on
+    # sys.path), as mutmut checks.
+    f.write("also_copy =\n    experiments/\n")
     # The fork server imports JAX but never starts its backend (XLA's threads do not
     # survive a fork); each mutant's process compiles through one persistent cache, and
     # its time limit allows for the imports and compiles (15x its tests' time + 60 s).
@@ -111,6 +126,28 @@ def collect_runs(workdirs, modules) -> dict[str, tuple[str, dict[str, int | None
   return {m: found[m] for m in modules if m in found}
 
 
+def previous_rows(path: str, modules) -> dict[str, tuple[dict[str, int], list[str]]]:
+  """``{module: (counts, survivor sections)}`` for ``modules`` from an earlier report at
+  ``path``: the numbers of its table row (:data:`COUNTS`) and the text of each of its
+  surviving mutants' sections, as written then."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    text = f.read()
+  out = {}
+  for line in text.splitlines():
+    m = re.fullmatch(r"\| (\w+) \|((?: \d+ \|){6}) [\d.]+% \|", line)
+    if m and m.group(1) in modules:
+      out[m.group(1)] = (dict(zip(COUNTS, map(int, m.group(2).replace("|", " ").split()))), [])
+  survivors = text.split("\n## Surviving mutants\n", 1)[1] if "\n## Surviving mutants\n" in (
+      text) else ""
+  for section in re.split(r"\n(?=### `)", survivors):
+    m = re.match(r"### `normreg\.(\w+)\.", section)
+    if m and m.group(1) in out:
+      out[m.group(1)][1].append(section.strip("\n"))
+  return out
+
+
 def diff_of(workdir: str, mutant: str) -> str:
   shown = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=workdir,
                          capture_output=True, text=True).stdout
@@ -119,8 +156,13 @@ def diff_of(workdir: str, mutant: str) -> str:
 
 
 def write_report(results, equivalent: dict[str, str], path: str, seconds: float | None,
-                 command: str, missing=()) -> dict:
-  """Writes the report from :func:`collect_runs`' results; returns the totals and score."""
+                 command: str, missing=(), previous=None, notes: str = "",
+                 modules=None) -> dict:
+  """Writes the report from :func:`collect_runs`' results and the rows kept from an
+  earlier report (:func:`previous_rows`), in the order of ``modules``; returns the
+  totals and score."""
+  previous = previous or {}
+  modules = list(modules or [*results, *previous])
   took = (f", {seconds / 60:.0f} minutes on {os.cpu_count()} CPU cores" if seconds is not None
           else ", from the results of earlier runs")
   lines = ["# Mutation testing of normreg", "",
@@ -130,33 +172,48 @@ def write_report(results, equivalent: dict[str, str], path: str, seconds: float 
            "- Killed: a test failed (pytest exit 1) or the tests could not be collected (exit "
            "2: a test parametrized by a mutated function's value).",
            "- Score: killed / (mutants run - equivalent survivors). Equivalent survivors are "
-           f"listed, with why, in `{os.path.relpath(EQUIVALENT_FILE, REPO)}`.", "",
-           "| module | mutants | killed | survived | equivalent | timeouts/crashes | not run "
-           "| score |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-  totals = dict(mutants=0, killed=0, survived=0, equivalent=0, other=0, not_run=0)
+           f"listed, with why, in `{os.path.relpath(EQUIVALENT_FILE, REPO)}`."]
+  kept = [m for m in modules if m in previous and m not in results]
+  if kept:
+    lines.append(f"- Rows kept from the earlier report, as it gave them (their runs' folders "
+                 f"are not here): {', '.join(kept)}.")
+  if notes:
+    lines += ["", notes.strip("\n")]
+  lines += ["", "| module | mutants | killed | survived | equivalent | timeouts/crashes | not run "
+            "| score |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  totals = dict.fromkeys(COUNTS, 0)
   survivors = []
-  for module, (workdir, codes) in results.items():
-    ran = {k: v for k, v in codes.items() if v is not None}
-    killed = sum(v in KILLED for v in ran.values())
-    survived = [k for k, v in ran.items() if v == 0]
-    eq = [k for k in survived if k in equivalent]
-    other = len(ran) - killed - len(survived)
-    not_run = len(codes) - len(ran)
-    score = killed / max(len(ran) - len(eq), 1)
-    lines.append(f"| {module} | {len(ran)} | {killed} | {len(survived)} | {len(eq)} | {other} | "
-                 f"{not_run} | {100 * score:.1f}% |")
-    for k, v in (("mutants", len(ran)), ("killed", killed), ("survived", len(survived)),
-                 ("equivalent", len(eq)), ("other", other), ("not_run", not_run)):
-      totals[k] += v
-    survivors += [(workdir, k) for k in survived]
+  for module in modules:
+    if module in results:
+      workdir, codes = results[module]
+      ran = {k: v for k, v in codes.items() if v is not None}
+      killed = sum(v in KILLED for v in ran.values())
+      survived = [k for k, v in ran.items() if v == 0]
+      eq = [k for k in survived if k in equivalent]
+      counts = dict(mutants=len(ran), killed=killed, survived=len(survived), equivalent=len(eq),
+                    other=len(ran) - killed - len(survived), not_run=len(codes) - len(ran))
+      survivors += [(workdir, k) for k in survived]
+    elif module in previous:
+      counts, sections = previous[module]
+      survivors += [(None, section) for section in sections]
+    else:
+      continue
+    score = counts["killed"] / max(counts["mutants"] - counts["equivalent"], 1)
+    lines.append(f"| {module} | " + " | ".join(str(counts[k]) for k in COUNTS) +
+                 f" | {100 * score:.1f}% |")
+    for k in COUNTS:
+      totals[k] += counts[k]
   score = totals["killed"] / max(totals["mutants"] - totals["equivalent"], 1)
-  if missing:
-    lines += [f"- **No results for {', '.join(missing)}**: not part of this report.", ""]
   lines += [f"| **all** | {totals['mutants']} | {totals['killed']} | {totals['survived']} | "
             f"{totals['equivalent']} | {totals['other']} | {totals['not_run']} | "
             f"**{100 * score:.1f}%** |", ""]
+  if missing:
+    lines += [f"- **No results for {', '.join(missing)}**: not part of this report.", ""]
   lines += ["## Surviving mutants", ""]
   for workdir, mutant in survivors:
+    if workdir is None:  # kept from the earlier report as it was written
+      lines += [mutant, ""]
+      continue
     why = equivalent.get(mutant)
     lines += [f"### `{mutant}`: {'equivalent: ' + why if why else '**not equivalent**'}", "",
               "```diff", diff_of(workdir, mutant), "```", ""]
@@ -197,6 +254,9 @@ def main(argv):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # Every mutant's process imports the mutated modules (angular.py holds its 1,300
+    # mutants: 90,000 lines, a second to compile): compiled once into __pycache__.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
                     str(FLAGS.max_children), *(f"normreg.{m}.*" for m in FLAGS.modules)],
                    cwd=workdir, check=False, stdout=subprocess.DEVNULL, env=env)
@@ -208,8 +268,15 @@ def main(argv):
   command = "python -m benchmarks.mutation " + " ".join(
       a for a in sys.argv[1:] if not re.match(r"--(workdir|report|merge)\b", a))
   results = collect_runs(FLAGS.merge + [workdir], FLAGS.modules)
-  missing = [m for m in FLAGS.modules if m not in results]
-  totals = write_report(results, equivalent, FLAGS.report, seconds, command.strip(), missing)
+  previous = previous_rows(FLAGS.report, [m for m in FLAGS.modules if m not in results]) if (
+      FLAGS.keep_previous) else {}
+  missing = [m for m in FLAGS.modules if m not in results and m not in previous]
+  notes = ""
+  if os.path.exists(NOTES_FILE):
+    with open(NOTES_FILE) as f:
+      notes = f.read()
+  totals = write_report(results, equivalent, FLAGS.report, seconds, command.strip(), missing,
+                        previous, notes, FLAGS.modules)
   print(json.dumps(totals))
   print(f"report: {FLAGS.report}; mutants in {workdir}")
 

@@ -39,3 +39,55 @@ def test_runs_merge_and_the_score_counts_as_documented(tmp_path):
   assert "| sphere | 4 | 2 | 1 | 1 | 1 | 1 | 66.7% |" in text
   assert "No results for groups, theory" in text
   assert f"`{m}3`: equivalent: a reason" in text
+
+
+OLD_REPORT = """# Mutation testing of normreg
+
+| module | mutants | killed | survived | equivalent | timeouts/crashes | not run | score |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| groups | 10 | 8 | 2 | 1 | 0 | 0 | 88.9% |
+| sphere | 4 | 4 | 0 | 0 | 0 | 0 | 100.0% |
+| **all** | 14 | 12 | 2 | 1 | 0 | 0 | **92.3%** |
+
+## Surviving mutants
+
+### `normreg.groups.x_g__mutmut_1`: equivalent: a reason
+
+```diff
+-a
++b
+```
+
+### `normreg.groups.x_g__mutmut_2`: **not equivalent**
+
+```diff
+-c
++d
+```
+"""
+
+
+def test_rows_are_kept_from_an_earlier_report_where_no_run_folder_is_left(tmp_path):
+  old = tmp_path / "old.md"
+  old.write_text(OLD_REPORT)
+  kept = mutation.previous_rows(str(old), ["groups", "theory"])
+  sections = OLD_REPORT.split("## Surviving mutants\n\n")[1].strip("\n").split("\n\n### ")
+  assert kept == {"groups": (dict(mutants=10, killed=8, survived=2, equivalent=1, other=0,
+                                  not_run=0),
+                             [sections[0], "### " + sections[1]])}
+  m = "normreg.sphere.x_f__mutmut_"
+  results = mutation.collect_runs([_run(tmp_path, "new", {"sphere": {m + "1": 1, m + "2": 1}})],
+                                  ["groups", "sphere", "theory"])
+  report = tmp_path / "report.md"
+  totals = mutation.write_report(results, {}, str(report), None, "cmd", ["theory"], kept,
+                                 "How the runs were made.", ["groups", "sphere", "theory"])
+  assert totals == dict(mutants=12, killed=10, survived=2, equivalent=1, other=0, not_run=0,
+                        score=10 / 11)
+  text = report.read_text()
+  assert ("| groups | 10 | 8 | 2 | 1 | 0 | 0 | 88.9% |\n"
+          "| sphere | 2 | 2 | 0 | 0 | 0 | 0 | 100.0% |\n"
+          "| **all** | 12 | 10 | 2 | 1 | 0 | 0 | **90.9%** |") in text
+  assert "Rows kept from the earlier report, as it gave them (their runs' folders are not " \
+         "here): groups." in text
+  assert "\nHow the runs were made.\n" in text and "No results for theory" in text
+  assert text.endswith(OLD_REPORT.split("## Surviving mutants\n\n")[1])
