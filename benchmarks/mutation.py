@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -70,6 +71,10 @@ def define_flags() -> None:
                     "module from the last of these folders and --workdir where it ran.")
   flags.DEFINE_bool("report_only", False, "Write the report from --workdir and --merge "
                     "without running mutmut.")
+  flags.DEFINE_integer("sample", 0, "Run only this many mutants of --modules, drawn "
+                       "uniformly without replacement (--sample_seed): a score estimate "
+                       "where running them all does not fit; the rest are 'not run'.")
+  flags.DEFINE_integer("sample_seed", 0, "Seed of --sample's draw.")
   flags.DEFINE_bool("keep_previous", False, "A module with no results in --workdir or "
                     "--merge keeps its row and surviving mutants from the report --report "
                     "names (as it was before this run overwrites it).")
@@ -222,6 +227,25 @@ def write_report(results, equivalent: dict[str, str], path: str, seconds: float 
   return {**totals, "score": score}
 
 
+def sample(workdir: str, modules, k: int, seed: int, env: dict[str, str]) -> list[str]:
+  """``k`` mutants of ``modules`` drawn uniformly without replacement (``random.sample``,
+  ``seed``), from the names mutmut generated: a run with a pattern that matches no mutant
+  only generates them (and times the clean tests)."""
+  subprocess.run([sys.executable, "-m", "mutmut", "run", "normreg.no_such_module.*"],
+                 cwd=workdir, check=False, stdout=subprocess.DEVNULL, env=env)
+  return draw(collect(workdir), modules, k, seed)
+
+
+def draw(codes: dict[str, dict[str, int | None]], modules, k: int, seed: int) -> list[str]:
+  """``k`` of the mutants of ``modules`` in ``codes`` (:func:`collect`'s), drawn uniformly
+  without replacement by ``random.Random(seed).sample`` over their sorted names."""
+  names = sorted(n for module, c in codes.items() if module in modules for n in c)
+  if k > len(names):
+    sys.exit(f"benchmarks.mutation: error: --sample={k} is more than the {len(names)} "
+             f"mutants of {', '.join(modules)}.")
+  return random.Random(seed).sample(names, k)
+
+
 def _mutmut_version() -> str:
   try:
     import mutmut  # pylint: disable=g-import-not-at-top
@@ -257,8 +281,11 @@ def main(argv):
     # Every mutant's process imports the mutated modules (angular.py holds its 1,300
     # mutants: 90,000 lines, a second to compile): compiled once into __pycache__.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    names = [f"normreg.{m}.*" for m in FLAGS.modules]
+    if FLAGS.sample:
+      names = sample(workdir, FLAGS.modules, FLAGS.sample, FLAGS.sample_seed, env)
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
-                    str(FLAGS.max_children), *(f"normreg.{m}.*" for m in FLAGS.modules)],
+                    str(FLAGS.max_children), *names],
                    cwd=workdir, check=False, stdout=subprocess.DEVNULL, env=env)
     seconds = time.perf_counter() - start
   equivalent = {}

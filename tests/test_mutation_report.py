@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 # By path: `pytest` does not put the repository root (benchmarks' parent) on sys.path.
 _SPEC = importlib.util.spec_from_file_location("benchmarks_mutation", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "mutation.py"))
@@ -91,3 +93,20 @@ def test_rows_are_kept_from_an_earlier_report_where_no_run_folder_is_left(tmp_pa
          "here): groups." in text
   assert "\nHow the runs were made.\n" in text and "No results for theory" in text
   assert text.endswith(OLD_REPORT.split("## Surviving mutants\n\n")[1])
+
+
+def test_a_sample_is_drawn_without_replacement_from_the_modules_named():
+  codes = {"angular": {f"normreg.angular.x_f__mutmut_{i}": None for i in range(1, 41)},
+           "sphere": {f"normreg.sphere.x_g__mutmut_{i}": None for i in range(1, 41)}}
+  drawn = mutation.draw(codes, ["angular"], 12, seed=3)
+  assert len(set(drawn)) == 12 and all(n.startswith("normreg.angular.") for n in drawn)
+  assert drawn == mutation.draw(codes, ["angular"], 12, seed=3)
+  assert drawn != mutation.draw(codes, ["angular"], 12, seed=4)
+  # Over many seeds every mutant is drawn about equally often (uniform, not the first k).
+  counts = {}
+  for seed in range(200):
+    for n in mutation.draw(codes, ["angular"], 12, seed):
+      counts[n] = counts.get(n, 0) + 1
+  assert len(counts) == 40 and max(counts.values()) < 2.5 * 200 * 12 / 40
+  with pytest.raises(SystemExit, match="--sample=41 is more than the 40 mutants of angular"):
+    mutation.draw(codes, ["angular"], 41, seed=0)
