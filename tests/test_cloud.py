@@ -83,7 +83,7 @@ def test_a_gs_run_is_killed_resumed_and_ends_as_a_local_one(bucket, folder, tmp_
   resumed = runs.command("experiments.train", *args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step 6 " in resumed.stderr  # the checkpoint of epoch 1, in the bucket
-  assert f"figures in {workdir}/figures" in resumed.stdout
+  assert f"figures: {workdir}/figures/" in resumed.stdout
   assert not os.path.exists(os.path.join(runs.REPO, "gs:"))
 
   config = Config(dataset="folder", data_dir=folder, model="cnn", width=4, batch_size=16,
