@@ -9,8 +9,10 @@ namedtuples all round-trip without orbax needing to know them.
 
 A checkpoint that cannot be restored (a data file truncated or deleted by a
 crash or a full disk) is skipped for the newest one that can, with a one-line
-warning; the damaged ones are deleted, since orbax saves no step at or below
-its latest one. When no checkpoint can be restored (they are damaged, or hold
+warning; the ones that failed are moved aside, into ``<directory>_unrestorable/``
+(orbax saves no step at or below its latest one, so they cannot stay), never
+deleted: an error that was not damage (a network blip on a bucket, memory
+running out) costs the steps since the older checkpoint, not the checkpoint. When no checkpoint can be restored (they are damaged, or hold
 another model or method) the error names the folder. Damage that still
 decodes (flipped bits in an array) is not detected: orbax keeps no checksums.
 """
@@ -66,8 +68,9 @@ class Manager:
   def restore_latest(self, like: Any) -> Optional[Any]:
     """The newest checkpoint that restores, with the structure (and shardings) of ``like``.
 
-    ``None`` if there is no checkpoint. Newer ones that fail are deleted, with a
-    warning naming them; if every one fails, ``errors.InputError`` names the folder.
+    ``None`` if there is no checkpoint. Newer ones that fail are moved aside
+    (:meth:`_move_aside`), with a warning naming them; if every one fails,
+    ``errors.InputError`` names the folder.
     """
     failed = []
     for step in sorted(self._manager.all_steps(), reverse=True):
@@ -77,9 +80,10 @@ class Manager:
         failed.append((step, e))
         continue
       for bad, e in failed:
-        logging.warning("checkpoint %d in %s cannot be restored (%s); deleted, resuming from "
-                        "step %d.", bad, self.directory, _short(e), step)
-        self._manager.delete(bad)
+        aside = self._move_aside(bad)
+        logging.warning("checkpoint %d in %s cannot be restored (%s); moved to %s, resuming "
+                        "from step %d.", bad, self.directory, _short(e), aside, step)
+      self._manager.reload()
       return state
     if failed:
       raise errors.InputError(
@@ -88,6 +92,21 @@ class Manager:
           + "): they are damaged or hold another model or method; --restart discards them, "
           "or use a new --workdir.")
     return None
+
+  def _move_aside(self, step: int) -> epath.Path:
+    """Moves step ``step``'s folder to ``<directory>_unrestorable/<step>[.n]``; returns it."""
+    aside_root = self.directory.parent / f"{self.directory.name}_unrestorable"
+    aside_root.mkdir(parents=True, exist_ok=True)
+    aside, n = aside_root / str(step), 1
+    while aside.exists():
+      aside, n = aside_root / f"{step}.{n}", n + 1
+    try:
+      (self.directory / str(step)).rename(aside)
+    except OSError as e:
+      raise errors.InputError(
+          f"checkpoint {step} in {self.directory} cannot be restored, nor moved to {aside} "
+          f"({_short(e)}): move it aside by hand, or --restart discards every checkpoint.") from e
+    return aside
 
   def close(self) -> None:
     self._manager.close()

@@ -54,7 +54,9 @@ LOCK = "run.lock"
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
 # What a run writes into its folder (``--restart`` removes these, and nothing else).
-RUN_FILES = (CONFIG, "metrics.jsonl", "tensorboard", CHECKPOINTS, "figures")
+# (checkpoints_unrestorable/: those experiments.checkpoint moved aside on resume.)
+RUN_FILES = (CONFIG, "metrics.jsonl", "tensorboard", CHECKPOINTS, CHECKPOINTS + "_unrestorable",
+             "figures")
 CLOUD_SCHEMES = ("gs",)
 HEARTBEAT_S = 30.0
 STALE_S = 120.0

@@ -56,6 +56,10 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_command(tmp_pat
     assert json.load(f)["data_dir"] == folder
   test = runs.read_metrics(workdir)[-1]
   assert test["kind"] == "test"
+  # Quiet by default: no INFO line (absl's "I1128 ..." format: orbax, the groups, the
+  # settings); the evaluation shows its own progress bar ("test").
+  assert not re.search(r"^I\d{4} ", right.stderr, re.M), right.stderr[-3000:]
+  assert "test: " in right.stderr and "batch" in right.stderr, right.stderr[-3000:]
   # The last line says how the run ended and where its metrics and figures are.
   figures = os.path.join(workdir, "figures")
   assert re.fullmatch(

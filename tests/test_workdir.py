@@ -182,6 +182,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, unin
   warned = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
   assert len(warned) == 1 and "checkpoint 8 in" in warned[0] and "resuming from step 4" in (
       warned[0]), warned
+  # Moved aside, not deleted: an error that was not damage loses no checkpoint.
+  assert os.path.isdir(tmp_path / "checkpoints_unrestorable" / "8"), os.listdir(tmp_path)
+  assert "moved to " + str(tmp_path / "checkpoints_unrestorable" / "8") in warned[0]
   chex.assert_trees_all_close(final.params, ref.params, rtol=1e-6, atol=1e-7)
   assert _records(tmp_path) == _records(ref_dir)
   # When no checkpoint restores, the error names the folder and the way out.
