@@ -48,26 +48,20 @@ from etils import epath
 import normreg
 from experiments import checkpoint as ckpt_lib
 from experiments import errors
-from experiments import methods as methods_lib
-from experiments import network
 from experiments import records
-from experiments import steps as steps_lib
 from experiments import workdir as workdir_lib
 from experiments import data as data_lib
 from experiments.config import Config
+# The model, the steps and the chains live beside this module; their names are the
+# trainer's too, as its users know (and patch) them.
+from experiments.methods import grouped_schedule, make_optimizer  # pylint: disable=unused-import
+from experiments.network import (  # pylint: disable=unused-import
+    Model, create_model, find_groups, init_model, parse_group_rules, rescale_running_statistics)
+from experiments.steps import (  # pylint: disable=unused-import
+    TrainState, cross_entropy, elr_power, eval_batches, evaluate, layer_metrics, make_eval_step,
+    make_layer_metrics, make_train_step, progress_bar)
 
-
-TrainState = steps_lib.TrainState  # everything a step reads and writes (experiments.steps)
-
-
-# ----------------------------------------------------------------- model & groups
-# In experiments.network; here under the names the launcher's users know.
-create_model = network.create_model
-parse_group_rules = network.parse_group_rules
-find_groups = network.find_groups
-Model = network.Model
-init_model = network.init_model
-rescale_running_statistics = network.rescale_running_statistics
+# --------------------------------------------------------------------- initial state
 
 
 def initial_state(config: Config, dataset) -> tuple[Model, optax.Schedule,
@@ -97,24 +91,6 @@ def make_schedule(config: Config, total_steps: int) -> optax.Schedule:
     return optax.cosine_decay_schedule(config.lr, max(total_steps, 1))
   return optax.piecewise_constant_schedule(
       config.lr, {int(total_steps * 0.5): 0.1, int(total_steps * 0.75): 0.1})
-
-
-# The grouped weights' rate and the chain of --method: its entry in experiments.methods.
-grouped_schedule = methods_lib.grouped_schedule
-make_optimizer = methods_lib.make_optimizer
-
-
-# ------------------------------------------------------------------------ steps
-# In experiments.steps; here under the names the launcher's users know (and patch).
-cross_entropy = steps_lib.cross_entropy
-make_train_step = steps_lib.make_train_step
-make_eval_step = steps_lib.make_eval_step
-elr_power = steps_lib.elr_power
-layer_metrics = steps_lib.layer_metrics
-make_layer_metrics = steps_lib.make_layer_metrics
-eval_batches = steps_lib.eval_batches
-evaluate = steps_lib.evaluate
-progress_bar = steps_lib.progress_bar
 
 
 # ------------------------------------------------------------------- the run
