@@ -8,7 +8,7 @@
 measures, on the default JAX device, and writes ``DIR/results.json`` and
 ``DIR/results.md`` (the same figures as markdown tables):
 
-a. *Step-time ratio* of every launcher method (``experiments.config.METHODS``;
+a. *Step-time ratio* of every launcher method (``experiments.methods.REGISTRY``;
    ``hyperball`` on Adam, against ``none:adam``) against its base optimizer
    (``--method=none``: SGD with momentum 0.9, or Adam), the train step of
    ``experiments.trainer``, on ResNet-20 (width 16, batch 512, BatchNorm) in
@@ -78,16 +78,17 @@ from benchmarks import step_overhead  # pylint: disable=g-import-not-at-top,wron
 from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import transformer as tf_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import cache as cache_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import methods as methods_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import reproduce  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.config import Config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Every launcher method, on the optimizer it is defined for; hyperball (AdamH) needs Adam.
-METHODS = tuple(f"{m}:adam" if m == "hyperball" else m
-                for m in config_lib.METHODS if m != "none")
+# Every launcher method but the base itself, on the optimizer it is defined for (its entry's
+# Method.optimizer: hyperball, AdamH, needs Adam).
+METHODS = tuple(m.name if m.optimizer in (None, "sgd") else f"{m.name}:{m.optimizer}"
+                for m in methods_lib.REGISTRY.values() if m.name != "none")
 TARGET_RATIO = {"gpu": 1.02, "tpu": 1.02, "cpu": 1.05}
 # Estimates are multiplied by this before they are compared with the time left.
 SAFETY = 1.2

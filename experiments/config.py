@@ -15,20 +15,15 @@ from typing import Any, Optional
 from absl import flags
 
 from experiments import errors
+from experiments import methods as methods_lib
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
 MODELS = ("cnn", "resnet20", "scan_cnn")
 NORMS = ("batch", "layer", "group", "weight", "none")
-METHODS = ("l2", "decoupled", "spherical", "elr_rescale", "tangent", "exp_lr", "rotational",
-           "adamp", "nero", "hyperball", "none")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "bfloat16")
-# Methods that take --lam, and its default there.
-LAM_METHODS = ("l2", "decoupled", "exp_lr", "rotational", "adamp")
-# Methods whose grouped weights turn at a set angle rate: their logged effective lr is
-# that rate (lr, or rotational's target angle), not eta/||w||^p.
-ANGLE_METHODS = ("spherical", "elr_rescale", "rotational", "nero", "hyperball")
+# The default of --lam, for the methods that take it (experiments.methods: Method.lam).
 DEFAULT_LAM = 5e-4
 
 
@@ -65,7 +60,7 @@ class Config:
   @property
   def lam_value(self) -> float:
     """``lam`` with its default filled in for the methods that use it."""
-    if self.method not in LAM_METHODS:
+    if not methods_lib.takes_lam(self.method):
       return 0.0
     return DEFAULT_LAM if self.lam is None else self.lam
 
@@ -78,7 +73,7 @@ class Config:
         raise errors.InputError(f"--{name}={value!r} is not one of {', '.join(choices)}.")
 
     for name, choices in (("dataset", DATASETS), ("model", MODELS), ("norm", NORMS),
-                          ("method", METHODS), ("optimizer", OPTIMIZERS),
+                          ("method", methods_lib.names()), ("optimizer", OPTIMIZERS),
                           ("schedule", SCHEDULES), ("dtype", DTYPES)):
       choice(name, choices)
     if self.dataset == "folder" and not self.data_dir:
@@ -100,32 +95,27 @@ class Config:
       raise errors.InputError(f"--norm_eps must be > 0, got {self.norm_eps}.")
     if self.ungrouped_lr is not None and not self.ungrouped_lr > 0:
       raise errors.InputError(f"--ungrouped_lr must be > 0, got {self.ungrouped_lr}.")
-    if self.corrected_decay and self.method != "decoupled":
-      raise errors.InputError(f"--corrected_decay corrects decoupled weight decay; it needs "
-                              f"--method=decoupled, got --method={self.method}.")
-    if self.adamp_cosine and self.method != "adamp":
-      raise errors.InputError(f"--adamp_cosine is AdamP's heuristic; it needs --method=adamp, "
-                              f"got --method={self.method}.")
-    if self.method == "hyperball" and self.optimizer != "adam":
-      raise errors.InputError("--method=hyperball is Hyperball Adam (AdamH); it needs "
-                              f"--optimizer=adam, got --optimizer={self.optimizer}.")
-    if self.method in ("adamp", "nero") and self.ungrouped_lr is not None:
+    method = methods_lib.get(self.method)
+    for owner in methods_lib.REGISTRY.values():  # the flags that only one method takes
+      for flag, what in owner.options:
+        if getattr(self, flag) and self.method != owner.name:
+          raise errors.InputError(f"--{flag} {what}; it needs --method={owner.name}, "
+                                  f"got --method={self.method}.")
+    if method.optimizer is not None and self.optimizer != method.optimizer:
+      raise errors.InputError(f"--method={self.method} {method.optimizer_reason}; it needs "
+                              f"--optimizer={method.optimizer}, got --optimizer={self.optimizer}.")
+    if not method.ungrouped_lr and self.ungrouped_lr is not None:
       raise errors.InputError(f"--method={self.method} has one learning rate for every "
                               "parameter: drop --ungrouped_lr.")
-    if self.method == "exp_lr":
-      if self.optimizer != "sgd":
-        raise errors.InputError("--method=exp_lr is SGD's twin of coupled L2 (Li & Arora 2019); it "
-                         f"needs --optimizer=sgd, got --optimizer={self.optimizer}.")
-      if self.schedule != "constant":
-        raise errors.InputError("--method=exp_lr replaces a constant learning rate with its "
-                         "exponentially growing equivalent; it needs --schedule=constant, got "
-                         f"--schedule={self.schedule}.")
+    if method.schedule is not None and self.schedule != method.schedule:
+      raise errors.InputError(f"--method={self.method} {method.schedule_reason}; it needs "
+                              f"--schedule={method.schedule}, got --schedule={self.schedule}.")
     for name in ("train_size", "test_size", "width"):
       value = getattr(self, name)
       if value is not None and not value > 0:
         raise errors.InputError(f"--{name} must be > 0, got {value}.")
     if self.lam is not None:
-      if self.method not in LAM_METHODS:
+      if not method.lam:
         raise errors.InputError(
             f"--lam={self.lam} has no meaning with --method={self.method}: "
             f"{self.method} keeps no L2 coefficient. Drop --lam, or use --method=l2 "
@@ -157,16 +147,7 @@ _HELP = {
     "model": f"Network: one of {', '.join(MODELS)}.",
     "norm": f"Normalization: one of {', '.join(NORMS)}.",
     "width": "Base width (channels of the first stage); default: the model's own.",
-    "method": "What to do with the scale-invariant weights: l2 (coupled, loss + lam*||w||^2), "
-              "decoupled (optax add_decayed_weights, +lam*w), spherical (unit norm, no lam), "
-              "elr_rescale (update * ||w||^p), tangent (radial part of the update removed), "
-              "exp_lr (no L2; their learning rate grows as lr*rho^(-2t-1), the exact twin of "
-              "l2 with the same --lam: Li & Arora 2019), rotational (Kosson et al. 2024: norm "
-              "kept, each unit turned by the equilibrium angle of l2 (sgd) or AdamW (adam) "
-              "with this --lam), adamp (AdamP/SGDP: radial part removed, decay --lam x 0.1), "
-              "nero (Nero: balanced units, relative steps of angle ~lr; --optimizer and "
-              "--momentum unused), hyperball (AdamH: normalized Adam step on a fixed-norm "
-              "sphere; --optimizer=adam), none.",
+    "method": methods_lib.help_text(),
     "optimizer": f"Base optimizer: one of {', '.join(OPTIMIZERS)}.",
     "lr": "Peak learning rate (> 0).",
     "momentum": "Heavy-ball momentum for SGD (Adam uses its own b1).",
