@@ -213,6 +213,8 @@ def _data_source(tfds, name: str, data_dir: Optional[str]):
     pass
   builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   probe_download(name, sorted(builder.url_infos or {}))
+  # Preparing needs TensorFlow (the tfds extra): say so before the download, not after it.
+  import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
   root = epath.Path(builder.data_dir).parent.parent  # DATA_DIR/name/version
   before = _folders(root)
   try:
