@@ -79,12 +79,8 @@ def measure(layers: int, width: int, batch: int, seq_len: int, rounds: int) -> d
   built = tf_lib.detected(batch, seq_len=seq_len, layers=layers, width=width, heads=4)
   graphdef, params, tokens, groups = (built[k] for k in ("graphdef", "params", "tokens",
                                                          "groups"))
-  out = {"layers": layers, "width": width, "params": built["params_count"],
-         "load_average_at_start": load, "leaves": built["leaves"], "grouped": built["grouped"],
-         "tokens_per_step": batch * seq_len, "detection_s": built["detection_s"],
-         "fwd_bwd_first_s": built["fwd_bwd_first_s"],
-         "detection_ratio": built["detection_s"] / built["fwd_bwd_first_s"],
-         "variants": {}}
+  out = {**_detection_fields(layers, width, built), "load_average_at_start": load,
+         "leaves": built["leaves"], "tokens_per_step": batch * seq_len, "variants": {}}
 
   def build(name):
     tx, extra = optimizer(name, groups)
@@ -279,7 +275,12 @@ def detection(size: str, only: Sequence[tuple[int, int]] = ()) -> list[dict]:
 
 def _one_detection(layers: int, width: int, batch: int, seq_len: int) -> dict:
   from benchmarks import transformer as tf_lib  # pylint: disable=g-import-not-at-top
-  built = tf_lib.detected(batch, seq_len=seq_len, layers=layers, width=width, heads=4)
+  return _detection_fields(layers, width, tf_lib.detected(batch, seq_len=seq_len, layers=layers,
+                                                          width=width, heads=4))
+
+
+def _detection_fields(layers: int, width: int, built: dict) -> dict:
+  """The model's size and its detection time against the first forward-backward call."""
   return {"layers": layers, "width": width, "params": built["params_count"],
           "grouped": built["grouped"], "detection_s": built["detection_s"],
           "fwd_bwd_first_s": built["fwd_bwd_first_s"],

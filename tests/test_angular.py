@@ -15,6 +15,7 @@ import pytest
 
 import normreg
 from normreg import angular
+import test_transforms
 
 
 def test_balance_centres_and_normalizes_every_group():
@@ -80,14 +81,9 @@ def _changing_groups():
   return groups
 
 
-UPDATE_NAMED = {
-    "rotational": lambda g: normreg.rotational(optax.sgd(0.1), g, 0.01),
-    "adamp": lambda g: normreg.adamp(0.1, g),
-    "sgdp": lambda g: normreg.sgdp(0.1, g),
-    "nero": lambda g: normreg.nero(0.1, g),
-    "adamh": lambda g: normreg.adamh(0.1, g),
-    "add_corrected_decayed_weights": lambda g: normreg.add_corrected_decayed_weights(0.1, 0.1, g),
-}
+# The angular family's factories, as test_transforms names every public transform.
+UPDATE_NAMED = {name: test_transforms._NAMED[name] for name in (  # pylint: disable=protected-access
+    "rotational", "adamp", "sgdp", "nero", "adamh", "add_corrected_decayed_weights")}
 
 
 @pytest.mark.parametrize("name", sorted(UPDATE_NAMED))
