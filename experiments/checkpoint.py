@@ -83,7 +83,8 @@ class Manager:
         aside = self._move_aside(bad)
         logging.warning("checkpoint %d in %s cannot be restored (%s); moved to %s, resuming "
                         "from step %d.", bad, self.directory, _short(e), aside, step)
-      self._manager.reload()
+      if failed:  # orbax's list of steps still holds the ones moved aside
+        self._manager.reload()
       return state
     if failed:
       raise errors.InputError(
