@@ -557,7 +557,10 @@ def test_nero():
 
 
 def test_adamh():
-  lr, lr_free = 0.05, 0.01
+  # Both rates are schedules, linear from (0.05, 0.01) to a fifth of that over STEPS: step t
+  # uses the rate at t (the step count before the update).
+  lr = lambda t: 0.05 * (1 - 0.8 * t / STEPS)
+  lr_free = lambda t: 0.01 * (1 - 0.8 * t / STEPS)
 
   def ref(t, p, g, state):
     if t == 0:
@@ -567,13 +570,15 @@ def test_adamh():
       u = _np_adam(state, k, g[k], t)
       if _grouped(k):
         r0 = state["r0"][k]
-        stepped = w - lr * r0 * u / _np_norm(k, u)
+        stepped = w - lr(t) * r0 * u / _np_norm(k, u)
         out[k] = r0 * stepped / _np_norm(k, stepped)
       else:
-        out[k] = w - lr_free * u
+        out[k] = w - lr_free(t) * u
     return out, state
 
-  ours = _run_normreg(normreg.adamh(lr, GROUPS, ungrouped_learning_rate=lr_free))
+  ours = _run_normreg(normreg.adamh(optax.linear_schedule(0.05, 0.01, STEPS), GROUPS,
+                                    ungrouped_learning_rate=optax.linear_schedule(
+                                        0.01, 0.002, STEPS)))
   _assert_same(ours, _run_reference(ref), rtol=5e-5, atol=5e-6)
 
 
