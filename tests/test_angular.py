@@ -203,8 +203,10 @@ def _cosine_case(unit_axis=-1):
   """Leaves that take each branch of the cosine test: "unit" (g orthogonal to w per unit),
   "layer" (only as a whole), "none", "tie" (|cos| = delta / sqrt(fan-in) exactly, with
   delta = 0.05 sqrt(5): not below, so not projected), "bias" (1-D, g orthogonal to it:
-  never projected), and "small" ("none" scaled by 0.01: norms below 1, where a wrong eps
-  of 1 would decide differently)."""
+  never projected), "small" ("none" scaled by 0.01: norms below 1, where a wrong eps
+  of 1 would decide differently), and "uneven" (three units of norm ~20 with g orthogonal,
+  one of norm ~0.2 with g along it: |cos| = 1 there, so "layer"; a unit's cosine divided
+  by the whole tensor's norm instead of the unit's would say "unit")."""
   rng = np.random.default_rng(7)
   w = {k: rng.standard_normal((5, 4)) for k in ("unit", "layer", "none")}
   g = {k: rng.standard_normal((5, 4)) for k in w}
@@ -213,6 +215,10 @@ def _cosine_case(unit_axis=-1):
   w["tie"], g["tie"] = np.eye(5)[:, :1], np.array([[1.0], [19.0], [6.0], [1.0], [1.0]])
   w["bias"], g["bias"] = np.array([1.0, 2.0, 0.0]), np.array([2.0, -1.0, 3.0])
   w["small"], g["small"] = 0.01 * w["none"], 0.01 * g["none"]
+  w["uneven"] = rng.standard_normal((5, 4)) * np.array([10.0, 10.0, 10.0, 0.1])
+  g["uneven"] = rng.standard_normal((5, 4))
+  g["uneven"] -= np.sum(g["uneven"] * w["uneven"], 0) / np.sum(w["uneven"] ** 2, 0) * w["uneven"]
+  g["uneven"][:, 3] = w["uneven"][:, 3]
   if unit_axis == 0:  # output-first layout: the same leaves, transposed
     w = {k: v.T for k, v in w.items()}
     g = {k: v.T for k, v in g.items()}
@@ -222,7 +228,7 @@ def _cosine_case(unit_axis=-1):
 def test_cosine_groups_takes_each_branch():
   w, g = _cosine_case()
   expected = {"unit": normreg.UNIT, "layer": normreg.TENSOR, "none": None, "tie": None,
-              "bias": None, "small": None}
+              "bias": None, "small": None, "uneven": normreg.TENSOR}
   assert normreg.cosine_groups(g, w) == expected  # the default delta, 0.1, and eps
   assert normreg.cosine_groups(g, w, delta=0.05 * np.sqrt(5))["tie"] is None
   # output-first layouts: the unit is axis 0
