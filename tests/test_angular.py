@@ -54,30 +54,6 @@ def test_bias_correction_is_one_minus_decay_to_the_count(x64):
     np.testing.assert_allclose(float(got), 3.0 / 0.19, rtol=1e-13 if x64 else 1e-6)
 
 
-_COUNTED = {  # each optimizer, and where its step counts are in its state
-    "adamp": (lambda: normreg.adamp(0.1, {"w": normreg.UNIT}), lambda s: [s[1], s[0].count]),
-    "sgdp": (lambda: normreg.sgdp(0.1, {"w": normreg.UNIT}), lambda s: [s[1]]),
-    "nero": (lambda: normreg.nero(0.1, {"w": normreg.UNIT}), lambda s: [s.count]),
-    "adamh": (lambda: normreg.adamh(0.1, {"w": normreg.UNIT}),
-              lambda s: [s.count, s.adam.count]),
-    "rotational": (lambda: normreg.rotational(optax.sgd(0.1), {"w": normreg.UNIT}, 0.1),
-                   lambda s: [s.count]),
-}
-
-
-@pytest.mark.parametrize("name", list(_COUNTED))
-def test_step_counts_stay_int32(name):
-  """Every step count in the state is int32 after init and after a step, as optax's own:
-  a float32 count stops at 2^24 (``float32(2**24) + 1 == 2**24``) and freezes a schedule."""
-  make, counts = _COUNTED[name]
-  tx = make()
-  params = {"w": jnp.ones((3, 2), jnp.float32)}
-  state = tx.init(params)
-  _, after = tx.update({"w": jnp.full((3, 2), 0.5, jnp.float32)}, state, params)
-  assert [(c.dtype, int(c)) for c in counts(state)] == [(jnp.int32, 0)] * len(counts(state))
-  assert [(c.dtype, int(c)) for c in counts(after)] == [(jnp.int32, 1)] * len(counts(after))
-
-
 @pytest.mark.parametrize("x64", [False, True])
 def test_hyperparameters_take_the_default_float_dtype(x64):
   """A float or a schedule of the step count, in float64 when JAX runs in float64."""
@@ -108,6 +84,29 @@ def _changing_groups():
 # The angular family's factories, as test_transforms names every public transform.
 UPDATE_NAMED = {name: test_transforms._NAMED[name] for name in (  # pylint: disable=protected-access
     "rotational", "adamp", "sgdp", "nero", "adamh", "add_corrected_decayed_weights")}
+
+
+# Where each optimizer keeps its step counts in its state (the optimizers: UPDATE_NAMED).
+_COUNTS = {
+    "adamp": lambda s: [s[1], s[0].count],
+    "sgdp": lambda s: [s[1]],
+    "nero": lambda s: [s.count],
+    "adamh": lambda s: [s.count, s.adam.count],
+    "rotational": lambda s: [s.count],
+}
+
+
+@pytest.mark.parametrize("name", list(_COUNTS))
+def test_step_counts_stay_int32(name):
+  """Every step count in the state is int32 after init and after a step, as optax's own:
+  a float32 count stops at 2^24 (``float32(2**24) + 1 == 2**24``) and freezes a schedule."""
+  tx = UPDATE_NAMED[name]({"w": normreg.UNIT})
+  params = {"w": jnp.ones((3, 2), jnp.float32)}
+  state = tx.init(params)
+  _, after = tx.update({"w": jnp.full((3, 2), 0.5, jnp.float32)}, state, params)
+  for s, step in ((state, 0), (after, 1)):
+    counts = _COUNTS[name](s)
+    assert [(c.dtype, int(c)) for c in counts] == [(jnp.int32, step)] * len(counts)
 
 
 @pytest.mark.parametrize("name", sorted(UPDATE_NAMED))
