@@ -19,9 +19,11 @@ from normreg.groups import TENSOR
 from normreg.groups import UNIT
 from normreg.groups import Group
 from normreg.groups import Invariance
+from normreg.groups import Sliced
 from normreg.groups import as_mask
 from normreg.groups import groups_from_rules
 from normreg.groups import param_paths
+from normreg.groups import sliced
 from normreg.groups import tensor
 from normreg.groups import unit
 from normreg.metrics import angular_update
@@ -31,6 +33,7 @@ from normreg.optimizers import scale_by_learning_rates
 from normreg.optimizers import sgd_l2
 from normreg.optimizers import spherical_adam
 from normreg.optimizers import spherical_sgd
+from normreg.penalty import add_decayed_weights
 from normreg.penalty import add_l2_penalty
 from normreg.reductions import rescale_groups
 from normreg.rescale import scale_by_weight_norm
@@ -56,12 +59,15 @@ __all__ = (
     "Invariance",
     "unit",
     "tensor",
+    "Sliced",
+    "sliced",
     "rescale_groups",
     "find_scale_invariant",
     "groups_from_rules",
     "as_mask",
     "param_paths",
     "add_l2_penalty",
+    "add_decayed_weights",
     "scale_by_weight_norm",
     "project_to_sphere",
     "ProjectToSphereState",

@@ -39,6 +39,7 @@ import optax
 from normreg import _checks
 from normreg import groups as groups_lib
 from normreg import reductions
+from normreg import slicing
 
 ScalarOrSchedule = optax.ScalarOrSchedule
 
@@ -85,6 +86,7 @@ class RotationalState(NamedTuple):
   radius: Any
 
 
+@slicing.honours_slices
 def rotational(inner: optax.GradientTransformation, groups: groups_lib.GroupsOrFn,
                target_angle: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e-8,
                zero_mean: bool = False) -> optax.GradientTransformationExtraArgs:
@@ -383,6 +385,7 @@ def _projected_decayed(caller: str, direction: Direction, learning_rate: ScalarO
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@slicing.honours_slices
 def adamp(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
           b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 0.0, wd_ratio: float = 0.1, nesterov: bool = False,
@@ -439,6 +442,7 @@ def adamp(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
                             groups, weight_decay, wd_ratio, heuristic, delta, eps, unit_axis)
 
 
+@slicing.honours_slices
 def sgdp(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
          momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
          wd_ratio: float = 0.1, heuristic: bool = False, delta: float = 0.1,
@@ -490,6 +494,7 @@ class NeroState(NamedTuple):
   scale: Any
 
 
+@slicing.honours_slices
 def nero(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
          b2: float = 0.999, eps: float = 0.0,
          zero_scale: float = 1e-2) -> optax.GradientTransformationExtraArgs:
@@ -623,10 +628,15 @@ def balance(params: Any, groups: groups_lib.GroupsOrFn | groups_lib.Resolved) ->
     >>> w.tolist()  # per unit (column): zero mean, unit norm
     [[-0.7071067690849304, -0.7071067690849304], [0.7071067690849304, 0.7071067690849304]]
   """
-  resolved = groups if isinstance(groups, groups_lib.Resolved) else groups_lib.resolve(
-      groups, params, "balance")
-  return _balanced(resolved, params, {p: jnp.ones_like(n) for p, n in
-                                      reductions.norms(resolved, params).items()})
+  if isinstance(groups, groups_lib.Resolved):
+    resolved, flat = groups, params
+  else:
+    groups = groups(params) if groups_lib.is_function(groups) else groups
+    flat_groups, flat = slicing.split(groups, params, caller="balance")
+    resolved = groups_lib.resolve(flat_groups, flat, "balance")
+  out = _balanced(resolved, flat, {p: jnp.ones_like(n) for p, n in
+                                   reductions.norms(resolved, flat).items()})
+  return out if isinstance(groups, groups_lib.Resolved) else slicing.merge(groups, out, params)
 
 
 # ---------------------------------------------------------------- Hyperball Adam
@@ -639,6 +649,7 @@ class HyperballState(NamedTuple):
   radius: Any
 
 
+@slicing.honours_slices
 def adamh(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
           b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           ungrouped_learning_rate: Optional[ScalarOrSchedule] = None
@@ -704,6 +715,7 @@ def adamh(learning_rate: ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
 # ------------------------------------------------------------ corrected weight decay
 
 
+@slicing.honours_slices
 def add_corrected_decayed_weights(weight_decay: float, learning_rate: ScalarOrSchedule,
                                   groups: groups_lib.GroupsOrFn,
                                   peak_learning_rate: Optional[float] = None

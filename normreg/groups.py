@@ -51,6 +51,7 @@ import re
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import jax
+import jax.numpy as jnp
 import optax
 from absl import logging
 
@@ -195,6 +196,81 @@ def _intern(group: Group) -> Group:
 UNIT = unit()
 TENSOR = tensor()
 
+
+@dataclasses.dataclass(frozen=True)
+class Sliced:
+  """Different groups for the slices of one leaf along an axis (a fused kernel).
+
+  Slice ``i`` is ``w.take(i, axis)``, the axis dropped, and ``groups[i]`` is its
+  group (or ``None``), written for the slice's shape. A fused q/k/v kernel
+  ``(3, heads, d, head_dim)`` behind QK-norm with no post-norm is
+  ``sliced(tensor(stack=1), tensor(stack=1), None)``: q and k per head, v not
+  invariant; a fused gate/up kernel ``(2, hidden, d)`` before a post-norm is
+  ``sliced(None, TENSOR)``. Every normreg transform, metric and rule reads it: the
+  slices are then leaves of their own, ``"path/0"``, ``"path/1"``, ... (see
+  :mod:`normreg.slicing`).
+
+  Attributes:
+    groups: one ``Group`` or ``None`` per slice.
+    axis: the axis the slices lie along (0, the leading axis, by default;
+      ``1`` behind a layer axis stacked by scan).
+  """
+
+  groups: Tuple[Optional[Group], ...]
+  axis: int = 0
+
+  def __post_init__(self):
+    groups = tuple(as_group(g, f"sliced: slice {i}") if not isinstance(g, Sliced) else g
+                   for i, g in enumerate(self.groups))
+    if any(isinstance(g, Sliced) for g in groups):
+      raise ValueError("sliced: a slice's group cannot itself be sliced; slice along one axis.")
+    if not groups:
+      raise ValueError("sliced: give one group (or None) per slice, got none.")
+    if not isinstance(self.axis, int) or isinstance(self.axis, bool):
+      raise ValueError(f"sliced: axis must be an integer, got {self.axis!r}.")
+    object.__setattr__(self, "groups", groups)
+
+  def slice_axis(self, ndim: int) -> int:
+    """The slicing axis of a leaf of ``ndim`` axes (``axis`` made non-negative)."""
+    return self.axis % ndim
+
+  def check_shape(self, shape: Sequence[int], where: str) -> None:
+    """Raises ``ValueError`` naming ``where`` unless a leaf of ``shape`` has one slice per
+    group along ``axis`` and each group fits the slice."""
+    shape = tuple(shape)
+    if not -len(shape) <= self.axis < len(shape) or shape[self.axis] != len(self.groups):
+      raise ValueError(
+          f"{where}: {self} gives {len(self.groups)} slices along axis {self.axis}, but the "
+          f"leaf has shape {shape}; give one group (or None) per slice along that axis.")
+    axis = self.slice_axis(len(shape))
+    part = shape[:axis] + shape[axis + 1:]
+    for i, g in enumerate(self.groups):
+      if g is not None:
+        g.check_shape(part, f"{where} slice {i}")
+
+  def __repr__(self) -> str:
+    args = [repr(g) if g is not None else "None" for g in self.groups]
+    return f"normreg.sliced({', '.join(args + ([f'axis={self.axis}'] if self.axis else []))})"
+
+  def __str__(self) -> str:
+    """One line: ``sliced(tensor stack=1 | tensor stack=1 | -)``."""
+    parts = " | ".join(str(g) if g is not None else "-" for g in self.groups)
+    return f"sliced({parts}{f'; axis={self.axis}' if self.axis else ''})"
+
+
+def sliced(*groups: Any, axis: int = 0) -> Sliced:
+  """Per-slice groups of a fused leaf: ``groups[i]`` for ``w.take(i, axis)``.
+
+  Examples:
+    >>> qkv = sliced(tensor(stack=1), tensor(stack=1), TENSOR)  # (3, heads, d, head_dim)
+    >>> print(qkv)
+    sliced(tensor stack=1 | tensor stack=1 | tensor)
+    >>> sliced(None, TENSOR)  # gate/up (2, hidden, d): the gate feeds a GeLU
+    normreg.sliced(None, normreg.TENSOR)
+  """
+  return Sliced(tuple(groups), axis)
+
+
 GroupLeaf = Optional[Group]
 Groups = Any  # A pytree shaped like the params with ``Group``/``None`` leaves.
 GroupsOrFn = Union[Groups, Callable[[Any], Groups]]
@@ -233,7 +309,7 @@ def param_paths(params: Any) -> list[str]:
 def as_group(value: Any, where: str) -> GroupLeaf:
   """``value`` as a :class:`Group` or ``None``; accepts ``Invariance`` and ``"unit"``/
   ``"tensor"`` too. Raises ``ValueError`` naming ``where`` otherwise."""
-  if value is None:
+  if value is None or isinstance(value, Sliced):
     return value
   if isinstance(value, Group):
     return _intern(value)
@@ -241,7 +317,7 @@ def as_group(value: Any, where: str) -> GroupLeaf:
     return _intern(Group(Invariance(value)))
   raise ValueError(
       f"{where}: a group must be normreg.UNIT, normreg.TENSOR, normreg.unit(...), "
-      f"normreg.tensor(...) or None, got {value!r}.")
+      f"normreg.tensor(...), normreg.sliced(...) or None, got {value!r}.")
 
 
 # ------------------------------------------------------------------------ rules
@@ -297,8 +373,7 @@ def groups_from_rules(params: Any, rules: Rules, *, log: bool = True) -> Groups:
       match = regex.fullmatch(name)
       if match:
         used[i] = True
-        if group is not None and group.joint is not None:
-          group = dataclasses.replace(group, joint=match.expand(group.joint))
+        group = _expand_joint(group, match)
         if log:
           logging.info("normreg groups: %-40s %-8s (rule %r)", name,
                        str(group) if group else "None", rules[i][0])
@@ -316,8 +391,18 @@ def groups_from_rules(params: Any, rules: Rules, *, log: bool = True) -> Groups:
     raise ValueError(
         f"groups_from_rules: no rule covers parameter(s) {uncovered}; "
         "add a rule for them, or end the rules with ('.*', None).")
-  resolve(groups, params, "groups_from_rules")
+  from normreg import slicing  # pylint: disable=g-import-not-at-top (it imports this module)
+  resolve(*slicing.split(groups, params, caller="groups_from_rules"), "groups_from_rules")
   return groups
+
+
+def _expand_joint(group: Any, match: re.Match) -> Any:
+  """``group`` with its joint tag (each slice's, for :class:`Sliced`) expanded by ``match``."""
+  if isinstance(group, Sliced):
+    return dataclasses.replace(group, groups=tuple(_expand_joint(g, match) for g in group.groups))
+  if group is not None and group.joint is not None:
+    return dataclasses.replace(group, joint=match.expand(group.joint))
+  return group
 
 
 # -------------------------------------------------------------------- resolving
@@ -386,6 +471,11 @@ def resolve(groups: GroupsOrFn, params: Any, caller: str) -> Resolved:
   for path, group in by_path.items():
     if group is None:
       continue
+    if isinstance(group, Sliced):
+      raise ValueError(
+          f"{caller}: {path!r} is grouped per slice, {group}, and {caller} reads whole-leaf "
+          "groups; split the slices into leaves first (normreg.slicing.split), as every "
+          "public normreg transform and metric does.")
     grouped[path] = group
     if group.joint is not None:
       members.setdefault(group.joint, []).append(path)
@@ -448,7 +538,15 @@ def as_mask(groups: Groups) -> Any:
     >>> float(updates["kernel"][0, 0]), float(updates["scale"][0])
     (0.5, 0.0)
   """
-  return jax.tree.map(lambda g: g is not None, groups, is_leaf=_is_none)
+  def leaf(path, g):
+    if isinstance(g, Sliced):
+      raise ValueError(
+          f"as_mask: {path_str(path)!r} is grouped per slice, {g}; a boolean mask takes or "
+          "leaves whole leaves. Decay the grouped slices with normreg.add_decayed_weights(wd, "
+          "groups) (optax's convention, +wd*w) or normreg.add_l2_penalty(lam, groups).")
+    return g is not None
+
+  return jax.tree_util.tree_map_with_path(leaf, groups, is_leaf=_is_none)
 
 
 def mask_like(groups: GroupsOrFn, tree: Any) -> Any:
@@ -478,6 +576,13 @@ def map_grouped(fn: Callable[..., Any], groups: GroupsOrFn, tree: Any, *rest: An
     group = by_path.get(path_str(path))
     if group is None or _leaf_or_masked(leaf):
       return leaf
+    if isinstance(group, Sliced):
+      group.check_shape(leaf.shape, f"map_grouped: {path_str(path)!r}")
+      axis = group.slice_axis(leaf.ndim)
+      take = lambda x, i: x if _leaf_or_masked(x) else jnp.take(x, i, axis)
+      return jnp.stack([leaf_i if g is None else fn(g, leaf_i, *(take(o, i) for o in others))
+                        for i, (g, leaf_i) in enumerate(
+                            (g, take(leaf, i)) for i, g in enumerate(group.groups))], axis)
     return fn(group, leaf, *others)
 
   return jax.tree_util.tree_map_with_path(f, tree, *rest, is_leaf=_leaf_or_masked)

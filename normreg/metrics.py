@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from normreg import groups as groups_lib
 from normreg import reductions
+from normreg import slicing
 
 compute_dtype = reductions.compute_dtype
 
@@ -43,9 +44,20 @@ def _per_leaf(values: dict, params: Any) -> Any:
       is_leaf=groups_lib._leaf_or_masked)
 
 
+def _split(groups: groups_lib.GroupsOrFn, caller: str, params: Any, *more: Any):
+  """``(groups, resolved, split trees, back)``: per-slice groups split into leaves
+  (:mod:`normreg.slicing`), and ``back(values)`` the per-group values in ``params``'
+  structure (a tuple of per-slice values at a sliced leaf)."""
+  groups = groups(params) if groups_lib.is_function(groups) else groups
+  flat_groups, *trees = slicing.split(groups, params, *more, caller=caller)
+  resolved = groups_lib.resolve(flat_groups, trees[0], caller)
+  back = lambda values: slicing.merge(groups, _per_leaf(values, trees[0]), params, stack=False)
+  return resolved, trees, back
+
+
 def _norms(params: Any, groups: groups_lib.GroupsOrFn, caller: str) -> Any:
-  resolved = groups_lib.resolve(groups, params, caller)
-  return _per_leaf(reductions.norms(resolved, params), params)
+  resolved, (flat,), back = _split(groups, caller, params)
+  return back(reductions.norms(resolved, flat))
 
 
 def unit_norms(params: Any, groups: groups_lib.GroupsOrFn) -> Any:
@@ -99,7 +111,7 @@ def angular_update(before: Any, after: Any, groups: groups_lib.GroupsOrFn) -> An
     >>> round(float(normreg.angular_update(a, b, {"w": normreg.TENSOR})["w"]), 6)
     0.785398
   """
-  resolved = groups_lib.resolve(groups, before, "angular_update")
+  resolved, (before, after), back = _split(groups, "angular_update", before, after)
   n_before = reductions.norms(resolved, before)
   n_after = reductions.norms(resolved, after)
 
@@ -112,4 +124,4 @@ def angular_update(before: Any, after: Any, groups: groups_lib.GroupsOrFn) -> An
   diff = reductions.group_sums(resolved, lambda a, b: jnp.square(a - b), u, v)
   summ = reductions.group_sums(resolved, lambda a, b: jnp.square(a + b), u, v)
   angles = {p: 2 * jnp.arctan2(jnp.sqrt(diff[p]), jnp.sqrt(summ[p])) for p in diff}
-  return _per_leaf(angles, before)
+  return back(angles)

@@ -24,6 +24,7 @@ from normreg import _checks
 from normreg import groups as groups_lib
 from normreg import penalty
 from normreg import rescale
+from normreg import slicing
 from normreg import sphere
 
 
@@ -31,6 +32,7 @@ def _check_lr(learning_rate: Any, caller: str) -> None:
   _checks.positive("learning_rate", learning_rate, caller)
 
 
+@slicing.honours_slices
 def scale_by_learning_rates(learning_rate: optax.ScalarOrSchedule,
                             groups: groups_lib.GroupsOrFn,
                             ungrouped_learning_rate: Optional[optax.ScalarOrSchedule] = None,
@@ -90,6 +92,7 @@ def _momentum(momentum: Any, nesterov: bool) -> optax.GradientTransformation:
   return optax.trace(decay=momentum, nesterov=nesterov)
 
 
+@slicing.honours_slices
 def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib.GroupsOrFn,
            momentum: float = 0.0, nesterov: bool = False,
            ungrouped_learning_rate: Optional[optax.ScalarOrSchedule] = None
@@ -144,6 +147,7 @@ def sgd_l2(learning_rate: optax.ScalarOrSchedule, lam: float, groups: groups_lib
   ))
 
 
+@slicing.honours_slices
 def spherical_sgd(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
                   momentum: float = 0.0, nesterov: bool = False,
                   ungrouped_learning_rate: Optional[optax.ScalarOrSchedule] = None
@@ -196,6 +200,7 @@ def spherical_sgd(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.Grou
   ))
 
 
+@slicing.honours_slices
 def spherical_adam(learning_rate: optax.ScalarOrSchedule, groups: groups_lib.GroupsOrFn,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    eps_root: float = 0.0, mu_dtype: Optional[Any] = None,

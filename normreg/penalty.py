@@ -6,12 +6,15 @@ Two conventions exist for "weight decay" and normreg names both:
   ``lam * ||w||^2``, so the gradient gains ``2 * lam * w``; it then goes through
   the optimizer like the rest of the gradient (momentum, Adam's scaling).
 - *decoupled weight decay* (PyTorch's ``weight_decay``, Loshchilov & Hutter
-  2019): ``optax.add_decayed_weights(wd, mask=normreg.as_mask(groups))`` adds
-  ``wd * w`` to the update. Placed before ``optax.sgd``'s scaling it equals
-  coupled L2 with ``lam = wd / 2`` for plain SGD; inside ``optax.adamw`` it is
-  applied after Adam's scaling and multiplied by the learning rate.
+  2019): :func:`add_decayed_weights` adds ``wd * w`` to the update. Placed
+  before ``optax.sgd``'s scaling it equals coupled L2 with ``lam = wd / 2`` for
+  plain SGD; after Adam's scaling, as inside ``optax.adamw``, it is multiplied
+  by the learning rate.
 
-normreg does not rewrite the second: use optax's transform with our mask.
+The second is optax's own ``optax.add_decayed_weights`` masked to the grouped
+leaves (``mask=normreg.as_mask(groups)`` does the same where no leaf is grouped
+per slice); :func:`add_decayed_weights` adds the per-slice groups of fused
+kernels, whose slices a boolean mask cannot tell apart.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import optax
 
 from normreg import _checks
 from normreg import groups as groups_lib
+from normreg import slicing
 
 
+@slicing.honours_slices
 def add_l2_penalty(lam: Any, groups: groups_lib.GroupsOrFn) -> optax.GradientTransformationExtraArgs:
   """Adds the gradient of ``lam * ||w||^2`` on the grouped weights (coupled L2).
 
@@ -70,3 +75,44 @@ def add_l2_penalty(lam: Any, groups: groups_lib.GroupsOrFn) -> optax.GradientTra
   return groups_lib.stateless_on_groups(
       "add_l2_penalty", groups,
       lambda _, u, w: u + jnp.asarray(2 * lam, u.dtype) * w.astype(u.dtype))
+
+
+@slicing.honours_slices
+def add_decayed_weights(weight_decay: Any,
+                        groups: groups_lib.GroupsOrFn) -> optax.GradientTransformationExtraArgs:
+  """Adds ``weight_decay * w`` to the update of the grouped weights (decoupled decay).
+
+  .. math::
+
+    u_i \\leftarrow u_i + \\mathrm{wd}\\, w_i \\quad \\text{for grouped } w_i, \\qquad
+    u_j \\leftarrow u_j \\quad \\text{otherwise},
+
+  optax's (and PyTorch's) convention: ``optax.add_decayed_weights(wd, mask)`` with the
+  mask of the groups, on which it is built. Per-slice groups
+  (:func:`normreg.sliced`) decay only their grouped slices: AdamW that decays exactly
+  the scale-invariant weights of a fused q/k/v kernel is
+  ``optax.chain(optax.scale_by_adam(), add_decayed_weights(wd, groups),
+  optax.scale_by_learning_rate(lr))``.
+
+  Args:
+    weight_decay: ``wd >= 0`` (float or scalar array).
+    groups: groups pytree, or a callable ``params -> groups``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with empty state; it needs ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, normreg
+    >>> params = {"gate_up": jnp.ones((2, 3, 4))}
+    >>> groups = {"gate_up": normreg.sliced(None, normreg.TENSOR)}  # the gate: not invariant
+    >>> tx = normreg.add_decayed_weights(0.5, groups)
+    >>> updates, _ = tx.update({"gate_up": jnp.zeros((2, 3, 4))}, tx.init(params), params)
+    >>> updates["gate_up"][:, 0, 0].tolist()
+    [0.0, 0.5]
+
+  References:
+    Loshchilov & Hutter, *Decoupled weight decay regularization*, 2019.
+  """
+  _checks.non_negative("weight_decay", weight_decay, "add_decayed_weights")
+  return groups_lib.checked_at_init("add_decayed_weights", groups, optax.add_decayed_weights(
+      weight_decay, mask=lambda params: groups_lib.mask_like(groups, params)))

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from normreg import groups as groups_lib
+from normreg import slicing
 
 # Smallest squared norm a unit may have before we treat it as zero: the square
 # root's gradient at 0 is inf, so we clamp with jnp.where (as optax.safe_norm).
@@ -136,7 +137,9 @@ def rescale_groups(params: Any, groups: groups_lib.GroupsOrFn,
     >>> scaled["kernel"].tolist(), scaled["bias"].tolist()
     ([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], [1.0, 1.0, 1.0])
   """
-  resolved = groups_lib.resolve(groups, params, "rescale_groups")
+  groups = groups(params) if groups_lib.is_function(groups) else groups
+  flat_groups, flat = slicing.split(groups, params, caller="rescale_groups")
+  resolved = groups_lib.resolve(flat_groups, flat, "rescale_groups")
   drawn = {}
 
   def scale(path, group, w):
@@ -148,7 +151,7 @@ def rescale_groups(params: Any, groups: groups_lib.GroupsOrFn,
     f = expand(group, jnp.broadcast_to(f, resolved.group_shapes[path]), w.shape)
     return (w.astype(compute_dtype(w.dtype)) * f).astype(w.dtype)
 
-  return map_groups(scale, resolved, params)
+  return slicing.merge(groups, map_groups(scale, resolved, flat), params)
 
 
 def tangential(resolved: groups_lib.Resolved, updates: Any, params: Any,

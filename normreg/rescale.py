@@ -15,8 +15,10 @@ import optax
 
 from normreg import groups as groups_lib
 from normreg import reductions
+from normreg import slicing
 
 
+@slicing.honours_slices
 def scale_by_weight_norm(groups: groups_lib.GroupsOrFn,
                          power: float = 2) -> optax.GradientTransformationExtraArgs:
   """Multiplies each unit's (or tensor's) update by ``||w||**power``.

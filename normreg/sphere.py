@@ -21,6 +21,7 @@ import optax
 from normreg import _checks
 from normreg import groups as groups_lib
 from normreg import reductions
+from normreg import slicing
 
 
 class ProjectToSphereState(NamedTuple):
@@ -35,6 +36,7 @@ class ProjectToSphereState(NamedTuple):
   radius: Any
 
 
+@slicing.honours_slices
 def project_to_sphere(groups: groups_lib.GroupsOrFn,
                       radius: Union[float, str] = 1.0) -> optax.GradientTransformationExtraArgs:
   """Puts each grouped unit (or tensor) back on the sphere after the step.
@@ -121,6 +123,7 @@ def project_to_sphere(groups: groups_lib.GroupsOrFn,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@slicing.honours_slices
 def tangent_projection(groups: groups_lib.GroupsOrFn) -> optax.GradientTransformationExtraArgs:
   """Removes the radial component of each unit's update (the part along ``w``).
 

@@ -488,6 +488,7 @@ def test_inject_hyperparams_equals_plain_transform(name):
 # params (the first thing a user reads), at init or at the first update.
 _NAMED = {
     "add_l2_penalty": lambda g: normreg.add_l2_penalty(0.1, g),
+    "add_decayed_weights": lambda g: normreg.add_decayed_weights(0.1, g),
     "scale_by_weight_norm": lambda g: normreg.scale_by_weight_norm(g),
     "project_to_sphere": lambda g: normreg.project_to_sphere(g),
     "tangent_projection": lambda g: normreg.tangent_projection(g),

@@ -1,0 +1,174 @@
+"""Per-slice groups: a fused leaf read as one leaf per slice.
+
+A fused kernel holds slices whose invariances differ: q/k/v stacked as
+``(3, heads, d, head_dim)`` behind QK-norm (q and k per head, v not at all,
+or as a whole behind a post-norm), gate/up as ``(2, hidden, d)`` (the gate
+feeds a non-linearity, up is invariant behind a post-norm). Its group is a
+:class:`normreg.groups.Sliced`: one group (or ``None``) per slice
+``w.take(i, axis)``.
+
+Every public transform and metric reads such groups the same way: the trees
+it is given are *split*, each sliced leaf becoming a tuple of its slices (paths
+``"path/0"``, ``"path/1"``, ...) in a flat ``{path: leaf}`` dict, and the
+transform then runs on that as on any params; its updates are stacked back
+along the axis (:func:`merge`). So a slice is, for every norm, projection,
+decay, optimizer state and metric, exactly a leaf of its own, and an ungrouped
+slice (the gate) gets what an ungrouped leaf gets (the base optimizer's step).
+Groups with no :class:`~normreg.groups.Sliced` leaf are never split: those
+transforms are the very same objects as before.
+
+The split is a few ``jnp.take``/``jnp.stack`` per fused leaf inside the
+jitted step; XLA fuses them into the update.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from normreg import groups as groups_lib
+
+Sliced = groups_lib.Sliced
+
+__all__ = ("has_slices", "split", "merge", "expanded", "honours_slices")
+
+
+def has_slices(groups: Any) -> bool:
+  """Whether a groups pytree holds a :class:`~normreg.groups.Sliced` leaf."""
+  return any(isinstance(g, Sliced)
+             for g in jax.tree.leaves(groups, is_leaf=groups_lib._is_none))
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=groups_lib._leaf_or_masked)
+  return {groups_lib.path_str(p): x for p, x in leaves}
+
+
+def split(groups: groups_lib.Groups, *trees: Any, caller: str) -> tuple[Any, ...]:
+  """``(groups', *trees')``: flat ``{path: leaf}`` dicts in which each sliced leaf is a tuple
+  of its slices (and its group the tuple of their groups).
+
+  Groups without slices come back unchanged, with the trees. A leaf that is ``None`` or
+  ``optax.MaskedNode`` is repeated once per slice. Raises ``ValueError`` naming
+  ``caller`` and the leaf where a :class:`~normreg.groups.Sliced` spec does not fit the
+  first tree's shape.
+  """
+  if not has_slices(groups):
+    return (groups, *trees)
+  by_path = groups_lib.groups_by_path(groups, caller)
+  flats = [_flat(t) for t in trees]
+  for path, spec in by_path.items():
+    if isinstance(spec, Sliced):
+      for flat in flats:
+        if path in flat and not groups_lib._leaf_or_masked(flat[path]):
+          spec.check_shape(jnp.shape(flat[path]), f"{caller}: {path!r}")
+
+  def cut(path, x):
+    spec = by_path.get(path)
+    if not isinstance(spec, Sliced):
+      return x
+    if groups_lib._leaf_or_masked(x):
+      return tuple(x for _ in spec.groups)
+    axis = spec.slice_axis(jnp.ndim(x))
+    return tuple(jnp.take(x, i, axis) for i in range(len(spec.groups)))
+
+  flat_groups = {p: g.groups if isinstance(g, Sliced) else g for p, g in by_path.items()}
+  return (flat_groups, *({p: cut(p, x) for p, x in flat.items()} for flat in flats))
+
+
+def merge(groups: groups_lib.Groups, flat: dict[str, Any], like: Any,
+          stack: bool = True) -> Any:
+  """``flat`` (as :func:`split` gives) put back in ``like``'s structure.
+
+  With ``stack``, each sliced leaf's slices are stacked back along its axis (updates,
+  params); without, the tuple is kept (per-slice metrics of different shapes). A sliced
+  leaf whose slices are all ``None``/``optax.MaskedNode`` comes back as ``like``'s leaf.
+  """
+  if not has_slices(groups):
+    return flat
+  by_path = groups_lib.groups_by_path(groups, "merge")
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=groups_lib._leaf_or_masked)
+  out = []
+  for p, x in leaves:
+    path = groups_lib.path_str(p)
+    value = flat[path]
+    spec = by_path.get(path)
+    if isinstance(spec, Sliced) and stack:
+      if all(groups_lib._leaf_or_masked(v) for v in value):
+        value = x
+      else:
+        value = jnp.stack(value, spec.slice_axis(jnp.ndim(x)))
+    out.append(value)
+  return treedef.unflatten(out)
+
+
+def expanded(groups: groups_lib.Groups, params: Any, caller: str) -> groups_lib.Groups:
+  """The groups of the split params: ``groups`` itself without slices, else the flat
+  ``{path: group}`` with a tuple per sliced leaf (for code that walks groups by path)."""
+  return split(groups, params, caller=caller)[0]
+
+
+def honours_slices(factory: Callable[..., optax.GradientTransformation]
+                   ) -> Callable[..., optax.GradientTransformationExtraArgs]:
+  """Wraps a transform factory with a ``groups`` argument so that it takes per-slice groups.
+
+  Where the groups (or ``groups(params)``, for a function) hold no
+  :class:`~normreg.groups.Sliced` leaf, the factory's own transform is returned, or
+  used, unchanged. Otherwise ``init`` and ``update`` run the factory's transform on the
+  :func:`split` trees, built with the split groups, and ``update`` stacks the updates back
+  (:func:`merge`): the state is the split tree's. Builds on
+  ``optax.GradientTransformationExtraArgs``: extra arguments pass through.
+  """
+  signature = inspect.signature(factory)
+  name = factory.__name__
+
+  @functools.wraps(factory)
+  def wrapped(*args, **kwargs):
+    bound = signature.bind(*args, **kwargs)
+    groups = bound.arguments["groups"]
+    plain = optax.with_extra_args_support(factory(*args, **kwargs))
+    dynamic = groups_lib.is_function(groups)
+    if not dynamic and not has_slices(groups):
+      return plain
+
+    @functools.lru_cache(maxsize=8)
+    def on_split(flat_groups_key):
+      arguments = dict(bound.arguments)
+      arguments["groups"] = dict(flat_groups_key)
+      call = signature.bind(**arguments)
+      return optax.with_extra_args_support(factory(*call.args, **call.kwargs))
+
+    def parts(params):
+      g = groups(params) if dynamic else groups
+      if not has_slices(g):
+        return None, None
+      flat_groups = expanded(g, params, name)
+      return g, on_split(tuple(sorted(flat_groups.items())))
+
+    def init_fn(params):
+      g, tx = parts(params)
+      if g is None:
+        return plain.init(params)
+      return tx.init(split(g, params, caller=name)[1])
+
+    def update_fn(updates, state, params=None, **extra_args):
+      if dynamic and params is None:  # the factory's own transform says params are needed
+        return plain.update(updates, state, params, **extra_args)
+      g, tx = parts(params if params is not None else updates)
+      if g is None:
+        return plain.update(updates, state, params, **extra_args)
+      if params is None:
+        (_, flat_updates), flat_params = split(g, updates, caller=name), None
+      else:
+        _, flat_updates, flat_params = split(g, updates, params, caller=name)
+      new, state = tx.update(flat_updates, state, flat_params, **extra_args)
+      return merge(g, new, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+  return wrapped
