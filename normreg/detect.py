@@ -32,19 +32,29 @@ all-zero leaf).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from normreg import epsilon
 from normreg import groups as groups_lib
 
 # Random output directions r; each adds a VJP to the one compiled program.
 PROBES = 2
+# The normalizations' epsilons are multiplied by this for "as eps -> 0" (normreg.epsilon):
+# 1e-6 becomes 1e-14, far below the mean square of any activation at a small init, while a
+# normalized zero row stays 0 rather than NaN.
+EPS_LIMIT = 1e-8
+# A leaf whose first (or second) axis has this many entries or fewer, and two or more axes
+# besides, is also tried per slice along it: fused q/k/v (3, ...) and gate/up (2, ...)
+# kernels, and the same behind a layer axis stacked by scan.
+MAX_SLICES = 8
 # Siblings tried together as one joint group, at most.
 MAX_JOINT = 4
 # A joint member may hold one element per group (a bias beside a kernel's units): the
@@ -206,6 +216,98 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   References:
     van Laarhoven, 2017 (arXiv 1706.05350), sec. 2.
   """
+  return scale_invariance_report(fn, params, *args, seed=seed, rtol=rtol, joint=joint,
+                                 unit_axis=unit_axis, **kwargs).groups
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafReport:
+  """What detection decided for one parameter leaf, and why.
+
+  Attributes:
+    path: the leaf's ``"/"``-joined path.
+    shape: its shape.
+    group: the decision: a ``Group``, a :class:`~normreg.groups.Sliced` or ``None``.
+    reason: ``"invariant"``, ``"per slice"``, ``"joint"``, ``"not invariant"``,
+      ``"no effect"`` or ``"not floating"``.
+    effect: ``|J d| / |f|``, how much the leaf moves ``fn`` at all.
+    candidates: ``((group, ratio), ...)``, every uniform grouping tried, finest first,
+      with its violation ratio ``rms <J^T r, w>_G / rms <J^T r, d>_G`` as the
+      normalizations' epsilons go to 0; a grouping passes at ``ratio <= rtol``.
+    slices: for a leaf tried per slice (along its first or second axis: fused
+      kernels, scanned or not), each slice's ``(group, ratio)`` (its finest passing
+      grouping, or ``(None, None)``), along the axis whose slices make the most groups;
+      else ``()``.
+    ratio_at_eps: the decision's violation ratio at the model's own epsilons (the
+      largest over slices and joint members); above ``rtol`` where an epsilon dominates
+      its normalization's input. ``None`` where nothing is grouped or no epsilon was found.
+  """
+
+  path: str
+  shape: tuple
+  group: Any
+  reason: str
+  effect: float = 0.0
+  candidates: tuple = ()
+  slices: tuple = ()
+  ratio_at_eps: Optional[float] = None
+
+  def __str__(self) -> str:
+    ratios = dict(self.candidates)
+    ratio = ratios.get(self.group) if not isinstance(self.group, groups_lib.Sliced) else max(
+        r for _, r in self.slices if r is not None)
+    figures = (f"ratio {ratio:.1e}" if ratio is not None else "") + (
+        f", at the model's eps {self.ratio_at_eps:.1e}" if self.ratio_at_eps is not None else "")
+    return f"{self.path:40s} {str(self.group or '-'):32s} {self.reason:13s} {figures}".rstrip()
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+  """The result of :func:`scale_invariance_report`: the groups and each leaf's decision.
+
+  Attributes:
+    groups: the groups pytree (what :func:`find_scale_invariant` returns).
+    leaves: ``{path: LeafReport}``.
+    epsilons: how many normalization epsilons were found and sent to 0
+      (:mod:`normreg.epsilon`).
+    rtol: the tolerance the decisions used.
+  """
+
+  groups: Any
+  leaves: dict
+  epsilons: int
+  rtol: float
+
+  def eps_dominated(self) -> list[str]:
+    """Paths of grouped leaves whose invariance does not hold at the model's own epsilons
+    at these params: their normalizations' inputs are small against epsilon."""
+    return [p for p, leaf in self.leaves.items()
+            if leaf.ratio_at_eps is not None and leaf.ratio_at_eps > self.rtol]
+
+  def __str__(self) -> str:
+    return "\n".join(str(leaf) for leaf in self.leaves.values())
+
+
+def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, seed: int = 0,
+                            rtol: float = 1e-3, joint: bool = True,
+                            unit_axis: int | None = None, **kwargs: Any) -> Detection:
+  """:func:`find_scale_invariant`, with each leaf's candidates, ratios and decision.
+
+  Takes the same arguments; returns a :class:`Detection` whose ``groups`` are what
+  :func:`find_scale_invariant` returns. Each decision is also logged at INFO.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from normreg import detect
+    >>> def fn(p, x):  # a kernel behind an RMSNorm whose eps dominates at this tiny init
+    ...   h = x @ p["w"]
+    ...   return h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-2) @ p["head"]
+    >>> params = {"w": 1e-3 * jnp.ones((4, 8)), "head": jnp.ones((8, 2))}
+    >>> x = jax.random.normal(jax.random.key(0), (16, 4))
+    >>> report = detect.scale_invariance_report(fn, params, x)
+    >>> report.groups["w"], report.leaves["w"].reason, report.eps_dominated()
+    (normreg.TENSOR, 'invariant', ['w'])
+  """
   # A None in params is no leaf here, and comes back as None in the result.
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [groups_lib.path_str(p) for p, _ in leaves]
@@ -241,66 +343,79 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
         "function that returns the network's output only (haiku's apply with state returns "
         "(output, state): use lambda p, x: apply(p, state, None, x)[0]). The state, "
         "BatchNorm's running statistics, is not scale-invariant and would hide every group.")
+  # The same function with every normalization's epsilon multiplied by t: the test runs
+  # at t = 1 (the model as it is) and t = EPS_LIMIT (as designed), vmapped: one program.
+  forward_t, n_eps = epsilon.with_scaled_eps(forward, primals)
+  ts = jnp.asarray([1.0, EPS_LIMIT] if n_eps else [1.0], jnp.float32)
 
   cotangents = jax.tree.map(
       lambda o: jnp.asarray(rng.standard_normal((PROBES,) + o.shape), o.dtype), out)
 
   @jax.jit
   def probe(primals, cotangents, directions):
-    value, vjp = jax.vjp(forward, primals)
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(v.astype(jnp.float32)))
-                        for v in jax.tree.leaves(value)))
-    grads = jax.vmap(vjp)(cotangents)[0]
-    sums = []
-    for g, w, d, axes_sets in zip(grads, primals, directions, needed):
-      dtype = jnp.promote_types(g.dtype, jnp.float32)
-      along_w, along_d = g.astype(dtype) * w.astype(dtype)[None], g.astype(dtype) * d[None]
-      sums.append({axes: (jnp.sum(along_w, tuple(a + 1 for a in axes)),
-                          jnp.sum(along_d, tuple(a + 1 for a in axes))) for axes in axes_sets})
-    return norm, sums
+    def at(t):
+      value, vjp = jax.vjp(lambda q: forward_t(t, q), primals)
+      norm = jnp.sqrt(sum(jnp.sum(jnp.square(v.astype(jnp.float32)))
+                          for v in jax.tree.leaves(value)))
+      grads = jax.vmap(vjp)(cotangents)[0]
+      sums = []
+      for g, w, d, axes_sets in zip(grads, primals, directions, needed):
+        dtype = jnp.promote_types(g.dtype, jnp.float32)
+        along_w, along_d = g.astype(dtype) * w.astype(dtype)[None], g.astype(dtype) * d[None]
+        sums.append({axes: (jnp.sum(along_w, tuple(a + 1 for a in axes)),
+                            jnp.sum(along_d, tuple(a + 1 for a in axes))) for axes in axes_sets})
+      return norm, sums
 
-  out_norm, sums = probe(primals, cotangents, directions)
-  out_norm = float(out_norm)
+    return jax.vmap(at)(ts)
+
+  out_norms, sums = probe(primals, cotangents, directions)
+  out_norm = float(out_norms[-1])
   sums = {i: {axes: tuple(np.asarray(x, np.float64) for x in pair) for axes, pair in s.items()}
           for i, s in zip(float_idx, jax.device_get(sums))}
   # A leaf whose random-direction derivative is this small relative to the output
   # has no effect on fn (float32 noise is ~1e-7): it is no scale group.
   negligible = 1e-5 * out_norm
   ndims = {i: len(shape) for i, shape in zip(float_idx, shapes)}
+  limit, model = -1, 0  # the sums' first axis: the model's eps, then eps -> 0
 
-  def dots(group, i, which):
-    """Per-group sums of J^T r * w (``which`` 0) or * d (1): ``(probes, n_groups)``."""
-    return sums[i][group.reduced_axes(ndims[i])][which].reshape(PROBES, -1)
+  def dots(axes, i, which, at=limit):
+    """Sums of J^T r * w (``which`` 0) or * d (1) over ``axes`` of leaf ``i``: (probes, ...)."""
+    return sums[i][axes][which][at]
 
-  def rms(dots):
-    return float(np.sqrt(np.mean(np.sum(np.square(dots), axis=1))))
+  def ratio(along_w, along_d):
+    return _rms(along_w) / max(_rms(along_d), 1e-300)
 
-  def passes(group, members):
-    along_w = sum(dots(group, i, 0) for i in members)
-    along_d = sum(dots(group, i, 1) for i in members)
-    return rms(along_w) <= rtol * rms(along_d), rms(along_w), rms(along_d)
+  def passes(group, members, at=limit):
+    along_w = sum(dots(group.reduced_axes(ndims[i]), i, 0, at) for i in members)
+    along_d = sum(dots(group.reduced_axes(ndims[i]), i, 1, at) for i in members)
+    return _rms(along_w) <= rtol * _rms(along_d), _rms(along_w), _rms(along_d)
 
   results: list[Any] = [None] * len(paths)
+  reports: dict[str, LeafReport] = {}
+  for i, path in enumerate(paths):
+    if not is_float[i]:
+      reports[path] = LeafReport(path, tuple(np.shape(arrays[i])), None, "not floating")
   effect = {}
   for i in float_idx:
-    effect[i] = rms(dots(groups_lib.TENSOR, i, 1))
+    shape = shapes[float_idx.index(i)]
+    effect[i] = _rms(dots(tuple(range(ndims[i])), i, 1))
+    relative = effect[i] / max(out_norm, 1e-30)
     if not effect[i] > negligible or not np.isfinite(effect[i]):
-      logging.info("find_scale_invariant: %-40s None    no effect (|J r|/|f| = %.1e)",
-                   paths[i], effect[i] / max(out_norm, 1e-30))
+      reports[paths[i]] = LeafReport(paths[i], shape, None, "no effect", relative)
       continue
+    tried = tuple((g, ratio(dots(g.reduced_axes(ndims[i]), i, 0),
+                            dots(g.reduced_axes(ndims[i]), i, 1)))
+                  for g in _candidates(shape, layout_axis))
     inert_fallback = None
-    for group in _candidates(shapes[float_idx.index(i)], layout_axis):
-      ok, along_w, along_d = passes(group, [i])
-      if not ok:
+    for group, r in tried:
+      if not r <= rtol:
         continue
-      inert = _inert_slices(group, ndims[i], lambda axis: sums[i][_all_but(axis, ndims[i])][1],
-                            layout_axis)
+      inert = _inert_slices(group, ndims[i],
+                            lambda axis: dots(_all_but(axis, ndims[i]), i, 1), layout_axis)
       if inert:  # passes only because some slices do nothing: not what it means
         inert_fallback = inert_fallback or (group, *inert)
         continue
       results[i] = group
-      logging.info("find_scale_invariant: %-40s %-14s |J w|/|J r| = %.1e", paths[i],
-                   group, along_w / max(along_d, 1e-300))
       break
     else:
       if inert_fallback:
@@ -311,19 +426,111 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
           "these inputs (a feature map smaller than the kernel?), so %s would pass; "
           "reported as %s. Detect on full-size inputs.", paths[i], inert_fallback[2],
           inert_fallback[3], inert_fallback[1], inert_fallback[0], results[i] or "None")
+    axis, per_slice = _per_slice(shape, layout_axis, rtol, negligible, dots, ratio, i) or (
+        0, None)
+    part = shape[:axis] + shape[axis + 1:]
+    if per_slice and _count([g for g, _ in per_slice], part) > _count([results[i]], shape):
+      results[i] = groups_lib.sliced(*(g for g, _ in per_slice), axis=axis)
+      reason = "per slice"
+      lifted = lambda g: _lift(g, ndims[i], axis)
+      at_eps = max(ratio(_take(dots(lifted(g), i, 0, model), lifted(g), axis, k),
+                         _take(dots(lifted(g), i, 1, model), lifted(g), axis, k))
+                   for k, (g, _) in enumerate(per_slice) if g is not None)
     elif results[i] is None:
-      logging.info("find_scale_invariant: %-40s None    not invariant", paths[i])
+      reason, at_eps = "not invariant", None
+    else:
+      reason = "invariant"
+      at_eps = ratio(dots(results[i].reduced_axes(ndims[i]), i, 0, model),
+                     dots(results[i].reduced_axes(ndims[i]), i, 1, model))
+    reports[paths[i]] = LeafReport(paths[i], shape, results[i], reason, relative, tried,
+                                   tuple(per_slice or ()), at_eps if n_eps else None)
 
   if joint:
-    _find_joint(paths, float_idx, results, effect, negligible, dict(zip(float_idx, shapes)),
-                passes)
+    for members, group in _find_joint(paths, float_idx, results, effect, negligible,
+                                      dict(zip(float_idx, shapes)), passes):
+      _, along_w, along_d = passes(group, members, model)
+      for i in members:
+        reports[paths[i]] = dataclasses.replace(
+            reports[paths[i]], group=results[i], reason="joint",
+            ratio_at_eps=along_w / max(along_d, 1e-300) if n_eps else None)
+  report = Detection(treedef.unflatten(results), {p: reports[p] for p in paths}, n_eps, rtol)
+  for leaf in report.leaves.values():
+    logging.info("find_scale_invariant: %s", leaf)
   if not any(r is not None for r in results):
     logging.warning(
         "find_scale_invariant: no scale-invariant parameter among %d leaves. Is the "
         "normalization in evaluation mode (running statistics), the batch a single example, "
         "or the model without normalization? Transforms given these groups do nothing.",
         len(paths))
-  return treedef.unflatten(results)
+  dominated = report.eps_dominated()
+  if dominated:
+    logging.warning(
+        "find_scale_invariant: %d grouped leaves are invariant by design (as the "
+        "normalizations' epsilon goes to 0) but not at the model's own epsilon at these "
+        "params: %s. Their normalizations' inputs are small against epsilon (a small "
+        "initialization); weight decay shrinks them further into that regime, and a method "
+        "that keeps the initial norm (rotational, adamh, project_to_sphere(radius='init')) "
+        "keeps them there. See docs/transformers.md.", len(dominated),
+        ", ".join(f"{p} ({report.leaves[p].ratio_at_eps:.2g})" for p in dominated[:8]) + (
+            ", ..." if len(dominated) > 8 else ""))
+  return report
+
+
+def _rms(dots: np.ndarray) -> float:
+  """Root mean square over the probes (first axis) of the sum of squares of the rest."""
+  dots = dots.reshape(dots.shape[0], -1)
+  return float(np.sqrt(np.mean(np.sum(np.square(dots), axis=1))))
+
+
+def _lift(group: groups_lib.Group, ndim: int, axis: int = 0) -> tuple[int, ...]:
+  """The axes of a whole leaf of ``ndim`` axes that ``group``, the group of a slice along
+  ``axis``, sums over."""
+  return tuple(a + (a >= axis) for a in group.reduced_axes(ndim - 1))
+
+
+def _slice_axes(shape: tuple[int, ...]) -> list[int]:
+  """The axes a leaf of ``shape`` is tried per slice along: the first or the second (behind
+  a layer axis stacked by scan), where it has 2 to ``MAX_SLICES`` entries and the slices
+  two axes or more."""
+  return [a for a in (0, 1) if len(shape) >= 3 + a and 2 <= shape[a] <= MAX_SLICES]
+
+
+def _take(sums: np.ndarray, axes: tuple[int, ...], axis: int, k: int) -> np.ndarray:
+  """Slice ``k`` along ``axis`` of per-group sums over ``axes`` (the probes first)."""
+  return np.take(sums, k, axis=1 + sum(1 for a in range(axis) if a not in axes))
+
+
+def _count(groups: list, shape: tuple[int, ...]) -> int:
+  """How many groups the groupings ``groups`` (``None`` for none) of leaves of ``shape``
+  make together."""
+  return sum(math.prod(g.group_shape(shape)) for g in groups if g is not None)
+
+
+def _per_slice(shape, layout_axis, rtol, negligible, dots, ratio, i):
+  """``(axis, [(group, ratio)])``: the finest passing grouping of each slice of a fused leaf
+  (``(None, None)`` where none passes or the slice has no effect), along the axis of
+  :func:`_slice_axes` whose slices make the most groups; ``None`` if there is none."""
+  ndim, best = len(shape), None
+  for axis in _slice_axes(shape):
+    rest = tuple(a for a in range(ndim) if a != axis)
+    effects = [_rms(_take(dots(rest, i, 1), rest, axis, k)) for k in range(shape[axis])]
+    if min(effects) <= 1e-6 * max(effects):  # inert slices (a kernel's taps off a small map)
+      continue
+    part, out = shape[:axis] + shape[axis + 1:], []
+    for k in range(shape[axis]):
+      found = (None, None)
+      if effects[k] > negligible:
+        for group in _candidates(part, layout_axis):
+          axes = _lift(group, ndim, axis)
+          r = ratio(_take(dots(axes, i, 0), axes, axis, k), _take(dots(axes, i, 1), axes, axis, k))
+          if r <= rtol:
+            found = (group, r)
+            break
+      out.append(found)
+    if best is None or _count([g for g, _ in out], part) > _count(
+        [g for g, _ in best[1]], shape[:best[0]] + shape[best[0] + 1:]):
+      best = (axis, out)
+  return best
 
 
 def _is_equinox(params: Any) -> bool:
@@ -357,6 +564,10 @@ def _summed_axes(shape: tuple[int, ...], layout_axis: int) -> set[tuple[int, ...
                                               for k in range(ndim)
                                               if kind is groups_lib.Invariance.TENSOR or k < ndim - 1]
   out = {g.reduced_axes(ndim) for g in groups} | {_all_but(a, ndim) for a in range(ndim)}
+  for axis in _slice_axes(shape):  # per slice (fused kernels)
+    out |= {_lift(g, ndim, axis) for g in _candidates(shape[:axis] + shape[axis + 1:],
+                                                      layout_axis)}
+    out.add(_all_but(axis, ndim))
   if math.prod(shape) <= MAX_PER_ELEMENT:
     out.add(())
   return out
@@ -388,7 +599,9 @@ def _inert_slices(group: groups_lib.Group, ndim: int, slice_sums: Callable[[int]
 
 
 def _find_joint(paths, float_idx, results, effect, negligible, shapes, passes) -> None:
-  """Tags sibling leaves that fail alone but pass together (largest set first)."""
+  """Tags sibling leaves that fail alone but pass together (largest set first); returns
+  ``[(member indices, group)]``."""
+  joined = []
   parents: dict[str, list[int]] = {}
   for i in float_idx:
     if results[i] is None and effect[i] > negligible:
@@ -406,12 +619,14 @@ def _find_joint(paths, float_idx, results, effect, negligible, shapes, passes) -
               results[i] = groups_lib.Group(group.kind, group.stack, tag)
             logging.info("find_scale_invariant: %s form one joint group, %s",
                          [paths[i] for i in members], group)
+            joined.append((list(members), group))
             found = True
             break
         if found:
           break
       if found:
         break
+  return joined
 
 
 def _strip_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ from normreg.models.cnn import CNN
 from normreg.models.norms import NORMS
 from normreg.models.resnet import ResNet20
 from normreg.models.scan import ScanCNN
+from normreg.models.transformer import Transformer
 from normreg.models.weight_norm import WeightNormConv
 from normreg.models.weight_norm import WeightNormLinear
 
@@ -73,5 +74,5 @@ def create(name: str, *, num_classes: int = 10, norm: str = "batch",
                         **kwargs)
 
 
-__all__ = ("CNN", "MODELS", "NORMS", "ResNet20", "ScanCNN", "WeightNormConv",
+__all__ = ("CNN", "MODELS", "NORMS", "ResNet20", "ScanCNN", "Transformer", "WeightNormConv",
            "WeightNormLinear", "create")
