@@ -177,10 +177,10 @@ def _mixed(p, x):
 _MIXED = {"a": normreg.UNIT, "b": normreg.TENSOR, "head": None}
 
 
-# (Not much smaller params: BatchNorm's eps then dominates the variance, and the
-# function is no longer invariant.)
+# At 1e-3 the normalizations' eps (1e-5) dominates the variances (1e-6 and less) and the
+# function at that point does depend on the scales; invariant by design is as eps -> 0.
 @pytest.mark.parametrize("param_scale, out_scale", [(1.0, 1.0), (1e3, 1.0), (1.0, 1e4),
-                                                    (1.0, 1e-4)])
+                                                    (1.0, 1e-4), (1e-3, 1.0)])
 def test_verdicts_do_not_depend_on_the_scale_of_params_or_output(param_scale, out_scale):
   params = {"a": _p(1, 3, 8), "b": _p(2, 8, 6), "head": _p(3, 6, 2)}
   params = jax.tree.map(lambda w: w * param_scale, params)
@@ -292,3 +292,68 @@ def test_stacked_normalization_vectors_look_like_a_matrix_to_the_joint_search():
       **stacked, "bn1": {"scale": joint, "bias": joint}}
   assert normreg.find_scale_invariant(fn, params, _x(), joint=False) == {
       **stacked, "bn1": {"scale": None, "bias": None}}
+
+
+# ------------------------------------------------- invariant by design: eps -> 0
+
+
+def _rms_norm(h, eps=1e-6):
+  return h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + eps)
+
+
+def test_a_kernel_whose_norm_is_dominated_by_eps_is_found_and_the_report_says_so(caplog):
+  # At this init the RMSNorm's input has a mean square of about 1e-8, against eps = 1e-6:
+  # the function does depend on ||w|| here (ratio ~1 at the model's eps), not by design.
+  params = {"w": 1e-4 * _p(1, 3, 8), "head": _p(2, 8, 2)}
+  fn = lambda p, x: _rms_norm(x @ p["w"]) @ p["head"]
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    report = detect.scale_invariance_report(fn, params, _x())
+  assert report.groups == {"w": normreg.TENSOR, "head": None}
+  leaf = report.leaves["w"]
+  assert leaf.reason == "invariant" and report.epsilons == 1
+  assert leaf.ratio_at_eps > 0.1 and dict(leaf.candidates)[normreg.TENSOR] < 1e-4
+  assert report.eps_dominated() == ["w"]
+  assert any("not at the model's own epsilon" in r.getMessage() and "w (" in r.getMessage()
+             for r in caplog.records)
+  # Each candidate is listed, finest first, with its ratio; the head's all fail.
+  assert [g for g, _ in report.leaves["head"].candidates] == detect._candidates((8, 2))
+  assert all(r > 1e-3 for _, r in report.leaves["head"].candidates)
+
+
+@pytest.mark.parametrize("name, fn, params", [
+    # A tiny but real effect that bypasses the normalization: 1e-4 of the output.
+    ("bypass", lambda p, x: _rms_norm(x @ p["w"]) @ p["head"] + 1e-4 * (x @ p["v"]),
+     {"w": _p(1, 3, 8), "head": _p(2, 8, 2), "v": _p(3, 3, 2)}),
+    # Through the normalization but not homogeneous: a large constant beside v.
+    ("offset", lambda p, x: _rms_norm(x @ p["v"] + 30.0) @ p["head"],
+     {"v": 1e-2 * _p(3, 3, 8), "head": _p(2, 8, 2)}),
+    # A smooth |h| = sqrt(h^2 + eps) is a root of an eps too, but homogeneous of degree 1.
+    ("smooth_abs", lambda p, x: jnp.sqrt(jnp.square(x @ p["v"]) + 1e-6) @ p["head"],
+     {"v": 1e-3 * _p(3, 3, 8), "head": _p(2, 8, 2)}),
+    # A SiLU gate before a post-norm: invariant only in the ReLU limit of large weights.
+    ("gate", lambda p, x: _rms_norm((jax.nn.silu(x @ p["v"]) * (x @ p["w"])) @ p["d"])
+     @ p["head"], {"v": _p(3, 3, 8), "w": _p(1, 3, 8), "d": _p(4, 8, 8), "head": _p(2, 8, 2)}),
+])
+def test_weights_whose_invariance_is_not_by_design_are_never_grouped(name, fn, params):
+  groups = normreg.find_scale_invariant(fn, params, _x())
+  assert groups["v"] is None, name
+  if name == "gate":  # the up kernel and the down kernel are invariant
+    assert groups["w"] is normreg.TENSOR and groups["d"] is normreg.TENSOR
+
+
+def test_a_fused_kernel_is_grouped_per_slice():
+  # (3, heads, d, head_dim): q and k normalized per head, v before a post-norm.
+  params = {"qkv": _p(1, 3, 2, 3, 4), "head": _p(2, 8, 2)}
+
+  def fn(p, x):
+    q, k, v = jnp.einsum("nd,shdk->snhk", x, p["qkv"])
+    q, k = _rms_norm(q), _rms_norm(k)
+    att = jax.nn.softmax(jnp.einsum("nhk,mhk->hnm", q, k), -1)
+    out = jnp.einsum("hnm,mhk->nhk", att, v).reshape(x.shape[0], 8)
+    return _rms_norm(out) @ p["head"]
+
+  report = detect.scale_invariance_report(fn, params, _x())
+  t1 = normreg.tensor(stack=1)
+  assert report.groups["qkv"] == normreg.sliced(t1, t1, normreg.TENSOR)
+  assert report.leaves["qkv"].reason == "per slice"
+  assert [g for g, _ in report.leaves["qkv"].slices] == [t1, t1, normreg.TENSOR]

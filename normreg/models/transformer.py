@@ -79,7 +79,12 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.epsilon)
-    return (y if self.scale is None else y * self.scale[...]).astype(x.dtype)
+    return (y if self.scale is None else y * _row(self.scale[...], y.ndim)).astype(x.dtype)
+
+
+def _row(v: jax.Array, ndim: int) -> jax.Array:
+  """A per-channel vector shaped to broadcast over the last axis of an ``ndim``-array."""
+  return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
 def _param(rngs: nnx.Rngs, std: float, *shape: int) -> nnx.Param:
@@ -124,7 +129,8 @@ class Attention(nnx.Module):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
     t = x.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
-    weights = jax.nn.softmax(jnp.where(causal, logits, -1e30), axis=-1).astype(v.dtype)
+    weights = jax.nn.softmax(jnp.where(causal[None, None], logits, -1e30), axis=-1)
+    weights = weights.astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     return jnp.einsum("bqhd,hdw->bqw", out, self.o[...])
 
@@ -170,7 +176,7 @@ class Block(nnx.Module):
 
   def _add(self, x, f, pre, post, rate):
     if self.ngpt:  # x <- N(x + a (N(f(x)) - x))
-      return self.unit(x + rate[...] * (self.unit(f(x)) - x))
+      return self.unit(x + _row(rate[...], x.ndim) * (self.unit(f(x)) - x))
     y = f(pre(x) if self.pre_norm else x)
     return x + (post(y) if self.post_norm else y)
 
