@@ -84,10 +84,6 @@ class Parts:
   def sgd(self) -> bool:
     return self.config.optimizer == "sgd"
 
-  @property
-  def mask(self) -> Any:
-    return normreg.as_mask(self.groups)
-
   def direction(self) -> optax.GradientTransformation:
     """The base optimizer without its learning rate: momentum (SGD) or Adam's scaling."""
     if self.sgd:
@@ -182,7 +178,7 @@ def _decoupled(p: Parts):
         c.lam_value, p.schedule, p.groups, peak_learning_rate=c.lr), p.rates())
   # SGDW / AdamW: the direction (momentum or Adam) of the gradient only, then + lam*w,
   # then the learning rate (so the decay is multiplied by it, as in optax.adamw).
-  return optax.chain(p.direction(), optax.add_decayed_weights(c.lam_value, mask=p.mask),
+  return optax.chain(p.direction(), normreg.add_decayed_weights(c.lam_value, p.groups),
                      p.rates())
 
 

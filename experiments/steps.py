@@ -113,7 +113,9 @@ def layer_metrics(before, after, groups, learning_rate, power: int, rescaled: bo
   """
   norms = normreg.unit_norms(after, groups)
   angles = normreg.angular_update(before, after, groups)
-  stacks = normreg.groups.groups_by_path(groups, "layer_metrics")
+  # Per-slice groups (fused kernels) give a tuple per leaf: one entry per slice, "qkv/0", ...
+  stacks = normreg.groups.groups_by_path(
+      normreg.slicing.expanded(groups, after, "layer_metrics"), "layer_metrics")
   flat_norms = jax.tree_util.tree_flatten_with_path(norms)[0]
   flat_angles = dict((normreg.groups.path_str(p), a)
                      for p, a in jax.tree_util.tree_flatten_with_path(angles)[0])

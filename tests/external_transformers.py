@@ -110,7 +110,8 @@ def _factors(rng: np.random.Generator, view: tuple[int, ...], kept: Sequence[int
 
 def brute_force(fn: Callable[..., Any], params: Any, args: Sequence[Any],
                 roles: dict[str, Roles], *, rtol: float = 1e-4, seed: int = 0,
-                errors: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                joint: bool = True, errors: Optional[dict[str, Any]] = None
+                ) -> dict[str, Any]:
   """The finest grouping per leaf that leaves ``fn(params, *args)`` unchanged.
 
   At a randomized point of ``params`` (:func:`_randomize`), each leaf in turn is
@@ -118,6 +119,12 @@ def brute_force(fn: Callable[..., Any], params: Any, args: Sequence[Any],
   per head, the whole tensor; per copy of a stack axis; per slice of a fused axis,
   that slice alone), and passes when ``max |f' - f| <= rtol * max |f|``. A leaf whose
   random perturbation (``0.1 rms``) changes nothing beyond ``rtol`` has no effect: ``None``.
+
+  With ``joint``, a ``weight``/``kernel`` and the ``bias`` beside it that are both
+  ``None`` (every slice) are tried together, the bias scaled by the kernel's factors
+  (its axes are the kernel's leading axes: equinox's ``(out, in)``): the result is
+  ``truth["joint:" + module path]``, only where some candidate passes.
+
   ``errors``, if given, receives ``{path: {candidate: relative error}}``.
   """
   f = jax.jit(fn)
@@ -131,51 +138,81 @@ def brute_force(fn: Callable[..., Any], params: Any, args: Sequence[Any],
   if not np.isfinite(size) or size == 0:
     raise ValueError(f"brute_force: the logits are not usable (max |f| = {size})")
 
-  def error(i, factors=None, delta=None):
+  def error(changes):
+    """Relative change of the logits with ``{leaf index: new float64 value}``."""
     new = list(base)
-    x = np.asarray(base[i], np.float64)
-    new[i] = (x * factors if factors is not None else x + delta).astype(base[i].dtype)
+    for i, x in changes.items():
+      new[i] = x.astype(base[i].dtype)
     return float(np.max(np.abs(run(new) - ref)) / size)
 
-  truth = {}
-  for i, (path, x) in enumerate(leaves):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-      continue
-    name = groups_lib.path_str(path)
-    r = roles.get(name, Roles())
-    shape = np.shape(x)
-    view = tuple(r.view or shape)
-    assert math.prod(view) == math.prod(shape), (name, view, shape)
+  names = [groups_lib.path_str(p) for p, _ in leaves]
+  index = {n: i for i, n in enumerate(names)}
+  logs = errors if errors is not None else {}
+
+  def search(members, name):
+    """Finest grouping of ``members`` (leaf indices; the first one's roles decide, the
+    others' axes are its leading axes), scaled together."""
+    i0 = members[0]
+    r = roles.get(names[i0], Roles())
+    shapes = {i: np.shape(leaves[i][1]) for i in members}
+    view = tuple(r.view or shapes[i0])
+    assert math.prod(view) == math.prod(shapes[i0]), (names[i0], view, shapes[i0])
     nd = len(view)
     norm = lambda axes: tuple(sorted(a % nd for a in axes))
     stack = norm(r.stack)
     cands = [("unit", norm(r.unit))] + ([("heads", norm(r.heads))] if r.heads else [])
     cands = [(n, tuple(sorted(set(stack) | set(k)))) for n, k in cands] + [("whole", stack)]
-    # finest (most groups) first; one candidate per set of axes
-    seen, ordered = set(), []
+    seen, ordered = set(), []  # finest (most groups) first; one per set of axes
     for n, k in sorted(cands, key=lambda c: -math.prod(view[a] for a in c[1])):
       if k not in seen:
         seen.add(k)
         ordered.append((("stack:" if stack else "") + n, k))
-    log = errors.setdefault(name, {}) if errors is not None else {}
-    rms = float(np.sqrt(np.mean(np.square(np.asarray(base[i], np.float64))))) or 1.0
-    log["effect"] = error(i, delta=0.1 * rms * rng.standard_normal(shape))
-    if log["effect"] <= rtol:
-      truth[name] = None
-      continue
-    slices = range(view[r.fused]) if r.fused is not None else [None]
+    # a joint member spans the first one's leading axes: own_nd[i] of them
+    own_nd = {i: nd if i == i0 else
+              next(k for k in range(nd + 1) if math.prod(view[:k]) == math.prod(shapes[i]))
+              for i in members}
+    log = logs.setdefault(name, {})
     found = []
-    for j in slices:
+    for j in (range(view[r.fused]) if r.fused is not None else [None]):
       answer = None
       for n, kept in ordered:
-        fac = np.broadcast_to(_factors(rng, view, kept, r.fused, j), view).reshape(shape)
-        err = error(i, factors=fac)
+        if any(a >= own_nd[i] for a in kept for i in members[1:]):
+          continue
+        fac = _factors(rng, view, kept, r.fused, j)
+        changes = {}
+        for i in members:
+          k = own_nd[i]
+          fi = fac.reshape(fac.shape[:k]) if k < nd else fac
+          v = np.asarray(base[i], np.float64)
+          changes[i] = (v.reshape(view[:k]) * fi).reshape(shapes[i])
+        err = error(changes)
         log[n if j is None else f"{j}:{n}"] = err
         if err <= rtol:
           answer = n
           break
       found.append(answer)
-    truth[name] = found if r.fused is not None else found[0]
+    return found if r.fused is not None else found[0]
+
+  truth = {}
+  for i, (name, x) in enumerate(zip(names, base)):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      continue
+    v = np.asarray(x, np.float64)
+    rms = float(np.sqrt(np.mean(np.square(v)))) or 1.0
+    effect = error({i: v + 0.1 * rms * rng.standard_normal(v.shape)})
+    logs.setdefault(name, {})["effect"] = effect
+    truth[name] = None if effect <= rtol else search([i], name)
+
+  if joint:
+    none = lambda t: t is None or (isinstance(t, list) and not any(t))
+    for name in names:
+      module, _, leaf = name.rpartition("/")
+      bias = f"{module}/bias"
+      if (leaf in ("weight", "kernel", "w") and bias in truth and none(truth.get(name))
+          and none(truth[bias])):
+        found = search([index[name], index[bias]], f"joint:{module}")
+        if not none(found):
+          truth[f"joint:{module}"] = found
   return truth
 
 

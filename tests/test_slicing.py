@@ -162,3 +162,17 @@ def test_groups_given_as_a_function_of_the_params_may_be_sliced():
   got, _ = as_function.update(grads, as_function.init(FUSED), FUSED)
   np.testing.assert_allclose(got["qkv"], want["qkv"], rtol=1e-6)
   np.testing.assert_allclose(got["gate_up"], want["gate_up"], rtol=1e-6)
+
+
+def test_the_launchers_layer_metrics_give_one_entry_per_grouped_slice():
+  from experiments import steps  # pylint: disable=g-import-not-at-top
+  after = {"qkv": 2 * QKV, "gate_up": GATE_UP, "scale": FUSED["scale"]}
+  metrics = steps.layer_metrics(FUSED, after, FUSED_GROUPS, 0.1, power=2, rescaled=False)
+  # q and k are per head (one stack axis): an entry per head, as per layer for a scanned leaf.
+  assert sorted(metrics) == ["gate_up/1", "qkv/0/0", "qkv/0/1", "qkv/1/0", "qkv/1/1", "qkv/2"]
+  q_norms = 2 * np.sqrt((np.asarray(QKV[0]) ** 2).sum((1, 2)))  # per head
+  np.testing.assert_allclose(metrics["qkv/0/1"]["norm"], q_norms[1], rtol=1e-6)
+  np.testing.assert_allclose(metrics["qkv/0/1"]["elr"], 0.1 / q_norms[1] ** 2, rtol=1e-5)
+  np.testing.assert_allclose(metrics["qkv/2"]["norm"], 2 * np.linalg.norm(np.asarray(QKV[2])),
+                             rtol=1e-6)
+  np.testing.assert_allclose(metrics["gate_up/1"]["angle"], 0, atol=1e-3)
