@@ -351,26 +351,35 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
   cotangents = jax.tree.map(
       lambda o: jnp.asarray(rng.standard_normal((PROBES,) + o.shape), o.dtype), out)
 
+  # One vmap over (t, r) pairs: each runs its own forward. (A vmap over t around the vmap
+  # over r, sharing the forward between probes, compiles wrongly on jax 0.10's CPU backend:
+  # a forward that depends on the outer batched t gave wrong gradients for the second
+  # probe under jit, right ones without it.)
+  pairs_t = jnp.repeat(ts, PROBES)
+  pairs_r = jax.tree.map(lambda c: jnp.concatenate([c] * len(ts)), cotangents)
+
   @jax.jit
-  def probe(primals, cotangents, directions):
-    def at(t):
+  def probe(primals, pairs_t, pairs_r, directions):
+    def one(t, r):
       value, vjp = jax.vjp(lambda q: forward_t(t, q), primals)
       norm = jnp.sqrt(sum(jnp.sum(jnp.square(v.astype(jnp.float32)))
                           for v in jax.tree.leaves(value)))
-      grads = jax.vmap(vjp)(cotangents)[0]
+      grads = vjp(r)[0]
       sums = []
       for g, w, d, axes_sets in zip(grads, primals, directions, needed):
         dtype = jnp.promote_types(g.dtype, jnp.float32)
-        along_w, along_d = g.astype(dtype) * w.astype(dtype)[None], g.astype(dtype) * d[None]
-        sums.append({axes: (jnp.sum(along_w, tuple(a + 1 for a in axes)),
-                            jnp.sum(along_d, tuple(a + 1 for a in axes))) for axes in axes_sets})
+        along_w, along_d = g.astype(dtype) * w.astype(dtype), g.astype(dtype) * d
+        sums.append({axes: (jnp.sum(along_w, axes), jnp.sum(along_d, axes))
+                     for axes in axes_sets})
       return norm, sums
 
-    return jax.vmap(at)(ts)
+    return jax.vmap(one)(pairs_t, pairs_r)
 
-  out_norms, sums = probe(primals, cotangents, directions)
+  out_norms, sums = probe(primals, pairs_t, pairs_r, directions)
   out_norm = float(out_norms[-1])
-  sums = {i: {axes: tuple(np.asarray(x, np.float64) for x in pair) for axes, pair in s.items()}
+  # (t, probe) pairs back to a t axis and a probe axis.
+  sums = {i: {axes: tuple(np.asarray(x, np.float64).reshape((len(ts), PROBES) + x.shape[1:])
+                          for x in pair) for axes, pair in s.items()}
           for i, s in zip(float_idx, jax.device_get(sums))}
   # A leaf whose random-direction derivative is this small relative to the output
   # has no effect on fn (float32 noise is ~1e-7): it is no scale group.

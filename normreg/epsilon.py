@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+__all__ = ("with_scaled_eps", "epsilon_sites", "count", "MAX_EPS")
+
 # The largest constant read as a normalization's epsilon (1e-5 and 1e-6 are usual).
 MAX_EPS = 1e-2
 _THROUGH = frozenset({"convert_element_type", "broadcast_in_dim", "reshape", "squeeze",

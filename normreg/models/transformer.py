@@ -67,6 +67,15 @@ from flax import nnx
 from normreg.models.norms import List
 
 QK_NORMS = (None, "head", "whole")
+# Today's block layouts, as Transformer options (docs/transformers.md's table).
+LAYOUTS = {
+    "llama": dict(qk_norm=None),  # pre-norm only (Llama 2, GPT-2 with RMSNorm)
+    "qwen3": dict(qk_norm="head"),  # pre-norm and QK-norm per head
+    "gemma3": dict(qk_norm="head", post_norm=True),  # pre-norm, QK-norm, sandwich norms
+    "gemma3_fused": dict(qk_norm="head", post_norm=True, fused_qkv=True, fused_mlp=True),
+    "olmo2": dict(pre_norm=False, qk_norm="whole", post_norm=True),  # reordered norms
+    "ngpt": dict(pre_norm=False, ngpt=True),  # normalized transformer
+}
 
 
 class RMSNorm(nnx.Module):
