@@ -438,7 +438,24 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
     axis, per_slice = _per_slice(shape, layout_axis, rtol, negligible, dots, ratio, i) or (
         0, None)
     part = shape[:axis] + shape[axis + 1:]
-    if per_slice and _count([g for g, _ in per_slice], part) > _count([results[i]], shape):
+    blocks = None
+    if ndims[i] == 2:  # slices concatenated along one axis (PyTorch ports' fused q/k/v)
+      options = [(_blocks(dots(_all_but(a, 2), i, 0), dots(_all_but(a, 2), i, 1), rtol,
+                          negligible), a) for a in (0, 1)]
+      options = [(found, a) for found, a in options if found is not None]
+      if options:
+        blocks = max(options, key=lambda o: o[0][2])
+    best_uniform = max(_count([results[i]], shape),
+                       _count([g for g, _ in per_slice], part) if per_slice else 0)
+    if blocks is not None and blocks[0][2] > best_uniform:
+      (view, per_block, _), a = blocks
+      results[i] = _block_groups(view, per_block, a)
+      reason, per_slice = "per slice", [(g, r) for g, (_, r) in zip(results[i].groups,
+                                                                    per_block)]
+      rows = lambda which: dots(_all_but(a, 2), i, which, model)
+      at_eps = max(r for b, r in _blocks_at(rows(0), rows(1), view,
+                                             [b for b, _ in per_block]) if b)
+    elif per_slice and _count([g for g, _ in per_slice], part) > _count([results[i]], shape):
       results[i] = groups_lib.sliced(*(g for g, _ in per_slice), axis=axis)
       reason = "per slice"
       lifted = lambda g: _lift(g, ndims[i], axis)
@@ -455,6 +472,13 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
                                    tuple(per_slice or ()), at_eps if n_eps else None)
 
   if joint:
+    joined_blocks = _find_joint_blocks(paths, float_idx, results, effect, negligible,
+                                       dict(zip(float_idx, shapes)), dots, rtol)
+    for members, at_eps in joined_blocks:
+      for i in members:
+        reports[paths[i]] = dataclasses.replace(
+            reports[paths[i]], group=results[i], reason="joint",
+            ratio_at_eps=at_eps if n_eps else None)
     for members, group in _find_joint(paths, float_idx, results, effect, negligible,
                                       dict(zip(float_idx, shapes)), passes):
       _, along_w, along_d = passes(group, members, model)
@@ -540,6 +564,102 @@ def _per_slice(shape, layout_axis, rtol, negligible, dots, ratio, i):
         [g for g, _ in best[1]], shape[:best[0]] + shape[best[0] + 1:]):
       best = (axis, out)
   return best
+
+
+def _blocks(rows_w: np.ndarray, rows_d: np.ndarray, rtol: float, negligible: float):
+  """Slices concatenated along one axis: ``(view, [(block, ratio)], groups made)`` or None.
+
+  ``rows_w``, ``rows_d``: ``(probes, n)``, the sums of ``J^T r * w`` (``* d``) over all
+  axes but one, per row of it. The axis is cut into ``k`` slices of ``m = n / k`` rows (2:
+  gate/up, 3: q/k/v), and each slice into blocks of ``b`` consecutive rows (a head is
+  ``head_dim`` rows; ``b = m``: the whole slice): a block's sums are sums of its rows'. Per
+  slice, the finest ``b`` that passes; then one block for all (the least common multiple
+  of the finer ones, which every finer passing grouping passes at too) and the view
+  ``(k, m // b, b)``. The ``k`` that makes the most groups wins.
+  """
+  n, best = rows_w.shape[1], None
+  for k in (2, 3):
+    m = n // k
+    if n % k or m < 2:
+      continue
+    effects = [_rms(rows_d[:, s * m:(s + 1) * m]) for s in range(k)]
+    if min(effects) <= 1e-6 * max(effects):
+      continue
+    finest = []
+    for s in range(k):
+      w, d = rows_w[:, s * m:(s + 1) * m], rows_d[:, s * m:(s + 1) * m]
+      found = None
+      if effects[s] > negligible:
+        for b in (b for b in range(1, m + 1) if m % b == 0):
+          if _rms(_sum_blocks(w, b)) <= rtol * _rms(_sum_blocks(d, b)):
+            found = b
+            break
+      finest.append(found)
+    if all(b is None for b in finest):
+      continue
+    block = math.lcm(*[b for b in finest if b is not None and b < m] or [m])
+    view = (k, m // block, block) if block < m else (k, m)
+    per_block = _blocks_at(rows_w, rows_d, view, [b and (block if b < m else m) for b in finest])
+    made = sum(m // b for b, _ in per_block if b)
+    if best is None or made > best[2]:
+      best = (view, per_block, made)
+  return best
+
+
+def _sum_blocks(rows: np.ndarray, b: int) -> np.ndarray:
+  return rows.reshape(rows.shape[0], -1, b).sum(-1)
+
+
+def _blocks_at(rows_w, rows_d, view, blocks):
+  """``[(block, ratio)]`` per slice of ``view`` at the given block sizes (``None``: none)."""
+  m = math.prod(view[1:])
+  return [(b, _rms(_sum_blocks(rows_w[:, s * m:(s + 1) * m], b)) / max(
+      _rms(_sum_blocks(rows_d[:, s * m:(s + 1) * m], b)), 1e-300) if b else None)
+          for s, b in enumerate(blocks)]
+
+
+def _block_groups(view, per_block, axis, joint=None, ndim=2) -> groups_lib.Sliced:
+  """The :class:`~normreg.groups.Sliced` of :func:`_blocks`' answer for a leaf of ``ndim``
+  axes sliced along ``axis``: per block, ``unit`` on the slice's block axis (where the
+  view put it); per slice, ``TENSOR``; optionally tagged ``joint + "/" + slice``."""
+  m = math.prod(view[1:])
+  tag = lambda s: None if joint is None else f"{joint}/{s}"
+  unit_axis = axis % ndim  # the view's block-count axis, in the slice (the slice axis gone)
+  return groups_lib.sliced(*(
+      None if b is None else groups_lib.tensor(joint=tag(s)) if b == m
+      else groups_lib.unit(axis=unit_axis, joint=tag(s))
+      for s, (b, _) in enumerate(per_block)), axis=axis % ndim, view=view)
+
+
+def _find_joint_blocks(paths, float_idx, results, effect, negligible, shapes, dots, rtol):
+  """A 2-D kernel and the bias beside it, both ungrouped, that pass together per
+  concatenated slice (:func:`_blocks` on their summed rows: equinox's and PyTorch ports'
+  fused q/k/v ``Linear`` with biases). Returns ``[(members, ratio at the model's eps)]``."""
+  joined = []
+  by_path = {paths[i]: i for i in float_idx}
+  for i in float_idx:
+    parent, _, name = paths[i].rpartition("/")
+    j = by_path.get(f"{parent}/bias")
+    if (name in ("kernel", "weight", "w") and j is not None and results[i] is None
+        and results[j] is None and effect[i] > negligible and len(shapes[i]) == 2
+        and len(shapes[j]) == 1 and math.prod(shapes[j]) <= MAX_PER_ELEMENT):
+      for a in (0, 1):
+        if shapes[i][a] != shapes[j][0]:
+          continue
+        rows = lambda which, at=-1: (dots(_all_but(a, 2), i, which, at) + dots((), j, which, at))
+        found = _blocks(rows(0), rows(1), rtol, negligible)
+        if found is None:
+          continue
+        view, per_block, _ = found
+        results[i] = _block_groups(view, per_block, a, joint=parent)
+        results[j] = _block_groups(view, per_block, 0, joint=parent, ndim=1)
+        at_eps = max(r for b, r in _blocks_at(rows(0, 0), rows(1, 0), view,
+                                               [b for b, _ in per_block]) if b)
+        joined.append(([i, j], at_eps))
+        logging.info("find_scale_invariant: %s and %s form joint groups per slice, %s",
+                     paths[i], paths[j], results[i])
+        break
+  return joined
 
 
 def _is_equinox(params: Any) -> bool:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -210,14 +211,23 @@ class Sliced:
   slices are then leaves of their own, ``"path/0"``, ``"path/1"``, ... (see
   :mod:`normreg.slicing`).
 
+  Slices concatenated along one axis, as PyTorch ports and timm store q/k/v (a
+  ``(3 * heads * head_dim, d)`` weight, each head a block of ``head_dim`` rows), are read
+  through ``view``: that axis is reshaped to ``view`` first (``(3, heads, head_dim)``), and
+  the slices lie along its first entry; each slice's shape then holds the rest of the
+  view (``(heads, head_dim, d)``: q per head is ``unit(axis=0)``).
+
   Attributes:
     groups: one ``Group`` or ``None`` per slice.
     axis: the axis the slices lie along (0, the leading axis, by default;
       ``1`` behind a layer axis stacked by scan).
+    view: ``None``, or the shape ``axis`` is read in (its product is the axis' length,
+      its first entry the number of slices).
   """
 
   groups: Tuple[Optional[Group], ...]
   axis: int = 0
+  view: Optional[Tuple[int, ...]] = None
 
   def __post_init__(self):
     groups = tuple(as_group(g, f"sliced: slice {i}") if not isinstance(g, Sliced) else g
@@ -228,38 +238,64 @@ class Sliced:
       raise ValueError("sliced: give one group (or None) per slice, got none.")
     if not isinstance(self.axis, int) or isinstance(self.axis, bool):
       raise ValueError(f"sliced: axis must be an integer, got {self.axis!r}.")
+    if self.view is not None:
+      view = tuple(self.view)
+      if not view or any(not isinstance(n, int) or n < 1 for n in view) or (
+          view[0] != len(groups)):
+        raise ValueError(f"sliced: view={self.view!r} must be positive integers whose first is "
+                         f"the number of slices, {len(groups)}.")
+      object.__setattr__(self, "view", view)
     object.__setattr__(self, "groups", groups)
 
   def slice_axis(self, ndim: int) -> int:
     """The slicing axis of a leaf of ``ndim`` axes (``axis`` made non-negative)."""
     return self.axis % ndim
 
+  def viewed(self, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape a leaf of ``shape`` is sliced in: its axis replaced by ``view``."""
+    shape = tuple(shape)
+    if self.view is None:
+      return shape
+    axis = self.slice_axis(len(shape))
+    return shape[:axis] + self.view + shape[axis + 1:]
+
   def check_shape(self, shape: Sequence[int], where: str) -> None:
     """Raises ``ValueError`` naming ``where`` unless a leaf of ``shape`` has one slice per
-    group along ``axis`` and each group fits the slice."""
+    group along ``axis`` (through ``view``) and each group fits the slice."""
     shape = tuple(shape)
-    if not -len(shape) <= self.axis < len(shape) or shape[self.axis] != len(self.groups):
+    in_range = -len(shape) <= self.axis < len(shape)
+    if self.view is not None and in_range and math.prod(self.view) != shape[self.axis]:
+      raise ValueError(
+          f"{where}: {self} reads axis {self.axis} as {self.view}, but the leaf has shape "
+          f"{shape}; the view's product must be that axis' length.")
+    full = self.viewed(shape) if in_range else shape
+    if not in_range or full[self.axis % len(shape)] != len(self.groups):
       raise ValueError(
           f"{where}: {self} gives {len(self.groups)} slices along axis {self.axis}, but the "
           f"leaf has shape {shape}; give one group (or None) per slice along that axis.")
     axis = self.slice_axis(len(shape))
-    part = shape[:axis] + shape[axis + 1:]
+    part = full[:axis] + full[axis + 1:]
     for i, g in enumerate(self.groups):
       if g is not None:
         g.check_shape(part, f"{where} slice {i}")
 
   def __repr__(self) -> str:
     args = [repr(g) if g is not None else "None" for g in self.groups]
-    return f"normreg.sliced({', '.join(args + ([f'axis={self.axis}'] if self.axis else []))})"
+    args += [f"axis={self.axis}"] if self.axis else []
+    args += [f"view={self.view}"] if self.view is not None else []
+    return f"normreg.sliced({', '.join(args)})"
 
   def __str__(self) -> str:
     """One line: ``sliced(tensor stack=1 | tensor stack=1 | -)``."""
     parts = " | ".join(str(g) if g is not None else "-" for g in self.groups)
-    return f"sliced({parts}{f'; axis={self.axis}' if self.axis else ''})"
+    options = ([f"axis={self.axis}"] if self.axis else []) + (
+        [f"view={'x'.join(map(str, self.view))}"] if self.view is not None else [])
+    return f"sliced({parts}{'; ' + ' '.join(options) if options else ''})"
 
 
-def sliced(*groups: Any, axis: int = 0) -> Sliced:
-  """Per-slice groups of a fused leaf: ``groups[i]`` for ``w.take(i, axis)``.
+def sliced(*groups: Any, axis: int = 0, view: Optional[Sequence[int]] = None) -> Sliced:
+  """Per-slice groups of a fused leaf: ``groups[i]`` for ``w.take(i, axis)`` (the axis read
+  as ``view`` first, if given: see :class:`Sliced`).
 
   Examples:
     >>> qkv = sliced(tensor(stack=1), tensor(stack=1), TENSOR)  # (3, heads, d, head_dim)
@@ -267,8 +303,10 @@ def sliced(*groups: Any, axis: int = 0) -> Sliced:
     sliced(tensor stack=1 | tensor stack=1 | tensor)
     >>> sliced(None, TENSOR)  # gate/up (2, hidden, d): the gate feeds a GeLU
     normreg.sliced(None, normreg.TENSOR)
+    >>> print(sliced(unit(axis=0), unit(axis=0), None, view=(3, 4, 8)))  # (96, d): q/k/v rows
+    sliced(unit axis=0 | unit axis=0 | -; view=3x4x8)
   """
-  return Sliced(tuple(groups), axis)
+  return Sliced(tuple(groups), axis, None if view is None else tuple(view))
 
 
 GroupLeaf = Optional[Group]
@@ -579,10 +617,11 @@ def map_grouped(fn: Callable[..., Any], groups: GroupsOrFn, tree: Any, *rest: An
     if isinstance(group, Sliced):
       group.check_shape(leaf.shape, f"map_grouped: {path_str(path)!r}")
       axis = group.slice_axis(leaf.ndim)
-      take = lambda x, i: x if _leaf_or_masked(x) else jnp.take(x, i, axis)
-      return jnp.stack([leaf_i if g is None else fn(g, leaf_i, *(take(o, i) for o in others))
-                        for i, (g, leaf_i) in enumerate(
-                            (g, take(leaf, i)) for i, g in enumerate(group.groups))], axis)
+      take = lambda x, i: x if _leaf_or_masked(x) else jnp.take(
+          x.reshape(group.viewed(x.shape)), i, axis)
+      parts = [take(leaf, i) if g is None else fn(g, take(leaf, i), *(take(o, i) for o in others))
+               for i, g in enumerate(group.groups)]
+      return jnp.stack(parts, axis).reshape(leaf.shape)
     return fn(group, leaf, *others)
 
   return jax.tree_util.tree_map_with_path(f, tree, *rest, is_leaf=_leaf_or_masked)

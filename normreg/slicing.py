@@ -75,6 +75,7 @@ def split(groups: groups_lib.Groups, *trees: Any, caller: str) -> tuple[Any, ...
     if groups_lib._leaf_or_masked(x):
       return tuple(x for _ in spec.groups)
     axis = spec.slice_axis(jnp.ndim(x))
+    x = jnp.reshape(x, spec.viewed(jnp.shape(x)))
     return tuple(jnp.take(x, i, axis) for i in range(len(spec.groups)))
 
   flat_groups = {p: g.groups if isinstance(g, Sliced) else g for p, g in by_path.items()}
@@ -102,7 +103,7 @@ def merge(groups: groups_lib.Groups, flat: dict[str, Any], like: Any,
       if all(groups_lib._leaf_or_masked(v) for v in value):
         value = x
       else:
-        value = jnp.stack(value, spec.slice_axis(jnp.ndim(x)))
+        value = jnp.stack(value, spec.slice_axis(jnp.ndim(x))).reshape(jnp.shape(x))
     out.append(value)
   return treedef.unflatten(out)
 

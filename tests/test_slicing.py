@@ -176,3 +176,22 @@ def test_the_launchers_layer_metrics_give_one_entry_per_grouped_slice():
   np.testing.assert_allclose(metrics["qkv/2"]["norm"], 2 * np.linalg.norm(np.asarray(QKV[2])),
                              rtol=1e-6)
   np.testing.assert_allclose(metrics["gate_up/1"]["angle"], 0, atol=1e-3)
+
+
+def test_slices_concatenated_along_an_axis_are_read_through_a_view():
+  # PyTorch ports' fused q/k/v Linear: a (3 * heads * head_dim, d) weight, rows [s, h, p].
+  weight = jnp.asarray(_RNG.normal(size=(24, 5)), jnp.float32)  # 3 slices, 2 heads of 4 rows
+  per_head = normreg.unit(axis=0)  # in the slice's view (heads, head_dim, d)
+  groups = {"w": normreg.sliced(per_head, per_head, None, view=(3, 2, 4))}
+  grads = jnp.asarray(_RNG.normal(size=(24, 5)), jnp.float32)
+  tx = normreg.spherical_sgd(0.1, groups)
+  updates, _ = tx.update({"w": grads}, tx.init({"w": weight}), {"w": weight})
+  new = np.asarray(weight + updates["w"])
+  heads = new[:16].reshape(2, 2, 4, 5)  # q and k: (slice, head, row, d)
+  np.testing.assert_allclose(np.sqrt((heads ** 2).sum((2, 3))), np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_allclose(new[16:], np.asarray(weight[16:] - 0.1 * grads[16:]), rtol=1e-6)
+  norms = normreg.unit_norms({"w": weight}, groups)["w"]
+  np.testing.assert_allclose(norms[1], np.sqrt((np.asarray(weight[8:16]).reshape(2, 4, 5) ** 2)
+                                               .sum((1, 2))), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"'w': sliced\(.*\) reads axis 0 as \(3, 2, 5\)"):
+    normreg.unit_norms({"w": weight}, {"w": normreg.sliced(None, None, None, view=(3, 2, 5))})
