@@ -472,13 +472,6 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
                                    tuple(per_slice or ()), at_eps if n_eps else None)
 
   if joint:
-    joined_blocks = _find_joint_blocks(paths, float_idx, results, effect, negligible,
-                                       dict(zip(float_idx, shapes)), dots, rtol)
-    for members, at_eps in joined_blocks:
-      for i in members:
-        reports[paths[i]] = dataclasses.replace(
-            reports[paths[i]], group=results[i], reason="joint",
-            ratio_at_eps=at_eps if n_eps else None)
     for members, group in _find_joint(paths, float_idx, results, effect, negligible,
                                       dict(zip(float_idx, shapes)), passes):
       _, along_w, along_d = passes(group, members, model)
@@ -486,6 +479,13 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
         reports[paths[i]] = dataclasses.replace(
             reports[paths[i]], group=results[i], reason="joint",
             ratio_at_eps=along_w / max(along_d, 1e-300) if n_eps else None)
+    # Then per slice, for a kernel and its bias that no whole-leaf joint group took.
+    for members, at_eps in _find_joint_blocks(paths, float_idx, results, effect, negligible,
+                                              dict(zip(float_idx, shapes)), dots, rtol):
+      for i in members:
+        reports[paths[i]] = dataclasses.replace(
+            reports[paths[i]], group=results[i], reason="joint",
+            ratio_at_eps=at_eps if n_eps else None)
   report = Detection(treedef.unflatten(results), {p: reports[p] for p in paths}, n_eps, rtol)
   for leaf in report.leaves.values():
     logging.info("find_scale_invariant: %s", leaf)
