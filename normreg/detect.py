@@ -51,6 +51,10 @@ PROBES = 2
 # 1e-6 becomes 1e-14, far below the mean square of any activation at a small init, while a
 # normalized zero row stays 0 rather than NaN.
 EPS_LIMIT = 1e-8
+# A grouped leaf is reported with its epsilon dominating (a warning, and
+# Detection.eps_dominated) where, at the model's own epsilons, the derivative along it is
+# more than this fraction of the derivative along a random direction of the same norm.
+EPS_DOMINATES = 0.1
 # A leaf whose first (or second) axis has this many entries or fewer, and two or more axes
 # besides, is also tried per slice along it: fused q/k/v (3, ...) and gate/up (2, ...)
 # kernels, and the same behind a layer axis stacked by scan.
@@ -58,8 +62,11 @@ MAX_SLICES = 8
 # Siblings tried together as one joint group, at most.
 MAX_JOINT = 4
 # A joint member may hold one element per group (a bias beside a kernel's units): the
-# per-element sums come back from the device for leaves up to this size.
+# per-element sums come back from the device for vectors up to this size, and for leaves of
+# more axes (biases stacked by scan) up to MAX_PER_ELEMENT_STACKED: not for kernels, whose
+# per-element products would be most of the program's traffic.
 MAX_PER_ELEMENT = 1 << 16
+MAX_PER_ELEMENT_STACKED = 1 << 12
 
 
 def _noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -239,8 +246,9 @@ class LeafReport:
       grouping, or ``(None, None)``), along the axis whose slices make the most groups;
       else ``()``.
     ratio_at_eps: the decision's violation ratio at the model's own epsilons (the
-      largest over slices and joint members); above ``rtol`` where an epsilon dominates
-      its normalization's input. ``None`` where nothing is grouped or no epsilon was found.
+      largest over slices and joint members); large (see :data:`EPS_DOMINATES`) where an
+      epsilon dominates its normalization's input. ``None`` where nothing is grouped or
+      no epsilon was found.
   """
 
   path: str
@@ -278,11 +286,14 @@ class Detection:
   epsilons: int
   rtol: float
 
-  def eps_dominated(self) -> list[str]:
-    """Paths of grouped leaves whose invariance does not hold at the model's own epsilons
-    at these params: their normalizations' inputs are small against epsilon."""
+  def eps_dominated(self, threshold: Optional[float] = None) -> list[str]:
+    """Paths of grouped leaves whose invariance fails at the model's own epsilons at these
+    params by more than ``threshold`` (default :data:`EPS_DOMINATES`): the derivative
+    along ``w`` is that fraction of the derivative along a random direction, because
+    their normalizations' inputs are small against epsilon."""
+    threshold = EPS_DOMINATES if threshold is None else threshold
     return [p for p, leaf in self.leaves.items()
-            if leaf.ratio_at_eps is not None and leaf.ratio_at_eps > self.rtol]
+            if leaf.ratio_at_eps is not None and leaf.ratio_at_eps > threshold]
 
   def __str__(self) -> str:
     return "\n".join(str(leaf) for leaf in self.leaves.values())
@@ -336,27 +347,26 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
     return treedef.unflatten(full)
 
   forward = lambda q: fn(rebuild(q), *args, **kwargs)
-  out = jax.eval_shape(forward, primals)
+  # The same function with every normalization's epsilon multiplied by t: the test runs
+  # at t = EPS_LIMIT (as designed) and t = 1 (the model as it is), in one program.
+  forward_t, n_eps, out = epsilon.with_scaled_eps(forward, primals, return_shape=True)
   if isinstance(out, (tuple, list)):
     raise ValueError(
         f"find_scale_invariant: fn returned a {type(out).__name__} of {len(out)}; pass a "
         "function that returns the network's output only (haiku's apply with state returns "
         "(output, state): use lambda p, x: apply(p, state, None, x)[0]). The state, "
         "BatchNorm's running statistics, is not scale-invariant and would hide every group.")
-  # The same function with every normalization's epsilon multiplied by t: the test runs
-  # at t = 1 (the model as it is) and t = EPS_LIMIT (as designed), vmapped: one program.
-  forward_t, n_eps = epsilon.with_scaled_eps(forward, primals)
-  ts = jnp.asarray([1.0, EPS_LIMIT] if n_eps else [1.0], jnp.float32)
-
   cotangents = jax.tree.map(
       lambda o: jnp.asarray(rng.standard_normal((PROBES,) + o.shape), o.dtype), out)
 
-  # One vmap over (t, r) pairs: each runs its own forward. (A vmap over t around the vmap
-  # over r, sharing the forward between probes, compiles wrongly on jax 0.10's CPU backend:
-  # a forward that depends on the outer batched t gave wrong gradients for the second
-  # probe under jit, right ones without it.)
-  pairs_t = jnp.repeat(ts, PROBES)
-  pairs_r = jax.tree.map(lambda c: jnp.concatenate([c] * len(ts)), cotangents)
+  # One vmap over (t, r) pairs, each with its own forward: every probe r at eps -> 0 (the
+  # decisions), then the first probe alone at the model's eps (the report's ratio there).
+  # (A vmap over t around the vmap over r, sharing the forward between probes, compiles
+  # wrongly on jax 0.10's CPU backend: a forward that depends on the outer batched t gave
+  # wrong gradients for the second probe under jit, right ones without it.)
+  at_model = 1 if n_eps else 0
+  pairs_t = jnp.asarray([EPS_LIMIT if n_eps else 1.0] * PROBES + [1.0] * at_model, jnp.float32)
+  pairs_r = jax.tree.map(lambda c: jnp.concatenate([c, c[:at_model]]), cotangents)
 
   @jax.jit
   def probe(primals, pairs_t, pairs_r, directions):
@@ -369,23 +379,24 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
       for g, w, d, axes_sets in zip(grads, primals, directions, needed):
         dtype = jnp.promote_types(g.dtype, jnp.float32)
         along_w, along_d = g.astype(dtype) * w.astype(dtype), g.astype(dtype) * d
-        sums.append({axes: (jnp.sum(along_w, axes), jnp.sum(along_d, axes))
-                     for axes in axes_sets})
+        w_sums, d_sums = _nested_sums(along_w, axes_sets), _nested_sums(along_d, axes_sets)
+        sums.append({axes: (w_sums[axes], d_sums[axes]) for axes in axes_sets})
       return norm, sums
 
     return jax.vmap(one)(pairs_t, pairs_r)
 
   out_norms, sums = probe(primals, pairs_t, pairs_r, directions)
-  out_norm = float(out_norms[-1])
-  # (t, probe) pairs back to a t axis and a probe axis.
-  sums = {i: {axes: tuple(np.asarray(x, np.float64).reshape((len(ts), PROBES) + x.shape[1:])
-                          for x in pair) for axes, pair in s.items()}
+  out_norm = float(out_norms[0])
+  # The pairs back to (the probes at eps -> 0, the probe at the model's eps).
+  split = lambda x: (x[:PROBES], x[PROBES:] if at_model else x[:PROBES])
+  sums = {i: {axes: tuple(split(np.asarray(x, np.float64)) for x in pair)
+              for axes, pair in s.items()}
           for i, s in zip(float_idx, jax.device_get(sums))}
   # A leaf whose random-direction derivative is this small relative to the output
   # has no effect on fn (float32 noise is ~1e-7): it is no scale group.
   negligible = 1e-5 * out_norm
   ndims = {i: len(shape) for i, shape in zip(float_idx, shapes)}
-  limit, model = -1, 0  # the sums' first axis: the model's eps, then eps -> 0
+  limit, model = 0, 1  # which of split's two: eps -> 0 (every probe), the model's eps
 
   def dots(axes, i, which, at=limit):
     """Sums of J^T r * w (``which`` 0) or * d (1) over ``axes`` of leaf ``i``: (probes, ...)."""
@@ -507,6 +518,18 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
         ", ".join(f"{p} ({report.leaves[p].ratio_at_eps:.2g})" for p in dominated[:8]) + (
             ", ..." if len(dominated) > 8 else ""))
   return report
+
+
+def _nested_sums(x: jax.Array, axes_sets) -> dict:
+  """``{axes: x summed over axes}``, each from the largest already summed subset of its
+  axes: one pass over ``x`` per finest set, the coarser ones from those (a tensor's sum
+  from its per-unit sums)."""
+  out: dict = {}
+  for axes in sorted(axes_sets, key=len):
+    base = max((done for done in out if done and set(done) < set(axes)), key=len, default=())
+    rest = tuple(a - sum(b < a for b in base) for a in axes if a not in base)
+    out[axes] = jnp.sum(out[base] if base else x, rest)
+  return out
 
 
 def _rms(dots: np.ndarray) -> float:
@@ -642,18 +665,18 @@ def _find_joint_blocks(paths, float_idx, results, effect, negligible, shapes, do
     j = by_path.get(f"{parent}/bias")
     if (name in ("kernel", "weight", "w") and j is not None and results[i] is None
         and results[j] is None and effect[i] > negligible and len(shapes[i]) == 2
-        and len(shapes[j]) == 1 and math.prod(shapes[j]) <= MAX_PER_ELEMENT):
+        and len(shapes[j]) == 1 and _per_element(shapes[j])):
       for a in (0, 1):
         if shapes[i][a] != shapes[j][0]:
           continue
-        rows = lambda which, at=-1: (dots(_all_but(a, 2), i, which, at) + dots((), j, which, at))
+        rows = lambda which, at=0: (dots(_all_but(a, 2), i, which, at) + dots((), j, which, at))
         found = _blocks(rows(0), rows(1), rtol, negligible)
         if found is None:
           continue
         view, per_block, _ = found
         results[i] = _block_groups(view, per_block, a, joint=parent)
         results[j] = _block_groups(view, per_block, 0, joint=parent, ndim=1)
-        at_eps = max(r for b, r in _blocks_at(rows(0, 0), rows(1, 0), view,
+        at_eps = max(r for b, r in _blocks_at(rows(0, 1), rows(1, 1), view,  # 1: model eps
                                                [b for b, _ in per_block]) if b)
         joined.append(([i, j], at_eps))
         logging.info("find_scale_invariant: %s and %s form joint groups per slice, %s",
@@ -697,7 +720,7 @@ def _summed_axes(shape: tuple[int, ...], layout_axis: int) -> set[tuple[int, ...
     out |= {_lift(g, ndim, axis) for g in _candidates(shape[:axis] + shape[axis + 1:],
                                                       layout_axis)}
     out.add(_all_but(axis, ndim))
-  if math.prod(shape) <= MAX_PER_ELEMENT:
+  if _per_element(shape):
     out.add(())
   return out
 
@@ -758,6 +781,13 @@ def _find_joint(paths, float_idx, results, effect, negligible, shapes, passes) -
   return joined
 
 
+def _per_element(shape: tuple[int, ...]) -> bool:
+  """Whether a leaf's per-element sums are computed (a joint member with one element per
+  group: a bias, or biases stacked by scan)."""
+  size = math.prod(shape)
+  return size <= (MAX_PER_ELEMENT if len(shape) <= 1 else MAX_PER_ELEMENT_STACKED)
+
+
 def _strip_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
   """``(1, 1, 1, C) -> (C,)``: a vector stored broadcastable, as haiku's BatchNorm stores
   its scale and offset; ``(3, 1)``, a one-unit kernel, stays."""
@@ -771,7 +801,7 @@ def _joint_candidates(shapes: list[tuple[int, ...]]) -> list[groups_lib.Group]:
   common = None
   for shape in shapes:
     # A member may hold one element per group (a bias beside a kernel's units).
-    per_element = bool(shape) and math.prod(shape) <= MAX_PER_ELEMENT
+    per_element = bool(shape) and _per_element(shape)
     options = _candidates(shape) + ([groups_lib.unit(stack=len(shape) - 1)] if per_element
                                     else [])
     keys = {(g.kind, g.stack) for g in options}

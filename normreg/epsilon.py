@@ -31,6 +31,7 @@ anything without an epsilon is bound as it was. An epsilon inside a
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -113,12 +114,26 @@ def _sub(eqn: Any) -> list[tuple[Any, Any]]:
   return out
 
 
+_COUNTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def count(jaxpr: Any, consts: Any = ()) -> int:
-  """How many epsilons :func:`with_scaled_eps` scales in ``jaxpr`` (and its calls)."""
+  """How many epsilons :func:`with_scaled_eps` scales in ``jaxpr`` (and its calls).
+
+  Remembered per jaxpr: an unrolled model calls the same few sub-jaxprs (an einsum, a
+  softmax) hundreds of times."""
+  try:
+    return _COUNTS[jaxpr]
+  except (KeyError, TypeError):
+    pass
   total = len(epsilon_sites(jaxpr, consts))
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in _INLINED | {"scan", "cond"}:
       total += sum(count(j, c) for j, c in _sub(eqn))
+  try:
+    _COUNTS[jaxpr] = total
+  except TypeError:  # not weakly referenceable: count again next time
+    pass
   return total
 
 
@@ -183,13 +198,15 @@ def _scan(eqn: Any, invals: list, t: jax.Array) -> list:
   return list(carry) + list(ys)
 
 
-def with_scaled_eps(fn: Callable[..., Any], *example_args: Any
-                    ) -> tuple[Callable[..., Any], int]:
+def with_scaled_eps(fn: Callable[..., Any], *example_args: Any, return_shape: bool = False
+                    ) -> tuple[Any, ...]:
   """``(fn_t, n)``: ``fn_t(t, *args) = fn(*args)`` with each of the ``n`` normalization
   epsilons of ``fn`` multiplied by ``t`` (a scalar, traced or not).
 
   ``fn`` is traced once on ``example_args`` (``jax.make_jaxpr``); ``fn_t`` takes
-  arguments of the same structure, shapes and dtypes.
+  arguments of the same structure, shapes and dtypes. With ``return_shape``, also the
+  output's ``jax.ShapeDtypeStruct`` pytree, as ``jax.make_jaxpr`` gives it:
+  ``(fn_t, n, shape)``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -206,4 +223,4 @@ def with_scaled_eps(fn: Callable[..., Any], *example_args: Any
     outs = _eval(closed.jaxpr, closed.consts, jax.tree.leaves(args), jnp.asarray(t))
     return jax.tree.unflatten(out_tree, outs)
 
-  return fn_t, n
+  return (fn_t, n, out_shape) if return_shape else (fn_t, n)
