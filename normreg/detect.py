@@ -385,7 +385,15 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
 
     return jax.vmap(one)(pairs_t, pairs_r)
 
-  out_norms, sums = probe(primals, pairs_t, pairs_r, directions)
+  lowered = probe.lower(primals, pairs_t, pairs_r, directions)
+  # The program runs once: on a CPU, XLA's backend optimizations cost more compile time
+  # than they save (12-layer transformer: 3.6 s + 1.7 s optimized, 2.4 s + 1.9 s not).
+  fast = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  try:
+    compiled = lowered.compile(compiler_options=fast)
+  except Exception:  # pylint: disable=broad-except (an option this backend or jax lacks)
+    compiled = lowered.compile()
+  out_norms, sums = compiled(primals, pairs_t, pairs_r, directions)
   out_norm = float(out_norms[0])
   # The pairs back to (the probes at eps -> 0, the probe at the model's eps).
   split = lambda x: (x[:PROBES], x[PROBES:] if at_model else x[:PROBES])
