@@ -205,8 +205,13 @@ class Transformer(nnx.Module):
     heads: query heads (``width % heads == 0``; ``d_h = width // heads``).
     kv_heads: key/value heads (default ``heads``; fewer for grouped-query attention).
     hidden: the MLP's hidden width (default ``4 * width``).
-    pre_norm, qk_norm, post_norm, ngpt, fused_qkv, fused_mlp, scan: see the module
-      docstring.
+    pre_norm: RMSNorm before attention and the MLP (see the module docstring).
+    qk_norm: ``"head"``, ``"whole"`` or ``None``.
+    post_norm: RMSNorm on what attention and the MLP add to the stream (sandwich).
+    ngpt: the normalized transformer's block (no pre- or post-norms with it).
+    fused_qkv: q, k and v in one ``(3, heads, d, d_h)`` kernel.
+    fused_mlp: gate and up in one ``(2, d, hidden)`` kernel.
+    scan: the blocks stacked on a leading axis and run by ``nnx.scan``.
     epsilon: every RMSNorm's epsilon.
     init_std: std of the normal every kernel and the embedding are drawn from.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
