@@ -86,7 +86,6 @@ class RotationalState(NamedTuple):
   radius: Any
 
 
-@slicing.honours_slices
 def rotational(inner: optax.GradientTransformation, groups: groups_lib.GroupsOrFn,
                target_angle: ScalarOrSchedule, decay: float = 0.9, eps: float = 1e-8,
                zero_mean: bool = False) -> optax.GradientTransformationExtraArgs:
@@ -160,19 +159,31 @@ def rotational(inner: optax.GradientTransformation, groups: groups_lib.GroupsOrF
   """
   _checks.non_negative("target_angle", target_angle, "rotational")
 
+  def geometry(params):
+    """The groups, resolved on the params with per-slice groups split into leaves
+    (:mod:`normreg.slicing`; ``inner`` sees the trees as they are), and ``split``."""
+    g = groups(params) if groups_lib.is_function(groups) else groups
+    flat_groups, flat_params = slicing.split(g, params, caller="rotational")
+    split = lambda tree: slicing.split(g, tree, caller="rotational")[1]
+    return g, flat_groups, flat_params, split
+
   def init_fn(params):
-    resolved = groups_lib.resolve_at_init(groups, params, "rotational")
-    radius = reductions.norms(resolved, params)
+    _, flat_groups, flat_params, _ = geometry(params)
+    resolved = groups_lib.resolve_at_init(flat_groups, flat_params, "rotational")
+    radius = reductions.norms(resolved, flat_params)
     return RotationalState(inner.init(params), jnp.zeros([], jnp.int32),
                            {p: jnp.zeros_like(r) for p, r in radius.items()}, radius)
 
   def update_fn(updates, state, params=None, **extra_args):
     _checks.require_params(params, "rotational")
-    resolved = groups_lib.resolve(groups, params, "rotational")
-    start = _balanced(resolved, params, state.radius) if zero_mean else params
-    inner_updates, inner_state = inner.update(updates, state.inner, start, **extra_args)
+    g, flat_groups, flat_params, split = geometry(params)
+    resolved = groups_lib.resolve(flat_groups, flat_params, "rotational")
+    start = (_balanced(resolved, flat_params, state.radius) if zero_mean else flat_params)
+    inner_updates, inner_state = inner.update(
+        updates, state.inner, slicing.merge(g, start, params) if zero_mean else params,
+        **extra_args)
     count = state.count + 1
-    tangent = reductions.tangential(resolved, inner_updates, start)
+    tangent = reductions.tangential(resolved, split(inner_updates), start)
     if zero_mean:
       tangent = _centred(resolved, tangent)
     sq = reductions.group_sums(resolved, jnp.square, tangent)
@@ -189,8 +200,9 @@ def rotational(inner: optax.GradientTransformation, groups: groups_lib.GroupsOrF
     stepped = reductions.map_groups(step, resolved, tangent, start)
     projected = reductions.project_to_radius(resolved, stepped, state.radius)
     out = reductions.map_groups(lambda p, g, u, new, w: (new - w.astype(new.dtype)).astype(
-        u.dtype), resolved, inner_updates, projected, params)
-    return out, RotationalState(inner_state, count, rms, state.radius)
+        u.dtype), resolved, split(inner_updates), projected, flat_params)
+    return slicing.merge(g, out, updates), RotationalState(inner_state, count, rms,
+                                                           state.radius)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -141,11 +141,22 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
     derivative along a random direction is below ``1e-5 * ||fn||``) and for
     leaves that are not floating point.
 
+  - a :func:`normreg.sliced` group, where the slices of a fused kernel (along its
+    first or second axis, or concatenated along one axis of a two-axis kernel)
+    make more groups that pass one by one than any whole-leaf grouping: q/k/v
+    ``(3, heads, d, head_dim)`` behind QK-norm is ``sliced(tensor(stack=1),
+    tensor(stack=1), ...)``.
+
   A grouping "passes" when the per-group derivatives along ``w`` are at most
   ``rtol`` times those along a random direction of the same norm (root mean
-  square over the groups and the random output directions). Normalizations
-  add ``eps`` to the variance, so their invariance is exact only up to about
-  ``eps / var``; ``rtol`` leaves room for that.
+  square over the groups and the random output directions), with every
+  normalization's epsilon sent to 0 (:mod:`normreg.epsilon`): invariant by design.
+  At a small initialization the epsilon is not negligible and the function at
+  these params does depend on the scale; such groups are found all the same, and
+  one warning line names them (:data:`EPS_DOMINATES`). The test runs with every
+  kernel brought up to at least a variance-scaling size (``rms >= 1/sqrt(fan_in)``),
+  so that a path around a normalization is not negligible because of a small init;
+  at eps -> 0 that moves no invariant weight.
 
   What it cannot see:
 
@@ -170,8 +181,10 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
   Finding no invariant leaf at all logs one warning line (a normalization in
   evaluation mode, a batch of one): transforms given such groups do nothing.
 
-  Cost: one compiled program (``jax.vjp`` of ``fn``, vmapped over
-  ``PROBES`` output directions) and numpy sums, whatever the number of leaves.
+  Cost: two traces of ``fn`` (one finds the epsilons) and one compiled program
+  (``jax.vjp`` of ``fn`` vmapped over ``PROBES`` output directions at eps -> 0 and one
+  at the model's eps, with the group sums) and numpy sums, whatever the number of
+  leaves. :func:`scale_invariance_report` returns each leaf's decision and ratios.
 
   Args:
     fn: ``fn(params, *args, **kwargs)`` returning an array or a dict (any pytree but a
@@ -191,7 +204,7 @@ def find_scale_invariant(fn: Callable[..., Any], params: Any, *args: Any, seed: 
     **kwargs: keyword arguments of ``fn``.
 
   Returns:
-    A groups pytree shaped like ``params``.
+    A groups pytree shaped like ``params``: ``Group``, ``Sliced`` or ``None`` leaves.
 
   Examples:
     >>> import jax, jax.numpy as jnp, normreg
@@ -263,7 +276,7 @@ class LeafReport:
   def __str__(self) -> str:
     ratios = dict(self.candidates)
     ratio = ratios.get(self.group) if not isinstance(self.group, groups_lib.Sliced) else max(
-        r for _, r in self.slices if r is not None)
+        (r for _, r in self.slices if r is not None), default=None)
     figures = (f"ratio {ratio:.1e}" if ratio is not None else "") + (
         f", at the model's eps {self.ratio_at_eps:.1e}" if self.ratio_at_eps is not None else "")
     return f"{self.path:40s} {str(self.group or '-'):32s} {self.reason:13s} {figures}".rstrip()
@@ -367,25 +380,34 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
   at_model = 1 if n_eps else 0
   pairs_t = jnp.asarray([EPS_LIMIT if n_eps else 1.0] * PROBES + [1.0] * at_model, jnp.float32)
   pairs_r = jax.tree.map(lambda c: jnp.concatenate([c, c[:at_model]]), cotangents)
+  # The decisions are taken with every kernel at least at a variance-scaling size
+  # (_generic_scales): as eps -> 0 a weight that feeds a normalization AND a path around it
+  # would otherwise look invariant at a small enough init (the path around shrinks with
+  # ||w||, the derivative through the normalization does not). At eps -> 0 this moves no
+  # invariant weight; the model's-eps check stays at the model's own size.
+  generic = _generic_scales(primals, layout_axis)
+  pairs_s = jnp.asarray([generic] * PROBES + [np.ones_like(generic)] * at_model, jnp.float32)
 
   @jax.jit
-  def probe(primals, pairs_t, pairs_r, directions):
-    def one(t, r):
-      value, vjp = jax.vjp(lambda q: forward_t(t, q), primals)
+  def probe(primals, pairs_t, pairs_r, pairs_s, directions):
+    def one(t, r, scale):
+      primals_s = [(w * scale[k].astype(w.dtype)) for k, w in enumerate(primals)]
+      value, vjp = jax.vjp(lambda q: forward_t(t, q), primals_s)
       norm = jnp.sqrt(sum(jnp.sum(jnp.square(v.astype(jnp.float32)))
                           for v in jax.tree.leaves(value)))
       grads = vjp(r)[0]
       sums = []
-      for g, w, d, axes_sets in zip(grads, primals, directions, needed):
+      for k, (g, w, d, axes_sets) in enumerate(zip(grads, primals_s, directions, needed)):
         dtype = jnp.promote_types(g.dtype, jnp.float32)
-        along_w, along_d = g.astype(dtype) * w.astype(dtype), g.astype(dtype) * d
+        along_w = g.astype(dtype) * w.astype(dtype)
+        along_d = g.astype(dtype) * (d * scale[k]).astype(dtype)
         w_sums, d_sums = _nested_sums(along_w, axes_sets), _nested_sums(along_d, axes_sets)
         sums.append({axes: (w_sums[axes], d_sums[axes]) for axes in axes_sets})
       return norm, sums
 
-    return jax.vmap(one)(pairs_t, pairs_r)
+    return jax.vmap(one)(pairs_t, pairs_r, pairs_s)
 
-  lowered = probe.lower(primals, pairs_t, pairs_r, directions)
+  lowered = probe.lower(primals, pairs_t, pairs_r, pairs_s, directions)
   # The program runs once: on a CPU, XLA's backend optimizations cost more compile time
   # than they save (12-layer transformer: 3.6 s + 1.7 s optimized, 2.4 s + 1.9 s not).
   fast = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
@@ -393,7 +415,7 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
     compiled = lowered.compile(compiler_options=fast)
   except Exception:  # pylint: disable=broad-except (an option this backend or jax lacks)
     compiled = lowered.compile()
-  out_norms, sums = compiled(primals, pairs_t, pairs_r, directions)
+  out_norms, sums = compiled(primals, pairs_t, pairs_r, pairs_s, directions)
   out_norm = float(out_norms[0])
   # The pairs back to (the probes at eps -> 0, the probe at the model's eps).
   split = lambda x: (x[:PROBES], x[PROBES:] if at_model else x[:PROBES])
@@ -499,12 +521,12 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
             reports[paths[i]], group=results[i], reason="joint",
             ratio_at_eps=along_w / max(along_d, 1e-300) if n_eps else None)
     # Then per slice, for a kernel and its bias that no whole-leaf joint group took.
-    for members, at_eps in _find_joint_blocks(paths, float_idx, results, effect, negligible,
-                                              dict(zip(float_idx, shapes)), dots, rtol):
+    for members, at_eps, ratios in _find_joint_blocks(
+        paths, float_idx, results, effect, negligible, dict(zip(float_idx, shapes)), dots, rtol):
       for i in members:
         reports[paths[i]] = dataclasses.replace(
             reports[paths[i]], group=results[i], reason="joint",
-            ratio_at_eps=at_eps if n_eps else None)
+            slices=tuple(zip(results[i].groups, ratios)), ratio_at_eps=at_eps if n_eps else None)
   report = Detection(treedef.unflatten(results), {p: reports[p] for p in paths}, n_eps, rtol)
   for leaf in report.leaves.values():
     logging.info("find_scale_invariant: %s", leaf)
@@ -538,6 +560,23 @@ def _nested_sums(x: jax.Array, axes_sets) -> dict:
     rest = tuple(a - sum(b < a for b in base) for a in axes if a not in base)
     out[axes] = jnp.sum(out[base] if base else x, rest)
   return out
+
+
+def _generic_scales(primals: list, layout_axis: int) -> np.ndarray:
+  """Per leaf, the factor that brings a kernel (two axes or more) up to rms
+  ``1 / sqrt(fan_in)`` (``fan_in``: its size over its output axis), where it is smaller:
+  a variance-scaling size, where no non-linearity is saturated by it and no path is
+  negligible because of it. 1 for vectors and for kernels already that large."""
+  out = []
+  for w in primals:
+    factor = 1.0
+    if np.ndim(w) >= 2:
+      fan_in = np.size(w) / np.shape(w)[layout_axis]
+      rms = float(np.sqrt(np.mean(np.square(np.asarray(w, np.float32)))))
+      if 0 < rms < 1 / np.sqrt(fan_in):
+        factor = 1 / (np.sqrt(fan_in) * rms)
+    out.append(factor)
+  return np.asarray(out, np.float32)
 
 
 def _rms(dots: np.ndarray) -> float:
@@ -652,9 +691,9 @@ def _blocks_at(rows_w, rows_d, view, blocks):
 def _block_groups(view, per_block, axis, joint=None, ndim=2) -> groups_lib.Sliced:
   """The :class:`~normreg.groups.Sliced` of :func:`_blocks`' answer for a leaf of ``ndim``
   axes sliced along ``axis``: per block, ``unit`` on the slice's block axis (where the
-  view put it); per slice, ``TENSOR``; optionally tagged ``joint + "/" + slice``."""
+  view put it); per slice, ``TENSOR``; optionally tagged ``joint + "[slice i]"``."""
   m = math.prod(view[1:])
-  tag = lambda s: None if joint is None else f"{joint}/{s}"
+  tag = lambda s: None if joint is None else f"{joint}[slice {s}]"  # no path is spelled so
   unit_axis = axis % ndim  # the view's block-count axis, in the slice (the slice axis gone)
   return groups_lib.sliced(*(
       None if b is None else groups_lib.tensor(joint=tag(s)) if b == m
@@ -665,7 +704,8 @@ def _block_groups(view, per_block, axis, joint=None, ndim=2) -> groups_lib.Slice
 def _find_joint_blocks(paths, float_idx, results, effect, negligible, shapes, dots, rtol):
   """A 2-D kernel and the bias beside it, both ungrouped, that pass together per
   concatenated slice (:func:`_blocks` on their summed rows: equinox's and PyTorch ports'
-  fused q/k/v ``Linear`` with biases). Returns ``[(members, ratio at the model's eps)]``."""
+  fused q/k/v ``Linear`` with biases). Returns ``[(members, ratio at the model's eps,
+  [ratio per slice])]``."""
   joined = []
   by_path = {paths[i]: i for i in float_idx}
   for i in float_idx:
@@ -686,7 +726,7 @@ def _find_joint_blocks(paths, float_idx, results, effect, negligible, shapes, do
         results[j] = _block_groups(view, per_block, 0, joint=parent, ndim=1)
         at_eps = max(r for b, r in _blocks_at(rows(0, 1), rows(1, 1), view,  # 1: model eps
                                                [b for b, _ in per_block]) if b)
-        joined.append(([i, j], at_eps))
+        joined.append(([i, j], at_eps, [r for _, r in per_block]))
         logging.info("find_scale_invariant: %s and %s form joint groups per slice, %s",
                      paths[i], paths[j], results[i])
         break

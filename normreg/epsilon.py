@@ -20,13 +20,18 @@ How the epsilons are found, in the function's jaxpr (``jax.make_jaxpr``,
 interpreted equation by equation as ``jax.core.eval_jaxpr`` does): an ``add``
 of a constant ``0 < c <= MAX_EPS`` (a literal or a closed-over scalar) whose
 result reaches, through casts, broadcasts and reshapes only, a ``rsqrt``, a
-``sqrt``, a ``pow`` or the denominator of a ``div``. That is
+``sqrt``, the base of a ``pow`` or the denominator of a ``div``. That is
 ``rsqrt(var + eps)`` in flax, haiku and equinox alike, and ``x / (norm + eps)``.
 Calls (``jit``, ``remat``, ``custom_jvp_call``, ``custom_vjp_call``) that hold an
 epsilon are inlined (their custom derivative rules give way to the rules of their
 primal computation), and ``scan`` and ``cond`` bodies are interpreted in place;
-anything without an epsilon is bound as it was. An epsilon inside a
-``while_loop`` is left as it is.
+anything without an epsilon is bound as it was.
+
+Not found, and so left as they are: an epsilon inside a ``while_loop``, a clamp
+(``x / max(norm, eps)``), and one computed at run time rather than a constant. A
+``custom_vjp`` that holds an epsilon is differentiated through its primal
+computation: a straight-through estimator inside it loses its rule. In float16,
+``t * eps`` underflows to 0 for small ``t``: a normalized row of zeros is then NaN.
 """
 
 from __future__ import annotations
@@ -70,7 +75,8 @@ def _feeds_a_root(var: Any, consumers: dict) -> bool:
   """Whether ``var`` reaches a ``rsqrt``/``sqrt``/``pow`` or a ``div``'s denominator."""
   for eqn, position in consumers.get(var, ()):
     name = eqn.primitive.name
-    if name in ("rsqrt", "sqrt", "pow") or (name == "div" and position == 1) or (
+    if name in ("rsqrt", "sqrt") or (name == "pow" and position == 0) or (
+        name == "div" and position == 1) or (
         name == "integer_pow" and eqn.params.get("y", 0) < 0):
       return True
     if name in _THROUGH and _feeds_a_root(eqn.outvars[0], consumers):

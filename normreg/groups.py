@@ -668,7 +668,11 @@ def stateless_on_groups(caller: str, groups: GroupsOrFn,
 
 def reduction_axes(group: GroupLeaf, ndim: int) -> tuple[int, ...]:
   """Axes a group's norm reduces over within one leaf (see :meth:`Group.reduced_axes`)."""
-  return as_group(group, "reduction_axes").reduced_axes(ndim)
+  group = as_group(group, "reduction_axes")
+  if isinstance(group, Sliced):
+    raise ValueError(f"reduction_axes: {group} reduces per slice, over other axes in each; "
+                     "ask each slice's group (its .groups).")
+  return group.reduced_axes(ndim)
 
 
 def summary(groups: Groups) -> str:

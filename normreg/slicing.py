@@ -123,7 +123,9 @@ def honours_slices(factory: Callable[..., optax.GradientTransformation]
   used, unchanged. Otherwise ``init`` and ``update`` run the factory's transform on the
   :func:`split` trees, built with the split groups, and ``update`` stacks the updates back
   (:func:`merge`): the state is the split tree's. Builds on
-  ``optax.GradientTransformationExtraArgs``: extra arguments pass through.
+  ``optax.GradientTransformationExtraArgs``: extra arguments pass through. A factory
+  whose ``heuristic`` argument is true (AdamP's cosine test, which ignores ``groups``)
+  is left as it is.
   """
   signature = inspect.signature(factory)
   name = factory.__name__
@@ -131,10 +133,11 @@ def honours_slices(factory: Callable[..., optax.GradientTransformation]
   @functools.wraps(factory)
   def wrapped(*args, **kwargs):
     bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
     groups = bound.arguments["groups"]
     plain = optax.with_extra_args_support(factory(*args, **kwargs))
     dynamic = groups_lib.is_function(groups)
-    if not dynamic and not has_slices(groups):
+    if (not dynamic and not has_slices(groups)) or bound.arguments.get("heuristic"):
       return plain
 
     @functools.lru_cache(maxsize=8)
@@ -158,8 +161,7 @@ def honours_slices(factory: Callable[..., optax.GradientTransformation]
       return tx.init(split(g, params, caller=name)[1])
 
     def update_fn(updates, state, params=None, **extra_args):
-      if dynamic and params is None:  # the factory's own transform says params are needed
-        return plain.update(updates, state, params, **extra_args)
+      # A groups function may be called on the updates, as optax.masked's mask is.
       g, tx = parts(params if params is not None else updates)
       if g is None:
         return plain.update(updates, state, params, **extra_args)

@@ -330,6 +330,10 @@ def test_a_kernel_whose_norm_is_dominated_by_eps_is_found_and_the_report_says_so
     # A smooth |h| = sqrt(h^2 + eps) is a root of an eps too, but homogeneous of degree 1.
     ("smooth_abs", lambda p, x: jnp.sqrt(jnp.square(x @ p["v"]) + 1e-6) @ p["head"],
      {"v": 1e-3 * _p(3, 3, 8), "head": _p(2, 8, 2)}),
+    # The same weight through the normalization and around it: at a small init the path
+    # around shrinks with ||v|| while the path through does not, as eps -> 0.
+    ("through_and_around", lambda p, x: _rms_norm(x @ p["v"]) @ p["head"] + (x @ p["v"])
+     @ p["head"], {"v": 1e-4 * _p(3, 3, 8), "head": _p(2, 8, 2)}),
     # A SiLU gate before a post-norm: invariant only in the ReLU limit of large weights.
     ("gate", lambda p, x: _rms_norm((jax.nn.silu(x @ p["v"]) * (x @ p["w"])) @ p["d"])
      @ p["head"], {"v": _p(3, 3, 8), "w": _p(1, 3, 8), "d": _p(4, 8, 8), "head": _p(2, 8, 2)}),
@@ -357,3 +361,23 @@ def test_a_fused_kernel_is_grouped_per_slice():
   assert report.groups["qkv"] == normreg.sliced(t1, t1, normreg.TENSOR)
   assert report.leaves["qkv"].reason == "per slice"
   assert [g for g, _ in report.leaves["qkv"].slices] == [t1, t1, normreg.TENSOR]
+
+
+def test_a_fused_linear_with_bias_gets_joint_groups_per_slice_and_its_report_prints():
+  # equinox's and PyTorch ports' layout: weight (3 * heads * head_dim, d), rows [s, h, p],
+  # and a bias of 3 * heads * head_dim; q and k normalized per head, v not.
+  params = {"qkv": {"weight": _p(1, 24, 3), "bias": _p(2, 24)}, "head": _p(3, 8, 2)}
+
+  def fn(p, x):
+    h = (x @ p["qkv"]["weight"].T + p["qkv"]["bias"][None]).reshape(-1, 3, 2, 4)
+    q, k, v = _rms_norm(h[:, 0]), _rms_norm(h[:, 1]), h[:, 2]
+    att = jax.nn.softmax(jnp.einsum("nhp,mhp->hnm", q, k), -1)
+    return jnp.einsum("hnm,mhp->nhp", att, v).reshape(x.shape[0], 8) @ p["head"]
+
+  report = detect.scale_invariance_report(fn, params, _x())
+  weight, bias = report.groups["qkv"]["weight"], report.groups["qkv"]["bias"]
+  assert weight.view == bias.view == (3, 2, 4) and weight.groups[2] is None
+  assert weight.groups[0].joint == bias.groups[0].joint != weight.groups[1].joint
+  assert weight.groups[0] == normreg.unit(axis=0, joint=weight.groups[0].joint)  # per head
+  assert report.leaves["qkv/weight"].reason == "joint"
+  assert "qkv/weight" in str(report) and "sliced(" in str(report)

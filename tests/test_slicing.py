@@ -195,3 +195,49 @@ def test_slices_concatenated_along_an_axis_are_read_through_a_view():
                                                .sum((1, 2))), rtol=1e-6)
   with pytest.raises(ValueError, match=r"'w': sliced\(.*\) reads axis 0 as \(3, 2, 5\)"):
     normreg.unit_norms({"w": weight}, {"w": normreg.sliced(None, None, None, view=(3, 2, 5))})
+
+
+def test_adamps_cosine_heuristic_ignores_groups_sliced_or_not():
+  grads = _fused(_grads(2))
+  with_slices = normreg.adamp(0.1, FUSED_GROUPS, heuristic=True)
+  without = normreg.adamp(0.1, jax.tree.map(lambda _: None, FUSED), heuristic=True)
+  state_a, state_b = with_slices.init(FUSED), without.init(FUSED)
+  params_a = params_b = FUSED
+  for _ in range(3):
+    u_a, state_a = with_slices.update(grads, state_a, params_a)
+    u_b, state_b = without.update(grads, state_b, params_b)
+    params_a, params_b = optax.apply_updates(params_a, u_a), optax.apply_updates(params_b, u_b)
+  np.testing.assert_array_equal(params_a["qkv"], params_b["qkv"])
+
+
+def test_a_groups_function_is_called_on_the_updates_when_no_params_are_given():
+  tx = normreg.scale_by_learning_rates(0.1, lambda tree: FUSED_GROUPS, 0.5)
+  grads = _fused(_grads(3))
+  updates, _ = tx.update(grads, tx.init(FUSED))
+  np.testing.assert_allclose(updates["gate_up"][1], -0.1 * np.asarray(grads["gate_up"][1]),
+                             rtol=1e-6)  # up: grouped
+  np.testing.assert_allclose(updates["gate_up"][0], -0.5 * np.asarray(grads["gate_up"][0]),
+                             rtol=1e-6)  # the gate: ungrouped
+
+
+def test_rotational_hands_its_inner_optimizer_the_trees_as_they_are():
+  # A pytree mask inside the inner optimizer, shaped like the params: the fused leaf whole.
+  mask = {"qkv": True, "gate_up": True, "scale": False}
+  inner = optax.masked(optax.sgd(0.1), mask)
+  tx = normreg.rotational(inner, FUSED_GROUPS, target_angle=0.01)
+  updates, state = tx.update(_fused(_grads(4)), tx.init(FUSED), FUSED)
+  assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, FUSED)
+  new = optax.apply_updates(FUSED, updates)
+  angles = normreg.angular_update(FUSED, new, FUSED_GROUPS)
+  np.testing.assert_allclose(angles["qkv"][2], 0.01, rtol=1e-3)  # v: turned by the target
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(new["qkv"][2])),
+                             np.linalg.norm(np.asarray(QKV[2])), rtol=1e-5)  # norm kept
+  assert jax.tree.structure(state.inner) == jax.tree.structure(inner.init(FUSED))
+
+
+def test_bf16_fused_leaves_stay_bf16():
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), FUSED)
+  for make in (lambda g: normreg.spherical_adam(0.1, g), lambda g: normreg.adamh(0.1, g)):
+    tx = make(FUSED_GROUPS)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.bfloat16)}

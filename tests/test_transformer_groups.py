@@ -17,13 +17,13 @@ from normreg.models import Transformer
 
 T, T1, T2 = normreg.TENSOR, normreg.tensor(stack=1), normreg.tensor(stack=2)
 OPTIONS = {
-    "gemma3_gqa": dict(qk_norm="head", post_norm=True, kv_heads=2),
-    "gemma3_fused": dict(qk_norm="head", post_norm=True, fused_qkv=True, fused_mlp=True),
+    "gemma3_gqa": dict(qk_norm="head", post_norm=True, kv_heads=2, qkv="q_kv"),
+    "gemma3_fused": dict(qk_norm="head", post_norm=True, qkv="fused", fused_mlp=True),
     "olmo2": dict(pre_norm=False, qk_norm="whole", post_norm=True),
-    "ngpt": dict(pre_norm=False, ngpt=True, fused_mlp=True, kv_heads=2),
-    "qk_norm_only": dict(qk_norm="head", fused_qkv=True),
-    "pre_norm_only": dict(qk_norm=None),
-    "gemma3_scanned": dict(qk_norm="head", post_norm=True, kv_heads=2, scan=True),
+    "ngpt": dict(pre_norm=False, ngpt=True, fused_mlp=True, kv_heads=2, qkv="q_kv"),
+    "qk_norm_only": dict(qk_norm="head", qkv="fused"),
+    "pre_norm_only": dict(qk_norm=None, kv_heads=2),
+    "gemma3_scanned": dict(qk_norm="head", post_norm=True, kv_heads=2, qkv="q_kv", scan=True),
 }
 LAYERS, VOCAB = 2, 32
 
@@ -37,7 +37,7 @@ def _lift(group):
   return normreg.tensor(stack=group.stack + 1)
 
 
-def by_hand(pre_norm=True, qk_norm="head", post_norm=False, ngpt=False, fused_qkv=False,
+def by_hand(pre_norm=True, qk_norm="head", post_norm=False, ngpt=False, qkv="separate",
             fused_mlp=False, kv_heads=None, scan=False):
   """Each leaf's by-design group, from the architecture alone."""
   del kv_heads
@@ -47,17 +47,17 @@ def by_hand(pre_norm=True, qk_norm="head", post_norm=False, ngpt=False, fused_qk
   block = {"attn/o": v, "attn/q_norm/scale": None, "attn/k_norm/scale": None}
   if qk is None:
     block = {"attn/o": v}
-  parts = (qk, qk, v) if fused_qkv else (qk, v)
-  if all(g is T for g in parts):
-    fused = T1  # each slice as a whole: one more stack axis says it
-  elif any(parts):
-    fused = normreg.sliced(*parts)
+  def fused(*parts):
+    if all(g is T for g in parts):
+      return T1  # each slice as a whole: one more stack axis says it
+    return normreg.sliced(*parts) if any(parts) else None
+
+  if qkv == "fused":
+    block["attn/qkv"] = fused(qk, qk, v)
+  elif qkv == "q_kv":
+    block["attn/q"], block["attn/kv"] = qk, fused(qk, v)
   else:
-    fused = None
-  if fused_qkv:
-    block["attn/qkv"] = fused
-  else:
-    block["attn/q"], block["attn/kv"] = qk, fused
+    block["attn/q"], block["attn/k"], block["attn/v"] = qk, qk, v
   if fused_mlp:
     block["mlp/gate_up"] = normreg.sliced(None, T) if post else None
   else:
@@ -105,17 +105,51 @@ def test_the_hand_written_groups_are_invariant_at_eps_zero_by_brute_force(name):
   forward = jax.jit(fn)
   want = np.asarray(forward(params, TOKENS))
   rng = np.random.default_rng(0)
-  factor = lambda shape: rng.uniform(0.2, 5.0, shape)  # one per group: per head, per slice, ...
-  scaled = normreg.rescale_groups(params, groups, factor)
+  flat = _flat(groups)
+  scaled = jax.tree_util.tree_map_with_path(
+      lambda p, x: _numpy_scaled(np.asarray(x), flat[normreg.groups.path_str(p)], rng), params)
   np.testing.assert_allclose(forward(scaled, TOKENS), want, rtol=2e-4, atol=2e-4 * np.abs(
       want).max())
-  # And no leaf left out is invariant: scaling it alone by 3 moves the logits.
-  for path, group in _flat(groups).items():
+  # And nothing left out is invariant: scaling it alone (a leaf, or an ungrouped slice of a
+  # fused leaf: the gate) by 3 moves the logits.
+  moved_alone = lambda path, change: jax.tree_util.tree_map_with_path(
+      lambda p, x: change(np.asarray(x)) if normreg.groups.path_str(p) == path else x, params)
+  for path, group in flat.items():
+    changes = []
     if group is None and "rate" not in path:
-      moved = jax.tree_util.tree_map_with_path(
-          lambda p, x, path=path: 3 * x if normreg.groups.path_str(p) == path else x, params)
-      change = np.abs(np.asarray(forward(moved, TOKENS)) - want).max() / np.abs(want).max()
-      assert change > 1e-5, path  # float32 rounding is ~1e-7; a small init, small effects
+      changes.append(lambda x: 3 * x)
+    elif isinstance(group, normreg.Sliced):
+      changes += [lambda x, i=i, a=group.axis: _scale_slice(x, a, i, 3.0)
+                  for i, g in enumerate(group.groups) if g is None]
+    for change in changes:
+      moved = np.asarray(forward(moved_alone(path, change), TOKENS))
+      assert np.abs(moved - want).max() / np.abs(want).max() > 1e-5, path  # rounding: 1e-7
+
+
+def _scale_slice(x, axis, i, factor):
+  x = np.array(x)
+  index = [slice(None)] * x.ndim
+  index[axis] = i
+  x[tuple(index)] *= factor
+  return x
+
+
+def _numpy_scaled(x, group, rng):
+  """``x`` times a random positive factor per group of ``group`` (the tensor groups of the
+  table: one per copy of the ``stack`` leading axes; per slice for a sliced leaf), in
+  numpy, independently of normreg's reductions."""
+  if group is None:
+    return x
+  if isinstance(group, normreg.Sliced):
+    x = np.array(x)
+    for i, g in enumerate(group.groups):
+      index = [slice(None)] * x.ndim
+      index[group.axis] = i
+      x[tuple(index)] = _numpy_scaled(x[tuple(index)], g, rng)
+    return x
+  assert group.kind is normreg.Invariance.TENSOR  # the table's only kind
+  shape = x.shape[:group.stack] + (1,) * (x.ndim - group.stack)
+  return x * rng.uniform(0.2, 5.0, shape).astype(x.dtype)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))

@@ -26,8 +26,9 @@ The options:
   (the "eigen learning rates"). The unit-norm constraint nGPT puts on every matrix
   after each step is a choice of optimizer (``normreg.project_to_sphere``), not part
   of the forward pass.
-- ``fused_qkv``: q, k, v in one kernel ``(3, heads, d, d_h)`` (needs ``kv_heads ==
-  heads``); otherwise ``q`` ``(heads, d, d_h)`` and ``kv`` ``(2, kv_heads, d, d_h)``.
+- ``qkv``: ``"separate"``: ``q`` ``(heads, d, d_h)``, ``k`` and ``v`` ``(kv_heads, d,
+  d_h)``; ``"q_kv"`` (Gemma's grouped-query layout): ``q`` and ``kv`` ``(2, kv_heads, d,
+  d_h)``; ``"fused"``: one kernel ``(3, heads, d, d_h)`` (needs ``kv_heads == heads``).
 - ``kv_heads``: grouped-query attention (``heads % kv_heads == 0``).
 - ``fused_mlp``: gate and up in one kernel ``(2, d, hidden)``; otherwise ``gate`` and
   ``up`` ``(d, hidden)``.
@@ -44,7 +45,7 @@ Examples:
   >>> from flax import nnx
   >>> from normreg.models import Transformer
   >>> model = Transformer(vocab=11, layers=2, width=16, heads=4, kv_heads=2, qk_norm="head",
-  ...                     post_norm=True, rngs=nnx.Rngs(0))
+  ...                     post_norm=True, qkv="q_kv", rngs=nnx.Rngs(0))
   >>> model(jnp.zeros((3, 8), jnp.int32)).shape
   (3, 8, 11)
   >>> nnx.state(model, nnx.Param)["blocks"][0]["attn"]["kv"].shape  # (k/v, kv_heads, d, d_h)
@@ -67,12 +68,13 @@ from flax import nnx
 from normreg.models.norms import List
 
 QK_NORMS = (None, "head", "whole")
+QKV_LAYOUTS = ("separate", "q_kv", "fused")
 # Today's block layouts, as Transformer options (docs/transformers.md's table).
 LAYOUTS = {
     "llama": dict(qk_norm=None),  # pre-norm only (Llama 2, GPT-2 with RMSNorm)
     "qwen3": dict(qk_norm="head"),  # pre-norm and QK-norm per head
-    "gemma3": dict(qk_norm="head", post_norm=True),  # pre-norm, QK-norm, sandwich norms
-    "gemma3_fused": dict(qk_norm="head", post_norm=True, fused_qkv=True, fused_mlp=True),
+    "gemma3": dict(qk_norm="head", post_norm=True, qkv="q_kv"),  # pre-, QK-, sandwich norms
+    "gemma3_fused": dict(qk_norm="head", post_norm=True, qkv="fused", fused_mlp=True),
     "olmo2": dict(pre_norm=False, qk_norm="whole", post_norm=True),  # reordered norms
     "ngpt": dict(pre_norm=False, ngpt=True),  # normalized transformer
 }
@@ -104,14 +106,17 @@ class Attention(nnx.Module):
   """Causal multi-head (or grouped-query) attention with optional QK-norm."""
 
   def __init__(self, width: int, heads: int, kv_heads: int, *, qk_norm: Optional[str],
-               fused_qkv: bool, epsilon: float, init_std: float, rngs: nnx.Rngs):
+               qkv: str, epsilon: float, init_std: float, rngs: nnx.Rngs):
     head_dim = width // heads
     self.heads, self.kv_heads, self.head_dim, self.qk_norm = heads, kv_heads, head_dim, qk_norm
-    if fused_qkv:
+    if qkv == "fused":
       self.qkv = _param(rngs, init_std, 3, heads, width, head_dim)
     else:
       self.q = _param(rngs, init_std, heads, width, head_dim)
-      self.kv = _param(rngs, init_std, 2, kv_heads, width, head_dim)
+      if qkv == "q_kv":
+        self.kv = _param(rngs, init_std, 2, kv_heads, width, head_dim)
+      else:
+        self.k, self.v = (_param(rngs, init_std, kv_heads, width, head_dim) for _ in range(2))
     self.o = _param(rngs, init_std, heads, head_dim, width)
     if qk_norm is not None:
       q_width = head_dim if qk_norm == "head" else heads * head_dim
@@ -126,11 +131,13 @@ class Attention(nnx.Module):
     return norm(x.reshape(b, t, h * d)).reshape(b, t, h, d)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    project = lambda w: jnp.einsum("btd,hdk->bthk", x, w[...])
     if hasattr(self, "qkv"):
       q, k, v = jnp.einsum("btd,shdk->sbthk", x, self.qkv[...])
+    elif hasattr(self, "kv"):
+      q, (k, v) = project(self.q), jnp.einsum("btd,shdk->sbthk", x, self.kv[...])
     else:
-      q = jnp.einsum("btd,hdk->bthk", x, self.q[...])
-      k, v = jnp.einsum("btd,shdk->sbthk", x, self.kv[...])
+      q, k, v = project(self.q), project(self.k), project(self.v)
     if self.qk_norm is not None:
       q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
     repeat = self.heads // self.kv_heads
@@ -167,10 +174,10 @@ class Block(nnx.Module):
   """One transformer block (see the module docstring)."""
 
   def __init__(self, width: int, heads: int, kv_heads: int, hidden: int, *, pre_norm: bool,
-               qk_norm: Optional[str], post_norm: bool, ngpt: bool, fused_qkv: bool,
+               qk_norm: Optional[str], post_norm: bool, ngpt: bool, qkv: str,
                fused_mlp: bool, epsilon: float, init_std: float, rngs: nnx.Rngs):
     self.pre_norm, self.post_norm, self.ngpt = pre_norm, post_norm, ngpt
-    self.attn = Attention(width, heads, kv_heads, qk_norm=qk_norm, fused_qkv=fused_qkv,
+    self.attn = Attention(width, heads, kv_heads, qk_norm=qk_norm, qkv=qkv,
                           epsilon=epsilon, init_std=init_std, rngs=rngs)
     self.mlp = MLP(width, hidden, fused=fused_mlp, init_std=init_std, rngs=rngs)
     norm = lambda: RMSNorm(width, epsilon=epsilon)
@@ -209,7 +216,7 @@ class Transformer(nnx.Module):
     qk_norm: ``"head"``, ``"whole"`` or ``None``.
     post_norm: RMSNorm on what attention and the MLP add to the stream (sandwich).
     ngpt: the normalized transformer's block (no pre- or post-norms with it).
-    fused_qkv: q, k and v in one ``(3, heads, d, d_h)`` kernel.
+    qkv: ``"separate"``, ``"q_kv"`` or ``"fused"`` (see the module docstring).
     fused_mlp: gate and up in one ``(2, d, hidden)`` kernel.
     scan: the blocks stacked on a leading axis and run by ``nnx.scan``.
     epsilon: every RMSNorm's epsilon.
@@ -217,14 +224,14 @@ class Transformer(nnx.Module):
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
   Raises:
-    ValueError: for head counts that do not divide, an unknown ``qk_norm``, ``fused_qkv``
-      with grouped-query attention, or ``ngpt`` with pre- or post-norms.
+    ValueError: for head counts that do not divide, an unknown ``qk_norm`` or ``qkv``,
+      ``qkv="fused"`` with grouped-query attention, or ``ngpt`` with pre- or post-norms.
   """
 
   def __init__(self, *, vocab: int = 256, layers: int = 2, width: int = 64, heads: int = 4,
                kv_heads: Optional[int] = None, hidden: Optional[int] = None,
                pre_norm: bool = True, qk_norm: Optional[str] = "head", post_norm: bool = False,
-               ngpt: bool = False, fused_qkv: bool = False, fused_mlp: bool = False,
+               ngpt: bool = False, qkv: str = "separate", fused_mlp: bool = False,
                scan: bool = False, epsilon: float = 1e-6, init_std: float = 0.02,
                rngs: nnx.Rngs):
     kv_heads = kv_heads or heads
@@ -233,8 +240,10 @@ class Transformer(nnx.Module):
                        f"heads by kv_heads={kv_heads}.")
     if qk_norm not in QK_NORMS:
       raise ValueError(f"Transformer: qk_norm={qk_norm!r} must be one of {QK_NORMS}.")
-    if fused_qkv and kv_heads != heads:
-      raise ValueError(f"Transformer: fused_qkv needs kv_heads == heads, got kv_heads="
+    if qkv not in QKV_LAYOUTS:
+      raise ValueError(f"Transformer: qkv={qkv!r} must be one of {QKV_LAYOUTS}.")
+    if qkv == "fused" and kv_heads != heads:
+      raise ValueError(f"Transformer: qkv='fused' needs kv_heads == heads, got kv_heads="
                        f"{kv_heads}, heads={heads}.")
     if ngpt and (pre_norm or post_norm):
       raise ValueError("Transformer: ngpt normalizes the stream itself; pass pre_norm=False "
@@ -243,7 +252,7 @@ class Transformer(nnx.Module):
     self.ngpt, self.scan = ngpt, scan
     self.embed = _param(rngs, init_std, vocab, width)
     options = dict(pre_norm=pre_norm, qk_norm=qk_norm, post_norm=post_norm, ngpt=ngpt,
-                   fused_qkv=fused_qkv, fused_mlp=fused_mlp, epsilon=epsilon,
+                   qkv=qkv, fused_mlp=fused_mlp, epsilon=epsilon,
                    init_std=init_std)
     make = lambda rngs: Block(width, heads, kv_heads, hidden or 4 * width, rngs=rngs,
                               **options)
