@@ -118,9 +118,10 @@ def honours_slices(factory: Callable[..., optax.GradientTransformation]
                    ) -> Callable[..., optax.GradientTransformationExtraArgs]:
   """Wraps a transform factory with a ``groups`` argument so that it takes per-slice groups.
 
-  Where the groups (or ``groups(params)``, for a function) hold no
-  :class:`~normreg.groups.Sliced` leaf, the factory's own transform is returned, or
-  used, unchanged. Otherwise ``init`` and ``update`` run the factory's transform on the
+  Where the groups hold no :class:`~normreg.groups.Sliced` leaf, the factory's own
+  transform is returned unchanged. A function of the params is called once per ``init``
+  and ``update`` (on the updates where no params are given), and the factory's
+  transform is built with what it returns. Otherwise ``init`` and ``update`` run the factory's transform on the
   :func:`split` trees, built with the split groups, and ``update`` stacks the updates back
   (:func:`merge`): the state is the split tree's. Builds on
   ``optax.GradientTransformationExtraArgs``: extra arguments pass through. A factory
@@ -140,31 +141,30 @@ def honours_slices(factory: Callable[..., optax.GradientTransformation]
     if (not dynamic and not has_slices(groups)) or bound.arguments.get("heuristic"):
       return plain
 
-    @functools.lru_cache(maxsize=8)
-    def on_split(flat_groups_key):
-      arguments = dict(bound.arguments)
-      arguments["groups"] = dict(flat_groups_key)
-      call = signature.bind(**arguments)
-      return optax.with_extra_args_support(factory(*call.args, **call.kwargs))
+    built: dict = {}  # the factory's transform per set of groups (one, as a rule)
 
-    def parts(params):
-      g = groups(params) if dynamic else groups
-      if not has_slices(g):
-        return None, None
-      flat_groups = expanded(g, params, name)
-      return g, on_split(tuple(sorted(flat_groups.items())))
+    def parts(tree):
+      """``(groups or None, transform)``: the groups (``groups(tree)`` for a function,
+      called once) and the factory's transform built with them, split if sliced."""
+      g = groups(tree) if dynamic else groups
+      sliced = has_slices(g)
+      given = expanded(g, tree, name) if sliced else g
+      key = (sliced, tuple(sorted(groups_lib.groups_by_path(given, name).items())))
+      if key not in built:
+        arguments = dict(bound.arguments, groups=given)
+        call = signature.bind(**arguments)
+        built[key] = optax.with_extra_args_support(factory(*call.args, **call.kwargs))
+      return (g if sliced else None), built[key]
 
     def init_fn(params):
       g, tx = parts(params)
-      if g is None:
-        return plain.init(params)
-      return tx.init(split(g, params, caller=name)[1])
+      return tx.init(params if g is None else split(g, params, caller=name)[1])
 
     def update_fn(updates, state, params=None, **extra_args):
       # A groups function may be called on the updates, as optax.masked's mask is.
       g, tx = parts(params if params is not None else updates)
       if g is None:
-        return plain.update(updates, state, params, **extra_args)
+        return tx.update(updates, state, params, **extra_args)
       if params is None:
         (_, flat_updates), flat_params = split(g, updates, caller=name), None
       else:
