@@ -26,6 +26,37 @@ def test_python_blocks_run(page):
       exec(compile(block, str(page), "exec"), {"__name__": "readme"})  # pylint: disable=exec-used
 
 
+def _fenced_blocks(page):
+  """``[(language, text)]`` of every fenced block of a page (``""``: no language)."""
+  return re.findall(r"^```(\w*)\n(.*?)^```", page.read_text(), flags=re.S | re.M)
+
+
+@pytest.mark.parametrize("page", [README] + PAGES, ids=lambda p: p.name)
+def test_no_python_example_escapes_the_run(page):
+  """test_python_blocks_run runs the blocks marked ``python`` only: an example whose marker
+  was dropped or changed would silently stop being tested. So every fenced block names its
+  language, and none but a python block holds Python (an import, a normreg call, a prompt)."""
+  looks_like_python = re.compile(r"^\s*(import |from \w+ import |>>> )|normreg\.\w+\(", re.M)
+  for language, text in _fenced_blocks(page):
+    assert language, f"{page.name}: a fenced block without a language:\n{text[:200]}"
+    if language != "python":
+      assert not looks_like_python.search(text), (
+          f"{page.name}: Python in a {language!r} block (mark it python to run it):\n"
+          f"{text[:300]}")
+
+
+def test_the_python_block_scan_sees_what_it_should(tmp_path):
+  page = tmp_path / "page.md"
+  page.write_text("text\n```\nimport normreg\n```\n")
+  with pytest.raises(AssertionError, match="without a language"):
+    test_no_python_example_escapes_the_run(page)
+  page.write_text("```text\nimport normreg\nnormreg.unit()\n```\n")
+  with pytest.raises(AssertionError, match="Python in a 'text' block"):
+    test_no_python_example_escapes_the_run(page)
+  page.write_text("```bash\npython -m experiments.train --lr=0.1\n```\n")
+  test_no_python_example_escapes_the_run(page)  # a command line is no Python example
+
+
 def test_license_file_matches_pyproject():
   import tomllib  # pylint: disable=g-import-not-at-top
   root = README.parent

@@ -55,6 +55,10 @@ RECIPES: dict[str, tuple[dict[str, Any], float]] = {
     "nero": (dict(method="nero"), 0.01),
     "hyperball": (dict(method="hyperball", optimizer="adam"), 0.01),
 }
+# The entries the report writes about by name (its prose, not dispatch): the paper's own
+# proposal, and decoupled decay against its corrected form (Defazio 2025).
+PAPERS_RECIPE = "spherical"
+DECAY_PAIR = ("decoupled", "corrected")
 SETTLE = 4  # time constants before an equilibrium is measured (as experiments.reproduce)
 
 

@@ -20,7 +20,8 @@ from experiments import errors
 from experiments import plot as plot_lib
 from experiments.config import Config
 from experiments.compare.recipes import (
-    METHODS, MOMENTUM, SETTLE, SIZES, compare_method, heuristic_disagreement)
+    DECAY_PAIR, METHODS, MOMENTUM, PAPERS_RECIPE, SETTLE, SIZES, compare_method,
+    heuristic_disagreement)
 
 
 # --------------------------------------------------------------------------- run
@@ -106,7 +107,7 @@ def make_figures(cache: cache_lib.RunCache, results: dict[str, Any], out: str) -
   fig = Figure(figsize=(10, 3.4), layout="constrained")
   axes = fig.subplots(1, len(models))
   for ax, model in zip(np.atleast_1d(axes), models):
-    for name in ("decoupled", "corrected"):
+    for name in DECAY_PAIR:
       run = plot_lib.read_run(results["models"][model]["methods"][name]["workdir"])
       ax.plot([r["step"] for r in run.train], [r["grad_norm"] for r in run.train], label=name)
     ax.set_xlabel("step")
@@ -192,10 +193,10 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
         f"{n} {rows[n]['acc'] - rows[best]['acc']:+.3f} "
         f"({(rows[n]['acc'] - rows[best]['acc']) / max(math.hypot(rows[n]['acc_se'], rows[best]['acc_se']), 1e-9):+.1f} s.e.)"
         for n in rows if n != best) + ".", ""]
-    if best != "spherical":
-      d = rows["spherical"]["acc"] - rows[best]["acc"]
-      se = max(math.hypot(rows["spherical"]["acc_se"], rows[best]["acc_se"]), 1e-9)
-      rank = sorted(rows, key=lambda n: -rows[n]["acc"]).index("spherical") + 1
+    if best != PAPERS_RECIPE:
+      d = rows[PAPERS_RECIPE]["acc"] - rows[best]["acc"]
+      se = max(math.hypot(rows[PAPERS_RECIPE]["acc_se"], rows[best]["acc_se"]), 1e-9)
+      rank = sorted(rows, key=lambda n: -rows[n]["acc"]).index(PAPERS_RECIPE) + 1
       lines += [f"The paper's own proposal, spherical SGD, ranks {rank} of {len(rows)}: "
                 f"{d:+.3f} ({d / se:+.1f} s.e.) against {best}.", ""]
     h = m["heuristic"]
@@ -206,15 +207,16 @@ def write_report(results: dict[str, Any], figures: list[str], path: str) -> None
                   for p, f in h["per_leaf"].items() if f > 0) + ".")
                   if any(f > 0 for f in h["per_leaf"].values())
                   else "It agrees with them on every leaf."), ""]
-    dec = plot_lib.read_run(rows["decoupled"]["workdir"])
-    cor = plot_lib.read_run(rows["corrected"]["workdir"])
+    decoupled, corrected = DECAY_PAIR
+    dec = plot_lib.read_run(rows[decoupled]["workdir"])
+    cor = plot_lib.read_run(rows[corrected]["workdir"])
     lines += [f"Gradient norm over the last tenth of the cosine schedule against its middle: "
               f"decoupled decay x{grad_norm_rise(dec):.2f}, corrected x{grad_norm_rise(cor):.2f}."
-              + (f" The decay had acted for {rows['decoupled']['time_constants']:.2g} time "
+              + (f" The decay had acted for {rows[decoupled]['time_constants']:.2g} time "
                  f"constants, fewer than {SETTLE}: the norms were still far from the "
                  "equilibrium whose loss at the end of the schedule the correction is about, "
                  "so this budget cannot show the effect either way."
-                 if (rows["decoupled"].get("time_constants") or SETTLE) < SETTLE else ""),
+                 if (rows[decoupled].get("time_constants") or SETTLE) < SETTLE else ""),
               ""]
   lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({p})" for p in rel] + [""]
   with open(path, "w") as f:
