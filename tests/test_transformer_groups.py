@@ -157,3 +157,17 @@ def test_detection_finds_each_options_groups_at_a_small_init(name):
   fn, params = _model(OPTIONS[name])
   found = normreg.find_scale_invariant(fn, params, TOKENS)
   assert _flat(found) == _flat(by_hand(**OPTIONS[name]))
+
+
+def test_detection_at_a_width_where_a_nested_vmap_miscompiled():
+  # 1 block of width 256, 64 tokens: with the eps scale vmapped around the probes' vmap,
+  # jax 0.10's CPU backend gave the second probe wrong gradients under jit, and q per head
+  # came out not invariant (detection now vmaps over (eps scale, probe) pairs at once).
+  model = Transformer(vocab=VOCAB, layers=1, width=256, heads=4, rngs=nnx.Rngs(0),
+                      qk_norm="head", post_norm=True, qkv="q_kv")
+  graphdef, params = nnx.split(model, nnx.Param)
+  tokens = jax.random.randint(jax.random.key(1), (4, 64), 0, VOCAB)
+  found = normreg.find_scale_invariant(lambda p, x: nnx.merge(graphdef, p)(x), params, tokens)
+  want = {k.replace("blocks/1/", "blocks/0/"): v for k, v in by_hand(
+      qk_norm="head", post_norm=True, qkv="q_kv").items() if not k.startswith("blocks/1/")}
+  assert _flat(found) == want
