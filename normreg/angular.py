@@ -159,25 +159,19 @@ def rotational(inner: optax.GradientTransformation, groups: groups_lib.GroupsOrF
   """
   _checks.non_negative("target_angle", target_angle, "rotational")
 
-  def geometry(params):
-    """The groups, resolved on the params with per-slice groups split into leaves
-    (:mod:`normreg.slicing`; ``inner`` sees the trees as they are), and ``split``."""
-    g = groups(params) if groups_lib.is_function(groups) else groups
-    flat_groups, flat_params = slicing.split(g, params, caller="rotational")
-    split = lambda tree: slicing.split(g, tree, caller="rotational")[1]
-    return g, flat_groups, flat_params, split
-
   def init_fn(params):
-    _, flat_groups, flat_params, _ = geometry(params)
-    resolved = groups_lib.resolve_at_init(flat_groups, flat_params, "rotational")
+    # Per-slice groups are split into leaves for the geometry only (normreg.slicing);
+    # ``inner`` sees the trees as they are.
+    _, resolved, (flat_params,) = slicing.resolve(groups, params, caller="rotational",
+                                                  at_init=True)
     radius = reductions.norms(resolved, flat_params)
     return RotationalState(inner.init(params), jnp.zeros([], jnp.int32),
                            {p: jnp.zeros_like(r) for p, r in radius.items()}, radius)
 
   def update_fn(updates, state, params=None, **extra_args):
     _checks.require_params(params, "rotational")
-    g, flat_groups, flat_params, split = geometry(params)
-    resolved = groups_lib.resolve(flat_groups, flat_params, "rotational")
+    g, resolved, (flat_params,) = slicing.resolve(groups, params, caller="rotational")
+    split = lambda tree: slicing.split(g, tree, caller="rotational")[1]
     start = (_balanced(resolved, flat_params, state.radius) if zero_mean else flat_params)
     inner_updates, inner_state = inner.update(
         updates, state.inner, slicing.merge(g, start, params) if zero_mean else params,
@@ -643,9 +637,7 @@ def balance(params: Any, groups: groups_lib.GroupsOrFn | groups_lib.Resolved) ->
   if isinstance(groups, groups_lib.Resolved):
     resolved, flat = groups, params
   else:
-    groups = groups(params) if groups_lib.is_function(groups) else groups
-    flat_groups, flat = slicing.split(groups, params, caller="balance")
-    resolved = groups_lib.resolve(flat_groups, flat, "balance")
+    groups, resolved, (flat,) = slicing.resolve(groups, params, caller="balance")
   out = _balanced(resolved, flat, {p: jnp.ones_like(n) for p, n in
                                    reductions.norms(resolved, flat).items()})
   return out if isinstance(groups, groups_lib.Resolved) else slicing.merge(groups, out, params)

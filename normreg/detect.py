@@ -59,6 +59,8 @@ EPS_DOMINATES = 0.1
 # besides, is also tried per slice along it: fused q/k/v (3, ...) and gate/up (2, ...)
 # kernels, and the same behind a layer axis stacked by scan.
 MAX_SLICES = 8
+# Which of the probe's sums: at eps -> 0 (the decisions), at the model's own eps.
+_LIMIT, _MODEL = 0, 1
 # Siblings tried together as one joint group, at most.
 MAX_JOINT = 4
 # A joint member may hold one element per group (a bias beside a kernel's units): the
@@ -426,14 +428,11 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
   # has no effect on fn (float32 noise is ~1e-7): it is no scale group.
   negligible = 1e-5 * out_norm
   ndims = {i: len(shape) for i, shape in zip(float_idx, shapes)}
-  limit, model = 0, 1  # which of split's two: eps -> 0 (every probe), the model's eps
+  limit, model = _LIMIT, _MODEL
 
   def dots(axes, i, which, at=limit):
     """Sums of J^T r * w (``which`` 0) or * d (1) over ``axes`` of leaf ``i``: (probes, ...)."""
     return sums[i][axes][which][at]
-
-  def ratio(along_w, along_d):
-    return _rms(along_w) / max(_rms(along_d), 1e-300)
 
   def passes(group, members, at=limit):
     along_w = sum(dots(group.reduced_axes(ndims[i]), i, 0, at) for i in members)
@@ -453,7 +452,7 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
     if not effect[i] > negligible or not np.isfinite(effect[i]):
       reports[paths[i]] = LeafReport(paths[i], shape, None, "no effect", relative)
       continue
-    tried = tuple((g, ratio(dots(g.reduced_axes(ndims[i]), i, 0),
+    tried = tuple((g, _ratio(dots(g.reduced_axes(ndims[i]), i, 0),
                             dots(g.reduced_axes(ndims[i]), i, 1)))
                   for g in _candidates(shape, layout_axis))
     inert_fallback = None
@@ -476,7 +475,7 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
           "these inputs (a feature map smaller than the kernel?), so %s would pass; "
           "reported as %s. Detect on full-size inputs.", paths[i], inert_fallback[2],
           inert_fallback[3], inert_fallback[1], inert_fallback[0], results[i] or "None")
-    axis, per_slice = _per_slice(shape, layout_axis, rtol, negligible, dots, ratio, i) or (
+    axis, per_slice = _per_slice(shape, layout_axis, rtol, negligible, dots, i) or (
         0, None)
     part = shape[:axis] + shape[axis + 1:]
     blocks = None
@@ -500,14 +499,14 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
       results[i] = groups_lib.sliced(*(g for g, _ in per_slice), axis=axis)
       reason = "per slice"
       lifted = lambda g: _lift(g, ndims[i], axis)
-      at_eps = max(ratio(_take(dots(lifted(g), i, 0, model), lifted(g), axis, k),
+      at_eps = max(_ratio(_take(dots(lifted(g), i, 0, model), lifted(g), axis, k),
                          _take(dots(lifted(g), i, 1, model), lifted(g), axis, k))
                    for k, (g, _) in enumerate(per_slice) if g is not None)
     elif results[i] is None:
       reason, at_eps = "not invariant", None
     else:
       reason = "invariant"
-      at_eps = ratio(dots(results[i].reduced_axes(ndims[i]), i, 0, model),
+      at_eps = _ratio(dots(results[i].reduced_axes(ndims[i]), i, 0, model),
                      dots(results[i].reduced_axes(ndims[i]), i, 1, model))
     reports[paths[i]] = LeafReport(paths[i], shape, results[i], reason, relative, tried,
                                    tuple(per_slice or ()), at_eps if n_eps else None)
@@ -579,6 +578,11 @@ def _generic_scales(primals: list, layout_axis: int) -> np.ndarray:
   return np.asarray(out, np.float32)
 
 
+def _ratio(along_w: np.ndarray, along_d: np.ndarray) -> float:
+  """The violation ratio: rms of the sums along ``w`` over rms of those along ``d``."""
+  return _rms(along_w) / max(_rms(along_d), 1e-300)
+
+
 def _rms(dots: np.ndarray) -> float:
   """Root mean square over the probes (first axis) of the sum of squares of the rest."""
   dots = dots.reshape(dots.shape[0], -1)
@@ -609,7 +613,7 @@ def _count(groups: list, shape: tuple[int, ...]) -> int:
   return sum(math.prod(g.group_shape(shape)) for g in groups if g is not None)
 
 
-def _per_slice(shape, layout_axis, rtol, negligible, dots, ratio, i):
+def _per_slice(shape, layout_axis, rtol, negligible, dots, i):
   """``(axis, [(group, ratio)])``: the finest passing grouping of each slice of a fused leaf
   (``(None, None)`` where none passes or the slice has no effect), along the axis of
   :func:`_slice_axes` whose slices make the most groups; ``None`` if there is none."""
@@ -625,7 +629,8 @@ def _per_slice(shape, layout_axis, rtol, negligible, dots, ratio, i):
       if effects[k] > negligible:
         for group in _candidates(part, layout_axis):
           axes = _lift(group, ndim, axis)
-          r = ratio(_take(dots(axes, i, 0), axes, axis, k), _take(dots(axes, i, 1), axes, axis, k))
+          r = _ratio(_take(dots(axes, i, 0), axes, axis, k),
+                     _take(dots(axes, i, 1), axes, axis, k))
           if r <= rtol:
             found = (group, r)
             break
@@ -683,8 +688,8 @@ def _sum_blocks(rows: np.ndarray, b: int) -> np.ndarray:
 def _blocks_at(rows_w, rows_d, view, blocks):
   """``[(block, ratio)]`` per slice of ``view`` at the given block sizes (``None``: none)."""
   m = math.prod(view[1:])
-  return [(b, _rms(_sum_blocks(rows_w[:, s * m:(s + 1) * m], b)) / max(
-      _rms(_sum_blocks(rows_d[:, s * m:(s + 1) * m], b)), 1e-300) if b else None)
+  return [(b, _ratio(_sum_blocks(rows_w[:, s * m:(s + 1) * m], b),
+                     _sum_blocks(rows_d[:, s * m:(s + 1) * m], b)) if b else None)
           for s, b in enumerate(blocks)]
 
 
@@ -717,14 +722,15 @@ def _find_joint_blocks(paths, float_idx, results, effect, negligible, shapes, do
       for a in (0, 1):
         if shapes[i][a] != shapes[j][0]:
           continue
-        rows = lambda which, at=0: (dots(_all_but(a, 2), i, which, at) + dots((), j, which, at))
+        rows = lambda which, at=_LIMIT: (dots(_all_but(a, 2), i, which, at) +
+                                         dots((), j, which, at))
         found = _blocks(rows(0), rows(1), rtol, negligible)
         if found is None:
           continue
         view, per_block, _ = found
         results[i] = _block_groups(view, per_block, a, joint=parent)
         results[j] = _block_groups(view, per_block, 0, joint=parent, ndim=1)
-        at_eps = max(r for b, r in _blocks_at(rows(0, 1), rows(1, 1), view,  # 1: model eps
+        at_eps = max(r for b, r in _blocks_at(rows(0, _MODEL), rows(1, _MODEL), view,
                                                [b for b, _ in per_block]) if b)
         joined.append(([i, j], at_eps, [r for _, r in per_block]))
         logging.info("find_scale_invariant: %s and %s form joint groups per slice, %s",

@@ -52,7 +52,6 @@ import re
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import jax
-import jax.numpy as jnp
 import optax
 from absl import logging
 
@@ -608,20 +607,17 @@ def map_grouped(fn: Callable[..., Any], groups: GroupsOrFn, tree: Any, *rest: An
   other containers than ``tree`` (``rest`` must have ``tree``'s structure).
   Leafwise only: for norms over groups see :mod:`normreg.reductions`.
   """
-  by_path = groups_by_path(groups(tree) if is_function(groups) else groups, "map_grouped")
+  groups = groups(tree) if is_function(groups) else groups
+  from normreg import slicing  # pylint: disable=g-import-not-at-top (it imports this module)
+  if slicing.has_slices(groups):  # each sliced leaf as leaves of its own, stacked back after
+    flat_groups, *flat = slicing.split(groups, tree, *rest, caller="map_grouped")
+    return slicing.merge(groups, map_grouped(fn, flat_groups, *flat), tree)
+  by_path = groups_by_path(groups, "map_grouped")
 
   def f(path, leaf, *others):
     group = by_path.get(path_str(path))
     if group is None or _leaf_or_masked(leaf):
       return leaf
-    if isinstance(group, Sliced):
-      group.check_shape(leaf.shape, f"map_grouped: {path_str(path)!r}")
-      axis = group.slice_axis(leaf.ndim)
-      take = lambda x, i: x if _leaf_or_masked(x) else jnp.take(
-          x.reshape(group.viewed(x.shape)), i, axis)
-      parts = [take(leaf, i) if g is None else fn(g, take(leaf, i), *(take(o, i) for o in others))
-               for i, g in enumerate(group.groups)]
-      return jnp.stack(parts, axis).reshape(leaf.shape)
     return fn(group, leaf, *others)
 
   return jax.tree_util.tree_map_with_path(f, tree, *rest, is_leaf=_leaf_or_masked)

@@ -48,9 +48,7 @@ def _split(groups: groups_lib.GroupsOrFn, caller: str, params: Any, *more: Any):
   """``(groups, resolved, split trees, back)``: per-slice groups split into leaves
   (:mod:`normreg.slicing`), and ``back(values)`` the per-group values in ``params``'
   structure (a tuple of per-slice values at a sliced leaf)."""
-  groups = groups(params) if groups_lib.is_function(groups) else groups
-  flat_groups, *trees = slicing.split(groups, params, *more, caller=caller)
-  resolved = groups_lib.resolve(flat_groups, trees[0], caller)
+  groups, resolved, trees = slicing.resolve(groups, params, *more, caller=caller)
   back = lambda values: slicing.merge(groups, _per_leaf(values, trees[0]), params, stack=False)
   return resolved, trees, back
 

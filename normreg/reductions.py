@@ -137,9 +137,7 @@ def rescale_groups(params: Any, groups: groups_lib.GroupsOrFn,
     >>> scaled["kernel"].tolist(), scaled["bias"].tolist()
     ([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], [1.0, 1.0, 1.0])
   """
-  groups = groups(params) if groups_lib.is_function(groups) else groups
-  flat_groups, flat = slicing.split(groups, params, caller="rescale_groups")
-  resolved = groups_lib.resolve(flat_groups, flat, "rescale_groups")
+  groups, resolved, (flat,) = slicing.resolve(groups, params, caller="rescale_groups")
   drawn = {}
 
   def scale(path, group, w):

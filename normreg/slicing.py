@@ -35,7 +35,7 @@ from normreg import groups as groups_lib
 
 Sliced = groups_lib.Sliced
 
-__all__ = ("has_slices", "split", "merge", "expanded", "honours_slices")
+__all__ = ("has_slices", "split", "merge", "expanded", "resolve", "honours_slices")
 
 
 def has_slices(groups: Any) -> bool:
@@ -114,6 +114,18 @@ def expanded(groups: groups_lib.Groups, params: Any, caller: str) -> groups_lib.
   return split(groups, params, caller=caller)[0]
 
 
+def resolve(groups: groups_lib.GroupsOrFn, params: Any, *more: Any, caller: str,
+            at_init: bool = False) -> tuple[Any, groups_lib.Resolved, list]:
+  """``(groups, resolved, [params', *more'])``: ``groups`` (called on ``params`` if it is a
+  function), :func:`normreg.groups.resolve`-d on the :func:`split` trees
+  (:func:`normreg.groups.resolve_at_init` with ``at_init``), and those trees;
+  ``merge(groups, ..., like)`` takes values on them back to the original structure."""
+  groups = groups(params) if groups_lib.is_function(groups) else groups
+  flat_groups, *trees = split(groups, params, *more, caller=caller)
+  how = groups_lib.resolve_at_init if at_init else groups_lib.resolve
+  return groups, how(flat_groups, trees[0], caller), trees
+
+
 def honours_slices(factory: Callable[..., optax.GradientTransformation]
                    ) -> Callable[..., optax.GradientTransformationExtraArgs]:
   """Wraps a transform factory with a ``groups`` argument so that it takes per-slice groups.
@@ -121,9 +133,10 @@ def honours_slices(factory: Callable[..., optax.GradientTransformation]
   Where the groups hold no :class:`~normreg.groups.Sliced` leaf, the factory's own
   transform is returned unchanged. A function of the params is called once per ``init``
   and ``update`` (on the updates where no params are given), and the factory's
-  transform is built with what it returns. Otherwise ``init`` and ``update`` run the factory's transform on the
-  :func:`split` trees, built with the split groups, and ``update`` stacks the updates back
-  (:func:`merge`): the state is the split tree's. Builds on
+  transform is built with what it returns. Where there are slices, ``init`` and
+  ``update`` run the factory's transform, built with the split groups, on the
+  :func:`split` trees, and ``update`` stacks the updates back (:func:`merge`): the state
+  is the split trees'. Builds on
   ``optax.GradientTransformationExtraArgs``: extra arguments pass through. A factory
   whose ``heuristic`` argument is true (AdamP's cosine test, which ignores ``groups``)
   is left as it is.
