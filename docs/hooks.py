@@ -1,4 +1,4 @@
-"""mkdocs hooks: the repository files that the pages link to, served beside the pages.
+"""mkdocs hooks: repository files served beside the pages, and mathematics as MathML.
 
 The pages link to files outside docs/ by their path in the repository
 (``../experiments/RESULTS.md``, ``../experiments/figures/equivalences.png``),
@@ -7,12 +7,22 @@ under docs/, so :func:`on_files` adds the files of :data:`REPOSITORY_FILES`
 to the site under ``repository/`` and :func:`on_page_markdown` points the
 links there. A link to a file that does not exist is left as written, and the
 strict build fails on it.
+
+Mathematics (``$...$`` and ``$$...$$`` in a page, the docstrings' ``:math:`` and
+``.. math::`` after ``docs/rst_docstrings.py``) leaves pymdownx.arithmatex as
+LaTeX in ``<span class="arithmatex">`` and ``<div class="arithmatex">``;
+:func:`on_page_content` converts each to MathML with latex2mathml, so the
+site draws its equations without a script or a network (Chromium, Firefox and
+Safari render MathML). LaTeX that latex2mathml cannot read fails the build.
 """
 
 import glob
+import html
 import os
 import re
 
+import latex2mathml.converter
+from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,3 +54,25 @@ def on_page_markdown(markdown, page, config, files):
     return opening + "../" * depth + PREFIX + path
 
   return _LINK.sub(to_site, markdown)
+
+
+# arithmatex's generic output: \( \) inline, \[ \] for a block, HTML-escaped.
+_MATH = re.compile(r'<(span|div) class="arithmatex">\\([(\[])(.*?)\\[)\]]</\1>', re.S)
+
+
+def to_mathml(tex, display):
+  """``tex`` as a ``<math>`` element (``display``: "block" or "inline")."""
+  try:
+    return latex2mathml.converter.convert(tex.strip(), display=display)
+  except Exception as error:  # latex2mathml raises its own exceptions and plain ones
+    raise PluginError(f"latex2mathml cannot convert {tex!r}: {error}") from error
+
+
+def on_page_content(content, page, config, files):
+  def convert(match):
+    element, opening, tex = match.groups()
+    display = "block" if opening == "[" else "inline"
+    mathml = to_mathml(html.unescape(tex), display)
+    return f'<div class="math">{mathml}</div>' if element == "div" else mathml
+
+  return _MATH.sub(convert, content)

@@ -37,6 +37,7 @@ from normreg.models.weight_norm import WeightNormConv
 from normreg.models.weight_norm import WeightNormLinear
 
 MODELS = ("cnn", "resnet20", "scan_cnn")
+"""The names that :func:`create` builds."""
 _CLASSES = {"cnn": CNN, "resnet20": ResNet20, "scan_cnn": ScanCNN}
 
 

@@ -37,8 +37,10 @@ from flax import nnx
 from normreg.models.weight_norm import WeightNormConv
 
 NORMS = ("batch", "layer", "group", "weight", "none")
+"""The normalizations a model's ``norm`` argument accepts (see :func:`norm_layer`)."""
 
 EPSILON = 1e-5
+"""The default epsilon of :func:`norm_layer`: added to the variance of every normalization."""
 BATCH_NORM_MOMENTUM = 0.9
 MAX_GROUPS = 8
 
