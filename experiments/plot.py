@@ -33,6 +33,17 @@ Output, in ``--out``:
   16 panels: with more layers, the first 15 are drawn and the last panel
   shows, per run, the median over the other layers. Skipped when no run has
   a grouped layer.
+- The theory, dashed in the run's colour, for a run whose method has one
+  (its entry in ``experiments.methods``, from ``normreg.theory``; see
+  :func:`theory_lines`): on ``angular_update.png`` the angle per step at
+  equilibrium (or the one the method sets) at each logged learning rate; on
+  ``weight_norm.png`` and ``effective_lr.png`` a vertical line at the time
+  constant ``tau`` of the norm's approach to equilibrium (the effective
+  learning rate ``eta/||w||^p`` follows the norm; its equilibrium value needs
+  the gradient norm, which the run does not log). The legend gives each
+  line's formula and its value at the peak rate. A run without config.json,
+  or whose method has no theory (``spherical``, ``none``, coupled L2 under
+  Adam, ...), gets none.
 - ``accuracy.png``, ``loss.png``: train (thin lines) and test (thick lines
   with markers) against the epoch, one colour per run.
 
@@ -42,6 +53,7 @@ The functions below (:func:`read_run`, :func:`make_figures`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -69,6 +81,23 @@ LAYER_FIGURES = {
     "effective_lr.png": ("elr", "effective learning rate", True),
     "angular_update.png": ("angle", "angular update per step (rad)", True),
 }
+# The closed forms of normreg.theory that the methods' theory calls, as mathtext for the
+# legend: lambda_wd = 2 lam (coupled L2), wd the decoupled decay, r AdamP's wd_ratio.
+THEORY_FORMULAS = {
+    "equilibrium_angle_sgd": r"\sqrt{2\eta\lambda_{wd}/(1+\mu)}",
+    "equilibrium_angle_sgdw": r"\sqrt{2\eta\,wd\,(1-\mu)/(1+\mu)}",
+    "equilibrium_angle_adamw": r"\sqrt{2\eta\,wd\,(1-\beta_1)/(1+\beta_1)}",
+    "equilibrium_angle_adamp": r"\sqrt{2\eta\,wd\,r}",
+    "equilibrium_angle_sgdp": r"\sqrt{2\eta\,wd\,r/(1-\mu)}",
+    "angle_nero": r"\arctan\,\eta",
+    "angle_adamh": r"\arctan\,\eta",
+    "angle_rotational": r"\arctan\,\theta_{target}",
+    "time_constant_sgd": r"(1-\mu)/(4\eta\lambda_{wd})",
+    "time_constant_sgdw": r"1/(4\eta\,wd)",
+    "time_constant_adamw": r"1/(2\eta\,wd)",
+}
+# Record key of a layer figure -> the theory drawn on it.
+THEORY_OF_KEY = {"angle": "angle", "norm": "time_constant", "elr": "time_constant"}
 CURVE_FIGURES = {
     "accuracy.png": ("accuracy", "accuracy"),
     "loss.png": ("loss", "loss"),
@@ -193,6 +222,113 @@ def check_label_keys(runs: Sequence[Run], keys: Sequence[str]) -> None:
                      f"the keys are: {', '.join(sorted(known))}")
 
 
+# ------------------------------------------------------------------- theory
+
+
+@dataclasses.dataclass
+class TheoryLine:
+  """A method's theory for one run, as drawn.
+
+  ``kind`` is ``"angle"`` (``values``: the angle per step, at each logged
+  learning rate, at ``steps``) or ``"time_constant"`` (``values``: ``[tau]`` in
+  steps, at ``config.lr``). ``label`` is the legend's text: the formula (mathtext)
+  and its value at the peak rate.
+  """
+
+  kind: str
+  steps: list[int]
+  values: list[float]
+  label: str
+
+
+@contextlib.contextmanager
+def _watching_theory(calls: list):
+  """Appends ``(name, value)`` for each call of a ``THEORY_FORMULAS`` function of
+  ``normreg.theory`` inside the block: which closed form a method's theory used (the
+  registry holds callables, not their formulas)."""
+  from normreg import theory  # pylint: disable=import-outside-toplevel
+
+  def watched(name, function):
+    def call(*args, **kwargs):
+      value = function(*args, **kwargs)
+      calls.append((name, value))
+      return value
+    return call
+
+  originals = {name: getattr(theory, name) for name in THEORY_FORMULAS}
+  try:
+    for name, function in originals.items():
+      setattr(theory, name, watched(name, function))
+    yield
+  finally:
+    for name, function in originals.items():
+      setattr(theory, name, function)
+
+
+def _formula(value: float, calls: list) -> Optional[str]:
+  """The formula of the last closed form called that gave ``value``, or whose arctan is
+  ``value`` (the angle a method sets from a target angle); ``None`` if none did."""
+  for name, called in reversed(calls):
+    if math.isclose(called, value, rel_tol=1e-9):
+      return THEORY_FORMULAS[name]
+  for name, called in reversed(calls):
+    if math.isclose(math.atan(called), value, rel_tol=1e-9):
+      return rf"\arctan({THEORY_FORMULAS[name]})"
+  return None
+
+
+def _traced(theory_fn, *args) -> tuple[Optional[float], Optional[str]]:
+  """``theory_fn(*args)`` and its formula; ``(None, None)`` where theory has no closed form."""
+  calls = []
+  try:
+    with _watching_theory(calls):
+      value = theory_fn(*args)
+  except ValueError:  # e.g. coupled L2 under Adam: no time constant in normreg.theory
+    return None, None
+  if value is None or not math.isfinite(value):
+    return None, None
+  return value, _formula(value, calls)
+
+
+def theory_lines(run: Run) -> dict[str, TheoryLine]:
+  """The theory of ``run``'s method, ``{kind: TheoryLine}`` (``{}`` without one).
+
+  From the method's entry in ``experiments.methods`` (``Method.theory_angle``,
+  ``Method.theory_time_constant``, closed forms of ``normreg.theory``) and the run's
+  ``config.json``; the angle at each train record's ``learning_rate`` (the grouped
+  weights' rate that step). A run without a config (or a method in it), with one the
+  launcher would not take, or of a method without a theory gets ``{}``.
+  """
+  from experiments import methods as methods_lib  # pylint: disable=import-outside-toplevel
+  from experiments.config import Config  # pylint: disable=import-outside-toplevel
+  if "method" not in run.config:  # no config.json (its defaults would be a guess)
+    return {}
+  try:  # keys left out take the launcher's defaults, as its flags do
+    config = Config.from_dict(run.config)
+    method = methods_lib.get(config.method)
+  except (ValueError, TypeError, KeyError):
+    return {}
+  lines = {}
+  rates = [(r["step"], r.get("learning_rate")) for r in run.train]
+  rates = [(step, float(rate)) for step, rate in rates
+           if isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0]
+  if rates:
+    peak = max(rate for _, rate in rates)
+    angle, formula = _traced(method.theory_angle, config, peak)
+    if angle is not None:
+      text = rf"$\theta^* = {formula}$" if formula else r"$\theta^*$"
+      lines["angle"] = TheoryLine(
+          "angle", [step for step, _ in rates],
+          [method.theory_angle(config, rate) for _, rate in rates],
+          f"{text} = {angle:.3g} rad (logged rate {peak:g})")
+  tau, formula = _traced(method.theory_time_constant, config)
+  if tau is not None:
+    text = rf"$\tau = {formula}$" if formula else r"$\tau$"
+    lines["time_constant"] = TheoryLine("time_constant", [], [tau],
+                                        f"{text} = {tau:.4g} steps")
+  return lines
+
+
 # ----------------------------------------------------------------- plotting
 
 def select_layers(runs: Sequence[Run], layers_regex: Optional[str] = None) -> list[str]:
@@ -264,14 +400,19 @@ def _finite(value: Any, log: bool) -> float:
 
 
 def layer_figure(runs: Sequence[Run], layers: Sequence[str], key: str, title: str,
-                 log: bool, labels: Sequence[str], colors: Sequence) -> Figure:
-  """One panel per layer (the last one a median over the rest if there are too many)."""
+                 log: bool, labels: Sequence[str], colors: Sequence,
+                 theories: Optional[Sequence[dict[str, TheoryLine]]] = None) -> Figure:
+  """One panel per layer (the last one a median over the rest if there are too many).
+
+  ``theories`` (per run, :func:`theory_lines`): the theory of ``key``
+  (``THEORY_OF_KEY``) dashed in each panel, with its formula in the legend.
+  """
   panels = [([n], n) for n in layers]
   if len(panels) > MAX_PANELS:
     rest = layers[MAX_PANELS - 1:]
     panels = panels[:MAX_PANELS - 1] + [(rest, f"median of the other {len(rest)} layers")]
   fig, axes = _new_figure(len(panels))
-  drawn = {}
+  drawn, theory_drawn = {}, {}
   for ax, (names, name) in zip(axes, panels):
     has_data = False
     for i, run in enumerate(runs):
@@ -279,15 +420,26 @@ def layer_figure(runs: Sequence[Run], layers: Sequence[str], key: str, title: st
       if steps:
         drawn[i] = ax.plot(steps, values, color=colors[i], lw=1.2)[0]
         has_data |= not all(map(math.isnan, values))
+        line = (theories[i] if theories else {}).get(THEORY_OF_KEY.get(key))
+        if line is not None and line.kind == "angle":
+          theory_drawn[i] = (ax.plot(line.steps, line.values, color=colors[i], lw=1.2,
+                                     ls="--")[0], line.label)
+        elif line is not None:
+          theory_drawn[i] = (ax.axvline(line.values[0], color=colors[i], lw=1.2, ls="--"),
+                             line.label)
     ax.set_title(name, fontsize=9)
     ax.set_xlabel("step")
     if log and has_data:  # a log axis with nothing positive on it only warns
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
   fig.suptitle(title)
-  order = sorted(drawn)
-  fig.legend([drawn[i] for i in order], [labels[i] for i in order],
-             loc="outside lower center", ncols=min(len(order), 3), fontsize=9)
+  # One legend: the runs, then the theory's dashed lines with their formulas (one a row).
+  order, theory_order = sorted(drawn), sorted(theory_drawn)
+  fig.legend([drawn[i] for i in order] + [theory_drawn[i][0] for i in theory_order],
+             [labels[i] for i in order]
+             + [f"theory, {labels[i]}: {theory_drawn[i][1]}" for i in theory_order],
+             loc="outside lower center", ncols=1 if theory_order else min(len(order), 3),
+             fontsize=9)
   return fig
 
 
@@ -322,8 +474,10 @@ def make_figures(runs: Sequence[Run], layers_regex: Optional[str] = None) -> dic
   labels, colors = unique_labels(runs), _colors(len(runs))
   figures = {}
   if layers:
+    theories = [theory_lines(run) for run in runs]
     for filename, (key, title, log) in LAYER_FIGURES.items():
-      figures[filename] = layer_figure(runs, layers, key, title, log, labels, colors)
+      figures[filename] = layer_figure(runs, layers, key, title, log, labels, colors,
+                                       theories)
   for filename, (key, title) in CURVE_FIGURES.items():
     figures[filename] = curve_figure(runs, key, title, labels, colors)
   return figures

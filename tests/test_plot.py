@@ -1,11 +1,13 @@
 """Tests for experiments.plot on synthetic workdirs (no training, CPU, a few seconds)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import matplotlib.image
+import numpy as np
 import pytest
 from absl import flags
 from absl.testing import flagsaver
@@ -68,6 +70,14 @@ def _legend_texts(legend):
   return [t.get_text() for t in legend.get_texts()]
 
 
+def _solid(ax):
+  return [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+
+
+def _dashed(ax):
+  return [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+
+
 def test_read_run_parses_and_dedups(workdirs):
   run = plot.read_run(workdirs[0])
   assert run.workdir == workdirs[0]
@@ -117,10 +127,13 @@ def test_figures_have_one_legend_entry_per_run(workdirs):
   assert set(figures) == set(ALL_PNGS)
   for name in ("weight_norm.png", "effective_lr.png", "angular_update.png"):
     fig = figures[name]
-    assert _legend_texts(fig.legends[0]) == labels, name
+    # The runs, then the theory of the two runs that have one (l2 and decoupled).
+    texts = _legend_texts(fig.legends[0])
+    assert texts[:3] == labels, name
+    assert [t.split(": ")[0] for t in texts[3:]] == [f"theory, {label}" for label in labels[:2]]
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in axes] == list(LAYERS)
-    assert all(len(ax.get_lines()) == 3 for ax in axes)
+    assert all(len(_solid(ax)) == 3 for ax in axes)
     assert axes[0].get_yscale() == ("linear" if name == "weight_norm.png" else "log")
     assert axes[0].get_xlabel() == "step"
   for name in ("accuracy.png", "loss.png"):
@@ -130,8 +143,89 @@ def test_figures_have_one_legend_entry_per_run(workdirs):
     assert len(ax.get_lines()) == 2 * len(runs)  # train and test per run
   # The same run has the same colour everywhere.
   acc_colors = [line.get_color() for line in figures["accuracy.png"].axes[0].get_lines()[::2]]
-  norm_colors = [line.get_color() for line in figures["weight_norm.png"].axes[0].get_lines()]
+  norm_colors = [line.get_color() for line in _solid(figures["weight_norm.png"].axes[0])]
   assert acc_colors == norm_colors
+
+
+def _with_rates(path, config, rate_of_step):
+  """A workdir whose train records log ``rate_of_step(step)`` as the learning rate."""
+  records = [{**_train_record(step), "learning_rate": rate_of_step(step)}
+             for step in range(10, 201, 10)] + [_test_record(1)]
+  return plot.read_run(_write_workdir(path, config, records=records))
+
+
+def test_angular_update_draws_the_methods_equilibrium_angle(tmp_path):
+  """Dashed, in the run's colour, in every panel: SGD + coupled L2's
+  ``sqrt(2 eta lam_wd / (1+mu))`` with ``lam_wd = 2 lam`` (a line with ``lam`` for
+  ``lam_wd``, or AdamW's ``(1-beta1)/(1+beta1)`` for SGDW's ``(1-mu)/(1+mu)``, is off by a
+  factor) at each logged rate, under a decaying schedule too; Nero's ``arctan(eta_t)``.
+  Written out here from the runs' hyperparameters."""
+  l2 = _with_rates(tmp_path / "l2", _config(lam=5e-4, lr=0.1, momentum=0.9), lambda s: 0.1)
+  decaying = lambda s: 0.05 * (1 - s / 400)  # noqa: E731
+  sgdw = _with_rates(tmp_path / "sgdw", _config(method="decoupled", lam=0.05, lr=0.05,
+                                                momentum=0.8), decaying)
+  nero = _with_rates(tmp_path / "nero", _config(method="nero", lam=None, lr=0.02),
+                     lambda s: 0.02)
+  steps = list(range(10, 201, 10))
+  expected = [[math.sqrt(2 * 0.1 * (2 * 5e-4) / (1 + 0.9))] * len(steps),
+              [math.sqrt(2 * decaying(s) * 0.05 * (1 - 0.8) / (1 + 0.8)) for s in steps],
+              [math.atan(0.02)] * len(steps)]
+  fig = plot.make_figures([l2, sgdw, nero])["angular_update.png"]
+  for ax in [ax for ax in fig.axes if ax.get_visible()]:
+    solid, dashed = _solid(ax), _dashed(ax)
+    assert len(dashed) == 3, ax.get_title()
+    for run_line, theory, want in zip(solid, dashed, expected):
+      assert theory.get_color() == run_line.get_color()
+      assert list(theory.get_xdata()) == steps
+      np.testing.assert_allclose(theory.get_ydata(), want, rtol=1e-12)
+  texts = _legend_texts(fig.legends[0])[3:]
+  assert texts[0] == (f"theory, {l2.label}: " r"$\theta^* = \sqrt{2\eta\lambda_{wd}/(1+\mu)}$"
+                      f" = {expected[0][0]:.3g} rad (logged rate 0.1)")
+  assert r"\sqrt{2\eta\,wd\,(1-\mu)/(1+\mu)}" in texts[1]
+  assert f"= {expected[1][0]:.3g} rad (logged rate {decaying(10):g})" in texts[1]
+  assert r"$\theta^* = \arctan\,\eta$" in texts[2]
+
+
+def test_norm_and_elr_figures_mark_the_time_constant(tmp_path):
+  """A vertical dashed line at ``tau``: ``(1-mu)/(4 eta lam_wd)`` for coupled L2 (the
+  momentum's ``1-mu`` in it), ``1/(4 eta wd)`` for SGDW, at ``config.lr``; the angular
+  figure has none, and Nero (no decay) none at all."""
+  runs = [_with_rates(tmp_path / "l2", _config(lam=5e-4, lr=0.1, momentum=0.9), lambda s: 0.1),
+          _with_rates(tmp_path / "sgdw", _config(method="decoupled", lam=0.05, lr=0.05),
+                      lambda s: 0.05),
+          _with_rates(tmp_path / "nero", _config(method="nero", lam=None), lambda s: 0.1)]
+  taus = [(1 - 0.9) / (4 * 0.1 * (2 * 5e-4)), 1 / (4 * 0.05 * 0.05)]
+  figures = plot.make_figures(runs)
+  for name in ("weight_norm.png", "effective_lr.png"):
+    for ax in [ax for ax in figures[name].axes if ax.get_visible()]:
+      dashed = _dashed(ax)
+      assert [line.get_color() for line in dashed] == [line.get_color()
+                                                       for line in _solid(ax)[:2]]
+      for line, tau in zip(dashed, taus):
+        np.testing.assert_allclose(line.get_xdata(), [tau, tau], rtol=1e-12)
+    texts = _legend_texts(figures[name].legends[0])[3:]
+    assert texts == [f"theory, {runs[0].label}: " r"$\tau = (1-\mu)/(4\eta\lambda_{wd})$"
+                     " = 250 steps",
+                     f"theory, {runs[1].label}: " r"$\tau = 1/(4\eta\,wd)$ = 100 steps"]
+  for ax in [ax for ax in figures["angular_update.png"].axes if ax.get_visible()]:
+    assert [len(line.get_xdata()) for line in _dashed(ax)] == [20, 20, 20]  # angles only
+
+
+@pytest.mark.parametrize("config", [
+    _config(method="spherical", lam=None), _config(method="none", lam=None),
+    _config(method="tangent", lam=None), _config(method="elr_rescale", lam=None),
+    _config(method="exp_lr"), _config(method="l2", optimizer="adam"),
+    _config(method="l2", lam=0.0), None], ids=lambda c: "no_config" if c is None else
+    f"{c['method']}-{c['optimizer']}-lam{c['lam']}")
+def test_methods_without_a_theory_get_no_dashed_line(tmp_path, config):
+  """No closed form in the registry (spherical, elr_rescale, tangent, exp_lr, none), coupled
+  L2 under Adam (no closed form), no decay, or no config.json: nothing dashed, no theory in
+  the legend. A plot that drew a line for every run would fail here."""
+  run = plot.read_run(_write_workdir(tmp_path / "run", config))
+  for name in ("weight_norm.png", "effective_lr.png", "angular_update.png"):
+    fig = plot.make_figures([run])[name]
+    assert not any(_dashed(ax) for ax in fig.axes), name
+    assert _legend_texts(fig.legends[0]) == [run.label], name
 
 
 def test_layers_regex_selects_panels(workdirs):
@@ -150,7 +244,7 @@ def test_many_layers_are_capped_and_naturally_ordered(tmp_path):
   assert len(titles) == plot.MAX_PANELS
   assert titles[:15] == names[:15]  # convs/2 before convs/10
   assert titles[-1] == "median of the other 5 layers"
-  (line,) = fig.axes[15].get_lines()
+  (line,) = _solid(fig.axes[15])
   assert line.get_ydata()[0] == pytest.approx(1.0 + 0.1 * 17 + 0.01)  # median of 15..19
 
 
@@ -165,7 +259,8 @@ def test_runs_without_layers(tmp_path, workdirs):
   # Mixed with a normalized run: the layer panels show the normalized one only.
   runs = [plot.read_run(bare), plot.read_run(workdirs[0])]
   fig = plot.make_figures(runs)["weight_norm.png"]
-  assert _legend_texts(fig.legends[0]) == [runs[1].label]
+  assert [t for t in _legend_texts(fig.legends[0]) if not t.startswith("theory, ")] == \
+      [runs[1].label]
   assert _legend_texts(plot.make_figures(runs)["loss.png"].axes[0].get_legend())[:2] == \
       [r.label for r in runs]
 
