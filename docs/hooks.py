@@ -63,9 +63,12 @@ _MATH = re.compile(r'<(span|div) class="arithmatex">\\([(\[])(.*?)\\[)\]]</\1>',
 def to_mathml(tex, display):
   """``tex`` as a ``<math>`` element (``display``: "block" or "inline")."""
   try:
-    return latex2mathml.converter.convert(tex.strip(), display=display)
+    mathml = latex2mathml.converter.convert(tex.strip(), display=display)
   except Exception as error:  # latex2mathml raises its own exceptions and plain ones
     raise PluginError(f"latex2mathml cannot convert {tex!r}: {error}") from error
+  if "\\" in mathml:  # a command it does not know stays as text: "\\v" in an <mi>
+    raise PluginError(f"latex2mathml left LaTeX in the MathML of {tex!r}: {mathml}")
+  return mathml
 
 
 def on_page_content(content, page, config, files):

@@ -44,8 +44,8 @@ def math_blocks(text: str) -> str:
     lines = [line.strip() for line in body.splitlines() if line.strip()]
     if not lines:
       raise ValueError(f"an empty '.. math::' block: {match.group(0)!r}")
-    tex = "\n".join(indent + line for line in lines)
-    return f"{indent}$$\n{tex}\n{indent}$$\n\n"
+    # One line: a line that ends in "\" (a control space) must not meet a newline.
+    return f"{indent}$$\n{indent}{' '.join(lines)}\n{indent}$$\n\n"
 
   return _MATH_BLOCK.sub(block, text)
 
