@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import jax
@@ -98,6 +97,24 @@ class Parts:
 
 # A method's theory at the grouped weights' logged learning rate: (config, rate) -> value.
 Theory = Callable[["Config", float], Optional[float]]
+
+
+class Closed(float):
+  """A theory's value that names the closed form of ``normreg.theory`` it came from
+  (``form``, e.g. ``"equilibrium_angle_sgd"``): a float everywhere, and the figures'
+  legends write its formula (``experiments.plot.THEORY_FORMULAS``)."""
+
+  form: str
+
+  def __new__(cls, value: float, form: str) -> "Closed":
+    out = super().__new__(cls, value)
+    out.form = form
+    return out
+
+
+def _closed(form: str, *args: float) -> Closed:
+  """``normreg.theory.<form>(*args)``, named."""
+  return Closed(getattr(theory, form)(*args), form)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,13 +292,13 @@ def _l2_time_constant(c: "Config", lr: float) -> float:
   if c.optimizer != "sgd":
     raise ValueError("Adam with coupled L2 has no closed-form time constant in "
                      "normreg.theory")
-  return theory.time_constant_sgd(lr, 2 * c.lam_value, c.momentum)
+  return _closed("time_constant_sgd", lr, 2 * c.lam_value, c.momentum)
 
 
 def _l2_angle(c: "Config", lr: float) -> Optional[float]:
   if c.optimizer != "sgd":
     return None  # Adam divides the decay by the gradient's scale: no closed form
-  return theory.equilibrium_angle_sgd(lr, 2 * c.lam_value, c.momentum)
+  return _closed("equilibrium_angle_sgd", lr, 2 * c.lam_value, c.momentum)
 
 
 def _decay(c: "Config", lr: float) -> float:
@@ -291,34 +308,34 @@ def _decay(c: "Config", lr: float) -> float:
 
 def _decoupled_time_constant(c: "Config", lr: float) -> float:
   if c.optimizer == "sgd":
-    return theory.time_constant_sgdw(lr, _decay(c, lr))
-  return theory.time_constant_adamw(lr, _decay(c, lr))
+    return _closed("time_constant_sgdw", lr, _decay(c, lr))
+  return _closed("time_constant_adamw", lr, _decay(c, lr))
 
 
 def _decoupled_angle(c: "Config", lr: float) -> float:
   if c.optimizer == "sgd":
-    return theory.equilibrium_angle_sgdw(lr, _decay(c, lr), c.momentum)
-  return theory.equilibrium_angle_adamw(lr, _decay(c, lr), 0.9)
+    return _closed("equilibrium_angle_sgdw", lr, _decay(c, lr), c.momentum)
+  return _closed("equilibrium_angle_adamw", lr, _decay(c, lr), 0.9)
 
 
 def _adamp_time_constant(c: "Config", lr: float) -> float:
   # SGDW's with SGDP's decay, wd * wd_ratio / (1 - mu); AdamW's with wd * wd_ratio.
   if c.optimizer == "sgd":
-    return theory.time_constant_sgdw(lr, c.lam_value * 0.1 / (1 - c.momentum))
-  return theory.time_constant_adamw(lr, c.lam_value * 0.1)
+    return _closed("time_constant_sgdw", lr, c.lam_value * 0.1 / (1 - c.momentum))
+  return _closed("time_constant_adamw", lr, c.lam_value * 0.1)
 
 
 def _adamp_angle(c: "Config", lr: float) -> float:
   if c.optimizer == "sgd":
-    return theory.equilibrium_angle_sgdp(lr, c.lam_value, c.momentum)
-  return theory.equilibrium_angle_adamp(lr, c.lam_value)
+    return _closed("equilibrium_angle_sgdp", lr, c.lam_value, c.momentum)
+  return _closed("equilibrium_angle_adamp", lr, c.lam_value)
 
 
 def _rotational_angle(c: "Config", lr: float) -> float:
   # The logged rate is the target angle on the schedule's shape: back to the schedule's
   # value, then the target at it (normreg.theory.angle_rotational: arctan(target)).
   target = rotational_target(c)
-  return math.atan(target * (lr * (c.lr / target)) / c.lr)
+  return _closed("angle_rotational", target * (lr * (c.lr / target)) / c.lr)
 
 
 # ----------------------------------------------------------------------- the registry
@@ -349,11 +366,11 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("nero", _nero, ungrouped_lr=False, sets_angle=True,
            help="Nero: balanced units, relative steps of angle ~lr; --optimizer and "
                 "--momentum unused",
-           angle=lambda c, lr: theory.angle_nero(lr)),
+           angle=lambda c, lr: _closed("angle_nero", lr)),
     Method("hyperball", _hyperball, sets_angle=True,
            help="AdamH: normalized Adam step on a fixed-norm sphere; --optimizer=adam",
            optimizer="adam", optimizer_reason="is Hyperball Adam (AdamH)",
-           angle=lambda c, lr: theory.angle_adamh(lr)),
+           angle=lambda c, lr: _closed("angle_adamh", lr)),
     Method("none", _none),
 )}
 

@@ -53,7 +53,6 @@ The functions below (:func:`read_run`, :func:`make_figures`,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -241,53 +240,16 @@ class TheoryLine:
   label: str
 
 
-@contextlib.contextmanager
-def _watching_theory(calls: list):
-  """Appends ``(name, value)`` for each call of a ``THEORY_FORMULAS`` function of
-  ``normreg.theory`` inside the block: which closed form a method's theory used (the
-  registry holds callables, not their formulas)."""
-  from normreg import theory  # pylint: disable=import-outside-toplevel
-
-  def watched(name, function):
-    def call(*args, **kwargs):
-      value = function(*args, **kwargs)
-      calls.append((name, value))
-      return value
-    return call
-
-  originals = {name: getattr(theory, name) for name in THEORY_FORMULAS}
-  try:
-    for name, function in originals.items():
-      setattr(theory, name, watched(name, function))
-    yield
-  finally:
-    for name, function in originals.items():
-      setattr(theory, name, function)
-
-
-def _formula(value: float, calls: list) -> Optional[str]:
-  """The formula of the last closed form called that gave ``value``, or whose arctan is
-  ``value`` (the angle a method sets from a target angle); ``None`` if none did."""
-  for name, called in reversed(calls):
-    if math.isclose(called, value, rel_tol=1e-9):
-      return THEORY_FORMULAS[name]
-  for name, called in reversed(calls):
-    if math.isclose(math.atan(called), value, rel_tol=1e-9):
-      return rf"\arctan({THEORY_FORMULAS[name]})"
-  return None
-
-
 def _traced(theory_fn, *args) -> tuple[Optional[float], Optional[str]]:
-  """``theory_fn(*args)`` and its formula; ``(None, None)`` where theory has no closed form."""
-  calls = []
+  """``theory_fn(*args)`` and its formula (``THEORY_FORMULAS`` of the closed form it names,
+  ``experiments.methods.Closed``); ``(None, None)`` where theory has no closed form."""
   try:
-    with _watching_theory(calls):
-      value = theory_fn(*args)
+    value = theory_fn(*args)
   except ValueError:  # e.g. coupled L2 under Adam: no time constant in normreg.theory
     return None, None
   if value is None or not math.isfinite(value):
     return None, None
-  return value, _formula(value, calls)
+  return value, THEORY_FORMULAS.get(getattr(value, "form", None))
 
 
 def theory_lines(run: Run) -> dict[str, TheoryLine]:
