@@ -45,16 +45,17 @@ from absl import logging
 from normreg import epsilon
 from normreg import groups as groups_lib
 
-# Random output directions r; each adds a VJP to the one compiled program.
 PROBES = 2
-# The normalizations' epsilons are multiplied by this for "as eps -> 0" (normreg.epsilon):
-# 1e-6 becomes 1e-14, far below the mean square of any activation at a small init, while a
-# normalized zero row stays 0 rather than NaN.
+"""Random output directions ``r`` at eps -> 0; each adds a VJP to the one compiled program."""
 EPS_LIMIT = 1e-8
-# A grouped leaf is reported with its epsilon dominating (a warning, and
-# Detection.eps_dominated) where, at the model's own epsilons, the derivative along it is
-# more than this fraction of the derivative along a random direction of the same norm.
+"""The normalizations' epsilons are multiplied by this for "as eps -> 0"
+(:mod:`normreg.epsilon`): 1e-6 becomes 1e-14, far below the mean square of any
+activation at a small init, while a normalized zero row stays 0 rather than NaN."""
 EPS_DOMINATES = 0.1
+"""A grouped leaf is reported with its epsilon dominating (a warning, and
+:meth:`Detection.eps_dominated`) where, at the model's own epsilons, the derivative
+along it is more than this fraction of the derivative along a random direction of the
+same norm."""
 # A leaf whose first (or second) axis has this many entries or fewer, and two or more axes
 # besides, is also tried per slice along it: fused q/k/v (3, ...) and gate/up (2, ...)
 # kernels, and the same behind a layer axis stacked by scan.
@@ -388,23 +389,33 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
   # ||w||, the derivative through the normalization does not). At eps -> 0 this moves no
   # invariant weight; the model's-eps check stays at the model's own size.
   generic = _generic_scales(primals, layout_axis)
-  pairs_s = jnp.asarray([generic] * PROBES + [np.ones_like(generic)] * at_model, jnp.float32)
+  # One (pairs,) array per leaf, not one (pairs, leaves) array sliced per leaf: XLA then
+  # moves each scalar factor out of the matmuls (the weights stay unbatched), and the
+  # program compiles in a third of the time (12-layer transformer: 1.9 s, not 5.8 s).
+  # Where no kernel is raised, none is scaled: the weights are then the same in every pair,
+  # which a convolution needs to stay fast (a batched kernel makes it a grouped convolution:
+  # the paper's CNN, 7.7 s of run instead of 1.5 s).
+  pairs_s = None if np.all(generic == 1) else [
+      jnp.asarray([s] * PROBES + [1.0] * at_model, jnp.float32) for s in generic]
 
   @jax.jit
   def probe(primals, pairs_t, pairs_r, pairs_s, directions):
     def one(t, r, scale):
-      primals_s = [(w * scale[k].astype(w.dtype)) for k, w in enumerate(primals)]
+      scale = scale or [jnp.ones((), jnp.float32)] * len(primals)
+      primals_s = [(w * s.astype(w.dtype)) for w, s in zip(primals, scale)]
       value, vjp = jax.vjp(lambda q: forward_t(t, q), primals_s)
       norm = jnp.sqrt(sum(jnp.sum(jnp.square(v.astype(jnp.float32)))
                           for v in jax.tree.leaves(value)))
       grads = vjp(r)[0]
       sums = []
-      for k, (g, w, d, axes_sets) in enumerate(zip(grads, primals_s, directions, needed)):
+      for g, w, d, s, axes_sets in zip(grads, primals_s, directions, scale, needed):
         dtype = jnp.promote_types(g.dtype, jnp.float32)
-        along_w = g.astype(dtype) * w.astype(dtype)
-        along_d = g.astype(dtype) * (d * scale[k]).astype(dtype)
-        w_sums, d_sums = _nested_sums(along_w, axes_sets), _nested_sums(along_d, axes_sets)
-        sums.append({axes: (w_sums[axes], d_sums[axes]) for axes in axes_sets})
+        # Along w and along d stacked: one product and one reduction per set of axes (run
+        # 3.4 s -> 2.2 s on a 12-layer transformer).
+        along = g.astype(dtype)[None] * jnp.stack([w.astype(dtype), (d * s).astype(dtype)])
+        lifted = {axes: tuple(a + 1 for a in axes) for axes in axes_sets}
+        both = _nested_sums(along, set(lifted.values()))
+        sums.append({axes: (both[l][0], both[l][1]) for axes, l in lifted.items()})
       return norm, sums
 
     return jax.vmap(one)(pairs_t, pairs_r, pairs_s)
@@ -563,16 +574,17 @@ def _nested_sums(x: jax.Array, axes_sets) -> dict:
 
 def _generic_scales(primals: list, layout_axis: int) -> np.ndarray:
   """Per leaf, the factor that brings a kernel (two axes or more) up to rms
-  ``1 / sqrt(fan_in)`` (``fan_in``: its size over its output axis), where it is smaller:
-  a variance-scaling size, where no non-linearity is saturated by it and no path is
-  negligible because of it. 1 for vectors and for kernels already that large."""
+  ``1 / sqrt(fan_in)`` (``fan_in``: its size over its output axis), where it is more than
+  2x smaller: a variance-scaling size, where no non-linearity is saturated by it and no
+  path is negligible because of it. 1 for vectors and for kernels already about that
+  large (a variance-scaling initialization, drawn: within 2x)."""
   out = []
   for w in primals:
     factor = 1.0
     if np.ndim(w) >= 2:
       fan_in = np.size(w) / np.shape(w)[layout_axis]
       rms = float(np.sqrt(np.mean(np.square(np.asarray(w, np.float32)))))
-      if 0 < rms < 1 / np.sqrt(fan_in):
+      if 0 < rms < 0.5 / np.sqrt(fan_in):  # within 2x of that size: left as it is
         factor = 1 / (np.sqrt(fan_in) * rms)
     out.append(factor)
   return np.asarray(out, np.float32)
