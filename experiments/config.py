@@ -49,6 +49,7 @@ class Config:
   seed: int = 0
   group_rules: Optional[str] = None
   log_every: int = 50
+  checkpoint_every: int = 0
   augment: bool = True
   dtype: str = "float32"
   init_scale: float = 1.0
@@ -87,6 +88,9 @@ class Config:
       raise errors.InputError(f"--epochs must be > 0, got {self.epochs}.")
     if not self.log_every > 0:
       raise errors.InputError(f"--log_every must be > 0, got {self.log_every}.")
+    if not self.checkpoint_every >= 0:
+      raise errors.InputError(f"--checkpoint_every must be >= 0 (0: at each epoch's end), "
+                              f"got {self.checkpoint_every}.")
     if not 0 <= self.momentum < 1:
       raise errors.InputError(f"--momentum must be in [0, 1), got {self.momentum}.")
     if not self.init_scale > 0:
@@ -161,6 +165,9 @@ _HELP = {
     "group_rules": "Scale-invariance groups as ordered REGEX=unit|tensor|none rules, "
                    "comma-separated (first match wins); default: found by autodiff.",
     "log_every": "Log train metrics every this many steps.",
+    "checkpoint_every": "Also save a checkpoint every this many steps (0: only at each "
+                        "epoch's end). A run resumes from its last checkpoint, mid-epoch "
+                        "included, exactly; it may change between launches of one run.",
     "augment": "Random crop and flip inside the jitted step (CIFAR-style; digits: shifts "
                "of at most 2 pixels, never mirrored).",
     "dtype": "Compute dtype of the network (params and optimizer state stay float32).",

@@ -5,9 +5,9 @@ Every command (``experiments.train``, ``sweep``, ``reproduce``, ``plot``) turns 
 traceback; anything else is a bug and keeps its traceback. Ctrl-C
 (``KeyboardInterrupt``, or :class:`Interrupted` from a run that saved its
 step first) is one line too, saying how to go on, with exit status 130 (as a
-shell reports SIGINT). The subclasses also derive from the builtin a library
-caller would expect (``ValueError``, ``FileNotFoundError``, ``ImportError``,
-``FloatingPointError``).
+shell reports SIGINT); a run stopped by SIGTERM and saved exits with 143. The
+subclasses also derive from the builtin a library caller would expect
+(``ValueError``, ``FileNotFoundError``, ``ImportError``, ``FloatingPointError``).
 """
 
 from __future__ import annotations
@@ -35,20 +35,26 @@ class MissingExtraError(UsageError, ImportError):
 
 
 class Interrupted(UsageError):
-  """The user stopped the run (Ctrl-C) and it saved where it stopped; the message says where."""
+  """The run was stopped (Ctrl-C, or SIGTERM: a preemption) and saved where it stopped; the
+  message says where. ``status`` is the exit status a shell reports for that signal,
+  128 + its number (130 for SIGINT, 143 for SIGTERM)."""
+
+  def __init__(self, message: str, signum: int = 2):
+    super().__init__(message)
+    self.status = 128 + int(signum)
 
 
 @contextlib.contextmanager
 def one_line(program: str) -> Iterator[None]:
   """Exits with ``program: error: message`` (status 1) on a :class:`UsageError`, and with
-  one line naming the command that goes on (status 130) on Ctrl-C."""
+  one line naming the command that goes on on Ctrl-C (status 130) or SIGTERM (143)."""
   again = f"python -m {program} {shlex.join(sys.argv[1:])}".strip()
   try:
     yield
   except Interrupted as e:
     sys.stdout.flush()
     print(f"{program}: {e}; the same command resumes from there: {again}", file=sys.stderr)
-    sys.exit(130)
+    sys.exit(e.status)
   except KeyboardInterrupt:
     sys.stdout.flush()
     print(f"{program}: interrupted (Ctrl-C); the same command goes on from the last "

@@ -153,8 +153,10 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
 
   Before anything slow, ``workdir`` (a folder or ``gs://`` URL) is checked and
   locked, and its settings reconciled with ``config`` (``experiments.workdir``).
-  Ctrl-C (SIGINT, in a one-process run) stops after the current step, saves it
-  and raises ``errors.Interrupted``: the same call resumes from there.
+  Ctrl-C (SIGINT) or SIGTERM (a preemption) stops after the current step, saves it
+  and raises ``errors.Interrupted``: the same call resumes from there. On several
+  hosts every process saves the same step (JAX's preemption sync point). A checkpoint
+  is saved at each epoch's end, and every ``config.checkpoint_every`` steps if set.
 
   Args:
     config: the run's settings (validated here).
@@ -186,27 +188,44 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
 
 
 class _StopRequest:
-  """Ctrl-C while training: stop after the current step and save it (a second one stops
-  at once). Only in a one-process run's main thread: a multi-host job must stop together."""
+  """Ctrl-C (SIGINT) or SIGTERM while training: stop after the current step and save it.
+
+  SIGTERM is what a preemptible VM, SLURM's time limit, ``scancel`` and ``kill`` send
+  before they kill. In a one-process run the handlers are Python's, in the main thread
+  only (a second Ctrl-C stops at once). In a multi-host run JAX's preemption service
+  (``jax.distributed.initialize`` starts it; it catches SIGTERM) picks the step at which
+  every process saves: :meth:`check` asks it at every step
+  (``multihost_utils.reached_preemption_sync_point``).
+  """
+
+  SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
   def __init__(self, show: bool):
-    self.requested, self._show, self._old = False, show, None
-    if (jax.process_count() == 1
-        and threading.current_thread() is threading.main_thread()):
-      self._old = signal.signal(signal.SIGINT, self._handle)
+    self.signum, self._show, self._old = None, show, {}
+    self._hosts = jax.process_count() > 1
+    if not self._hosts and threading.current_thread() is threading.main_thread():
+      self._old = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    if self.requested:
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
-    self.requested = True
-    _note("Ctrl-C: stopping after this step to save it (Ctrl-C again stops at once).",
-          self._show)
+    self.signum = signum
+    _note(f"{self.SIGNALS[signum]}: stopping after this step to save it"
+          + (" (Ctrl-C again stops at once)." if signum == signal.SIGINT else "."), self._show)
+
+  def check(self, step: int) -> Optional[str]:
+    """What stops the run before ``step`` runs: ``"Ctrl-C"``, ``"SIGTERM"`` or ``None``."""
+    if self._hosts:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = signal.SIGTERM
+    return None if self.signum is None else self.SIGNALS[self.signum]
 
   def close(self) -> None:
-    if self._old is not None:
-      signal.signal(signal.SIGINT, self._old)
-      self._old = None
+    for signum, old in self._old.items():
+      signal.signal(signum, old)
+    self._old = {}
 
 
 def _note(message: str, show: bool) -> None:
@@ -302,11 +321,12 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
       t0, images_seen = time.perf_counter(), 0
       # A run stopped by Ctrl-C resumes in the middle of its epoch.
       for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
-        if stop.requested:
+        stopped_by = stop.check(step)
+        if stopped_by:
           if step != saved_step:
             save()
-          raise errors.Interrupted(f"stopped by Ctrl-C at step {step} of {total_steps}; "
-                                   f"saved it in {checkpoints}")
+          raise errors.Interrupted(f"stopped by {stopped_by} at step {step} of {total_steps}; "
+                                   f"saved it in {checkpoints}", signum=stop.signum)
         idx = shard_batch_indices(order[i], batch_sharding)
         log_now = (step + 1) % config.log_every == 0 or i == steps_per_epoch - 1
         # The step may donate its input: keep a copy of the params to measure the turn.
@@ -332,6 +352,9 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
         if on_step is not None:
           on_step(step, state)
         bar.update(1)
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and (
+            i < steps_per_epoch - 1):  # (the epoch's end saves after its evaluation)
+          save()
         if interrupt_after_step is not None and step >= interrupt_after_step:
           return state
       jax.block_until_ready(state.params)

@@ -21,7 +21,8 @@ What a run does with its folder before it reads any data or compiles anything:
 - Settings: a folder whose ``config.json`` holds other settings is refused,
   naming them, when it holds a checkpoint; without a checkpoint (a run that
   diverged or failed before its first epoch ended) nothing worth keeping was
-  trained, and the new settings start afresh. More ``--epochs`` with a
+  trained, and the new settings start afresh. ``--checkpoint_every`` may change
+  between launches (:data:`FREE_SETTINGS`). More ``--epochs`` with a
   constant schedule continue a finished run from its last checkpoint (every
   other step is unchanged); ``restart=True`` (``--restart``) discards what the
   folder holds and starts afresh.
@@ -58,6 +59,8 @@ CHECKPOINTS = "checkpoints"
 RUN_FILES = (CONFIG, "metrics.jsonl", "tensorboard", CHECKPOINTS, CHECKPOINTS + "_unrestorable",
              "figures")
 CLOUD_SCHEMES = ("gs",)
+# Settings a resumed run may change: they say when to save, not what is trained.
+FREE_SETTINGS = ("checkpoint_every",)
 HEARTBEAT_S = 30.0
 STALE_S = 120.0
 
@@ -259,11 +262,41 @@ class Lock:
 # ------------------------------------------------------------------ the folder
 
 
+def check_reachable(folder: epath.Path, flag: str, timeout_s: float = 10.0) -> None:
+  """For a ``gs://`` folder: one TCP connection to the storage endpoint, or a one-line
+  ``errors.InputError`` naming the bucket and the endpoint tried.
+
+  The endpoint is ``storage.googleapis.com:443``, or ``STORAGE_EMULATOR_HOST``
+  where it is set (as gcsfs reads it). Without this, gcsfs retries with backoff
+  for about a minute and ends in an aiohttp traceback.
+  """
+  if not is_cloud(folder):
+    return
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  if emulator:
+    where = emulator.split("://")[-1].rstrip("/")
+    host, _, port = where.rpartition(":") if ":" in where else (where, "", "")
+    port = int(port) if port.isdigit() else (443 if emulator.startswith("https") else 80)
+    tried = f"{host}:{port} (STORAGE_EMULATOR_HOST)"
+  else:
+    host, port = "storage.googleapis.com", 443
+    tried = f"{host}:{port}"
+  try:
+    socket.create_connection((host, port), timeout=timeout_s).close()
+  except OSError as e:
+    bucket = str(folder).split("://", 1)[1].split("/", 1)[0]
+    raise errors.InputError(
+        f"{flag}={folder}: bucket {bucket!r} cannot be reached: connecting to {tried} failed "
+        f"({getattr(e, 'strerror', None) or type(e).__name__}); check the network, or use a "
+        "local --workdir.") from None
+
+
 def check_folder(folder: epath.Path, flag: str) -> bool:
   """Creates ``folder`` if missing; refuses a file or a folder this process cannot write.
 
   Returns whether it was created (so that a failed start can remove it again).
   """
+  check_reachable(folder, flag)
   if folder.exists() and not folder.is_dir():
     raise errors.InputError(f"{flag}={folder} is a file, not a folder; give a folder (it is "
                             "created if missing).")
@@ -332,6 +365,8 @@ def reconcile_settings(folder: epath.Path, config, restart: bool, writer: bool) 
     if checkpointed:
       raise
     diff = {CONFIG: ("unreadable", "")}
+  for free in FREE_SETTINGS:  # how often to save, not what is trained
+    diff.pop(free, None)
   if not diff:
     return
   if not checkpointed:

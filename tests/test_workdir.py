@@ -195,6 +195,32 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, unin
     _train(Config(**TINY, epochs=4), tmp_path)
 
 
+def test_checkpoint_every_saves_mid_epoch_and_the_resume_is_exact(tmp_path, uninterrupted):
+  ref_dir, ref = uninterrupted  # 3 epochs of 4 steps, saved at each epoch's end
+  config = Config(**TINY, epochs=3, checkpoint_every=3)
+  _train(config, tmp_path, interrupt_after_step=7)  # saved 3, 4 (epoch end), 6; killed at 7
+  steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+  assert steps == [4, 6], steps  # orbax keeps the last two
+  # How often to save may change between launches; the run goes on from step 6, in the
+  # middle of epoch 2: its data order and augmentation continue where they stopped.
+  final = _train(dataclasses.replace(config, checkpoint_every=0), tmp_path)
+  chex.assert_trees_all_close(final.params, ref.params, rtol=1e-6, atol=1e-7)
+  assert _records(tmp_path) == _records(ref_dir)
+  with pytest.raises(errors.UsageError, match=r"--checkpoint_every must be >= 0"):
+    Config(**TINY, checkpoint_every=-1).validate()
+
+
+def test_an_unreachable_bucket_is_one_line_naming_it(tmp_path):
+  # A host that cannot resolve (.invalid is reserved for that, RFC 2606) stands for a
+  # machine without network: the real DNS failure, not a mock.
+  env = dict(os.environ, STORAGE_EMULATOR_HOST="http://storage.normreg.invalid:4443")
+  result = runs.command("experiments.train", "--workdir=gs://normreg-test-bucket/run",
+                        "--dataset=folder", f"--data_dir={tmp_path / 'missing'}", *FLAGS,
+                        env=env, timeout=60)
+  _one_line(result, "bucket 'normreg-test-bucket' cannot be reached",
+            "storage.normreg.invalid:4443 (STORAGE_EMULATOR_HOST)", "check the network")
+
+
 def test_a_torn_metrics_tail_is_repaired_on_resume(tmp_path, uninterrupted, caplog):
   ref_dir, _ = uninterrupted
   config = Config(**TINY, epochs=3)
@@ -210,7 +236,12 @@ def test_a_torn_metrics_tail_is_repaired_on_resume(tmp_path, uninterrupted, capl
   assert _records(tmp_path) == _records(ref_dir)  # the file of an uninterrupted run
 
 
-def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path, folder):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_the_step_and_the_same_command_resumes(tmp_path, folder,
+                                                                         signum):
+  """Ctrl-C, and SIGTERM as a preemption, ``scancel`` or ``kill`` sends it: the step is
+  saved mid-epoch, one line says so, and the rerun ends with an uninterrupted run's
+  records."""
   workdir = tmp_path / "run"
   args = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", "--dataset=folder",
           f"--data_dir={folder}", "--epochs=40", "--log_every=1", *FLAGS]
@@ -221,14 +252,15 @@ def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path, folder):
     while not os.path.exists(workdir / "metrics.jsonl") and proc.poll() is None:
       assert time.time() < deadline, "no record in 300 s"
       time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C, once it trains
+    proc.send_signal(signum)  # once it trains
     out, err = proc.communicate(timeout=300)
   finally:
     if proc.poll() is None:
       proc.kill()
   interrupted = subprocess.CompletedProcess(args, proc.returncode, out, err)
-  line = _one_line(interrupted, "stopped by Ctrl-C at step", "the same command resumes",
-                   "python -m experiments.train", status=130)
+  name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[signum]
+  line = _one_line(interrupted, f"stopped by {name} at step", "the same command resumes",
+                   "python -m experiments.train", status=128 + signum)
   step = int(line.split("at step ")[1].split()[0])
   assert 0 < step < 120 and os.path.isdir(workdir / "checkpoints" / str(step))
   resumed = runs.command("experiments.train", *args[3:])
