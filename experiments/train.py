@@ -11,6 +11,7 @@ docs/experiments.md.
 
 import logging as pylogging
 import os
+import signal
 import time
 
 from absl import app
@@ -38,6 +39,8 @@ flags.DEFINE_bool("verbose", False, "Show INFO logs (the settings, the groups fo
                   "checkpointing).")
 flags.DEFINE_integer("exit_after_step", None, "Testing: stop abruptly (exit status 17, as if "
                      "killed) after this step, to check that the same command resumes.")
+flags.DEFINE_integer("sigterm_after_step", None, "Testing: send this process SIGTERM (what a "
+                     "preemption sends) after this step, to check that it saves and resumes.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -74,9 +77,11 @@ def main(argv):
     import jax  # pylint: disable=g-import-not-at-top
     from experiments import trainer  # pylint: disable=g-import-not-at-top
     logging.info("config:\n%s", config.to_json())
-    stop = flags.FLAGS.exit_after_step
+    stop, term = flags.FLAGS.exit_after_step, flags.FLAGS.sigterm_after_step
+    on_step = None if term is None else (
+        lambda step, _: os.kill(os.getpid(), signal.SIGTERM) if step == term else None)
     trainer.train_and_evaluate(config, flags.FLAGS.workdir, interrupt_after_step=stop,
-                               restart=flags.FLAGS.restart)
+                               restart=flags.FLAGS.restart, on_step=on_step)
     if stop is not None:
       os._exit(17)  # pylint: disable=protected-access
     if jax.process_index() == 0:

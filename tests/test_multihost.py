@@ -11,6 +11,7 @@ Ports: a free one is picked, a busy one skipped; both processes are ended whatev
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -73,9 +74,11 @@ def processes(commands, env):
       p.wait()
 
 
-def run_pair(data_dir, workdir, extra=(), ports=None, module="experiments.train"):
-  """Runs the two-process launcher; returns ``(return codes, stderr of each)``. Tries
-  the next port when one is taken (by the time the coordinator binds it)."""
+def run_pair(data_dir, workdir, extra=(), ports=None, module="experiments.train",
+             extra_of=((), ())):
+  """Runs the two-process launcher (``extra_of[i]``: flags of process ``i`` alone); returns
+  ``(return codes, stderr of each)``. Tries the next port when one is taken (by the time
+  the coordinator binds it)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   for port in ports or [free_port()]:
@@ -84,7 +87,7 @@ def run_pair(data_dir, workdir, extra=(), ports=None, module="experiments.train"
     commands = [[sys.executable, "-m", module, f"--workdir={workdir}",
                  "--distributed", f"--coordinator_address=127.0.0.1:{port}",
                  "--num_processes=2", f"--process_id={i}", "--cpu_collectives=gloo",
-                 *_flags(data_dir), *extra] for i in range(2)]
+                 *_flags(data_dir), *extra, *extra_of[i]] for i in range(2)]
     with processes(commands, env) as procs:
       deadline = time.time() + TIMEOUT
       outs = []
@@ -122,6 +125,8 @@ def _final_state(workdir, data_dir):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_two_devices_and_resume(data_dir, tmp_path):
+  """Preempted (SIGTERM to one process), then killed, then resumed: the records and
+  params of one process with two devices."""
   # The reference: one process, two (forced) CPU devices, the same flags.
   ref = tmp_path / "one_process"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -131,16 +136,27 @@ def test_two_processes_train_like_one_process_with_two_devices_and_resume(data_d
   assert result.returncode == 0, result.stderr[-3000:]
 
   pair = tmp_path / "two_processes"
-  codes, outs = run_pair(data_dir, pair, extra=["--exit_after_step=10"])
+  # A preemption: SIGTERM to process 1 alone after step 3. JAX's preemption service tells
+  # process 0, and both save the same step, say so in one line and exit 143.
+  codes, outs = run_pair(data_dir, pair, extra_of=((), ("--sigterm_after_step=3",)))
+  assert codes == [143, 143], outs[0][-3000:] + outs[1][-3000:]
+  saved = {int(re.search(r"stopped by SIGTERM at step (\d+) of 16", out).group(1))
+           for out in outs}
+  assert len(saved) == 1 and 3 < min(saved) < 14, saved  # the same step on both
+  saved = saved.pop()
+  assert os.path.isdir(pair / "checkpoints" / str(saved))
+  codes, outs = run_pair(data_dir, pair, extra=[f"--exit_after_step={saved + 2}"])  # killed
   assert codes == [17, 17], outs[0][-3000:] + outs[1][-3000:]
-  assert os.path.isdir(pair / "checkpoints" / "8")  # epoch 1's checkpoint, then killed
+  assert f"resumed from step {saved} " in outs[0]
+  last = 8 if saved < 8 <= saved + 2 else saved  # epoch 1's checkpoint, or the preemption's
+  assert os.path.isdir(pair / "checkpoints" / str(last))
   with socket.socket() as busy:  # the restart finds its first port taken and skips it
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     taken = busy.getsockname()[1]
     codes, outs = run_pair(data_dir, pair, ports=[taken, free_port(skip=(taken,))])
   assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-  assert "resumed from step 8" in outs[0]
+  assert f"resumed from step {last}" in outs[0]
 
   (final, step), (expected, ref_step) = _final_state(pair, data_dir), _final_state(ref, data_dir)
   assert step == ref_step == 16
@@ -148,7 +164,7 @@ def test_two_processes_train_like_one_process_with_two_devices_and_resume(data_d
   chex.assert_trees_all_close(final.rest, expected.rest, rtol=1e-5, atol=1e-6)
 
   # Every file once: process 0 alone writes, and the resumed run dropped the records
-  # past its checkpoint (steps 9-10 of the killed launch).
+  # past its checkpoint (the two steps of the killed launch).
   pair_records = runs.read_metrics(pair)
   ref_records = runs.read_metrics(ref)
   assert [(r["kind"], r["step"]) for r in pair_records] == [
@@ -158,7 +174,7 @@ def test_two_processes_train_like_one_process_with_two_devices_and_resume(data_d
   with open(pair / "config.json") as f:
     assert json.load(f)["data_dir"] == data_dir
   events = [f for f in os.listdir(pair / "tensorboard") if "tfevents" in f]
-  assert len(events) == 2  # one per launch, from process 0 only
+  assert len(events) == 3  # one per launch, from process 0 only
   assert sorted(os.listdir(pair)) == sorted(os.listdir(ref))
 
 
