@@ -42,8 +42,11 @@ class Manager:
   def __init__(self, directory: Any, max_to_keep: int = 2):
     self.directory = epath.Path(directory)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                             create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            # A save cut short (a full disk, a kill) leaves a *.orbax-checkpoint-tmp
+            # folder: removed when the run resumes, so its space comes back.
+            cleanup_tmp_directories=True))
 
   def save(self, step: int, state: Any) -> None:
     leaves = jax.tree.leaves(state)

@@ -13,9 +13,10 @@ subclasses also derive from the builtin a library caller would expect
 from __future__ import annotations
 
 import contextlib
+import errno
 import shlex
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 class UsageError(Exception):
@@ -32,6 +33,29 @@ class MissingInputError(UsageError, FileNotFoundError):
 
 class MissingExtraError(UsageError, ImportError):
   """An optional dependency is not installed; the message says what to install."""
+
+
+class DiskFullError(UsageError, OSError):
+  """A checkpoint or record could not be written: the disk is full or over quota. The
+  message names the folder, the free space and the last checkpoint, which is intact."""
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def disk_full(e: BaseException) -> Optional[BaseException]:
+  """The exception in ``e``'s chain (itself, its cause or context) that says the disk is
+  full or over quota, or ``None``: an ``OSError`` with ``ENOSPC``/``EDQUOT``, or
+  TensorStore's error through orbax (a ``ValueError`` whose text holds the OS's message)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if (isinstance(e, OSError) and e.errno in _DISK_FULL) or any(
+        text in str(e) for text in _DISK_FULL_TEXT):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
 
 
 class Interrupted(UsageError):

@@ -32,6 +32,8 @@ The pieces live beside it and are re-exported here under their old names:
 
 from __future__ import annotations
 
+import contextlib
+import re
 import signal
 import sys
 import threading
@@ -48,6 +50,7 @@ from etils import epath
 import normreg
 from experiments import checkpoint as ckpt_lib
 from experiments import errors
+from experiments import faultlog
 from experiments import records
 from experiments import workdir as workdir_lib
 from experiments import data as data_lib
@@ -182,7 +185,7 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
     The final ``TrainState``.
   """
   config.validate()
-  with workdir_lib.open_run(workdir, config, restart=restart) as run:
+  with workdir_lib.open_run(workdir, config, restart=restart) as run, faultlog.divert(run.path):
     return _train(config, run.path, dataset=dataset, interrupt_after_step=interrupt_after_step,
                   progress=progress, devices=devices, on_step=on_step, tensorboard=tensorboard)
 
@@ -313,7 +316,7 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
 
   bar = progress_bar(total_steps, show, initial=step)
   stop = _StopRequest(show)
-  config_written = False
+  config_written = full = False
   try:
     for epoch in range(start_epoch, config.epochs):
       order = np.asarray(data_lib.epoch_permutation(jax.random.fold_in(key, 1000 + epoch),
@@ -366,10 +369,32 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
       _note(f"epoch {epoch + 1}/{config.epochs}: test accuracy {test['accuracy']:.4f}, loss "
             f"{test['loss']:.4f}; {images_seen / seconds:.0f} images/s", show)
       save()
+  except Exception as e:  # pylint: disable=broad-except  (orbax's is a bare ValueError)
+    full = errors.disk_full(e)
+    if full is None:
+      raise
+    raise errors.DiskFullError(_disk_full_message(folder, full, saved_step)) from None
   finally:
     stop.close()
     bar.close()
-    log.close()
-    if manager:
-      manager.close()
+    # After a full disk, closing flushes into it again: the one line above says it all.
+    with contextlib.suppress(Exception) if full else contextlib.nullcontext():
+      log.close()
+      if manager:
+        manager.close()
   return state
+
+
+def _disk_full_message(folder: epath.Path, error: BaseException, saved_step: int) -> str:
+  """One line: what could not be written, where, the free space and how to go on."""
+  what = getattr(error, "filename", None) or next(iter(re.findall(r'"(/[^"]+)"', str(error))),
+                                                  None)
+  partial = re.search(r"^(.*)/(\d+)\.orbax-checkpoint-tmp", str(what or ""))
+  if partial:  # orbax writes a step into <step>.orbax-checkpoint-tmp/, renamed when whole
+    what = f"checkpoint {partial.group(2)} into {partial.group(1)}"
+  kept = (f"the last checkpoint, step {saved_step}, is intact" if saved_step else
+          "no checkpoint was saved yet")
+  return (f"no space left in {folder} ({workdir_lib.free_space(folder)} free; "
+          f"{'writing ' + str(what) if what else 'writing a checkpoint or record'}): "
+          f"{kept}. Free some space (or raise the quota), then run the same command: it "
+          "resumes from there.")

@@ -38,6 +38,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import threading
@@ -57,7 +58,7 @@ CHECKPOINTS = "checkpoints"
 # What a run writes into its folder (``--restart`` removes these, and nothing else).
 # (checkpoints_unrestorable/: those experiments.checkpoint moved aside on resume.)
 RUN_FILES = (CONFIG, "metrics.jsonl", "tensorboard", CHECKPOINTS, CHECKPOINTS + "_unrestorable",
-             "figures")
+             "figures", "faults.log")
 CLOUD_SCHEMES = ("gs",)
 # Settings a resumed run may change: they say when to save, not what is trained.
 FREE_SETTINGS = ("checkpoint_every",)
@@ -260,6 +261,26 @@ class Lock:
 
 
 # ------------------------------------------------------------------ the folder
+
+
+def free_space(folder: epath.Path) -> str:
+  """Free space of ``folder``'s file system for a message, e.g. ``"12 KB of 700 KB"``; a
+  bucket's is unknown here."""
+  if is_cloud(folder):
+    return "unknown (a bucket's quota)"
+  path = str(folder)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  usage = shutil.disk_usage(path)
+
+  def size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+      if n < 1024 or unit == "GB":
+        return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+      n /= 1024
+    return ""
+
+  return f"{size(usage.free)} of {size(usage.total)}"
 
 
 def check_reachable(folder: epath.Path, flag: str, timeout_s: float = 10.0) -> None:

@@ -243,21 +243,9 @@ def test_ctrl_c_or_sigterm_saves_the_step_and_the_same_command_resumes(tmp_path,
   saved mid-epoch, one line says so, and the rerun ends with an uninterrupted run's
   records."""
   workdir = tmp_path / "run"
-  args = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", "--dataset=folder",
-          f"--data_dir={folder}", "--epochs=40", "--log_every=1", *FLAGS]
-  proc = subprocess.Popen(args, cwd=runs.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  try:
-    deadline = time.time() + 300
-    while not os.path.exists(workdir / "metrics.jsonl") and proc.poll() is None:
-      assert time.time() < deadline, "no record in 300 s"
-      time.sleep(0.02)
-    proc.send_signal(signum)  # once it trains
-    out, err = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  interrupted = subprocess.CompletedProcess(args, proc.returncode, out, err)
+  args = _args(workdir, folder)
+  interrupted = _launch(args, lambda: os.path.exists(workdir / "metrics.jsonl"),
+                        lambda proc: proc.send_signal(signum))  # once it trains
   name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[signum]
   line = _one_line(interrupted, f"stopped by {name} at step", "the same command resumes",
                    "python -m experiments.train", status=128 + signum)
@@ -268,15 +256,124 @@ def test_ctrl_c_or_sigterm_saves_the_step_and_the_same_command_resumes(tmp_path,
   assert f"resumed from step {step} " in resumed.stderr
   assert re.search(r"test accuracy [01]\.\d{4} after 40 epochs \(\d+ steps, \d+ s\)",
                    resumed.stdout), resumed.stdout[-500:]
-  # The records of one run that was never stopped (here, in this process).
-  config = Config(dataset="folder", data_dir=folder, epochs=40, log_every=1, **{
-      k: v for k, v in TINY.items() if k not in ("dataset", "log_every")})
-  ds = data_lib.load("folder", data_dir=folder)
-  trainer.train_and_evaluate(config, str(tmp_path / "ref"), dataset=ds, progress=False)
-  ours, theirs = runs.read_metrics(workdir), runs.read_metrics(tmp_path / "ref")
+  _assert_records_equal(workdir, _reference_records(tmp_path, folder, 40))
+
+
+def _args(workdir, folder):
+  """The launcher on ``folder`` for 40 short epochs, a record every step."""
+  return [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", "--dataset=folder",
+          f"--data_dir={folder}", "--epochs=40", "--log_every=1", *FLAGS]
+
+
+def _launch(args, ready, act):
+  """Starts ``args``, calls ``act(process)`` once ``ready()``, and returns the finished
+  ``CompletedProcess``."""
+  proc = subprocess.Popen(args, cwd=runs.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    deadline = time.time() + 300
+    while not ready():
+      assert time.time() < deadline and proc.poll() is None, "not ready in 300 s"
+      time.sleep(0.02)
+    act(proc)
+    out, err = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _assert_records_equal(workdir, theirs):
+  ours = runs.read_metrics(workdir)
   assert [(r["kind"], r["step"]) for r in ours] == [(r["kind"], r["step"]) for r in theirs]
   for a, b in zip(ours, theirs):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["kind"])
+
+
+def _reference_records(tmp_path, folder, epochs):
+  """The records of a run of ``FLAGS`` on ``folder`` that nothing disturbed (in process)."""
+  config = Config(dataset="folder", data_dir=folder, epochs=epochs, log_every=1, **{
+      k: v for k, v in TINY.items() if k not in ("dataset", "log_every")})
+  trainer.train_and_evaluate(config, str(tmp_path / "ref"), dataset=data_lib.load(
+      "folder", data_dir=folder), progress=False)
+  return runs.read_metrics(tmp_path / "ref")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 2 MB tmpfs mounted for the test (CI runs as root); skipped where mounting is not
+  allowed."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                        capture_output=True, text=True)
+  if done.returncode:
+    pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _text_or_empty(path):
+  return path.read_text() if os.path.exists(path) else ""
+
+
+def _fill(mount, leave):
+  """Fills ``mount`` with a ballast file, then gives back ``leave`` bytes of it."""
+  ballast = mount / "ballast"
+  with open(ballast, "wb", buffering=0) as f:
+    with pytest.raises(OSError, match="No space left"):
+      while True:
+        f.write(b"\0" * 4096)
+  os.truncate(ballast, os.path.getsize(ballast) - leave)
+  return ballast
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes_once_there_is_room(tmp_path, folder,
+                                                                          small_disk):
+  workdir = small_disk / "run"
+  args = _args(workdir, folder)
+  ballast = []
+  # Room for a record, not for a checkpoint (about 200 KB): the next save hits the end.
+  full = _launch(args, lambda: os.path.isdir(workdir / "checkpoints") and any(
+      p.isdigit() for p in os.listdir(workdir / "checkpoints")),
+                 lambda _: ballast.append(_fill(small_disk, leave=64 << 10)))
+  err = full.stderr
+  line = _one_line(full, f"no space left in {workdir} (", " free; writing ", "is intact",
+                   "then run the same command: it resumes from there")
+  assert "Event loop is closed" not in err and "RESOURCE_EXHAUSTED" not in err, err[-3000:]
+  saved = int(re.search(r"the last checkpoint, step (\d+), is intact", line).group(1))
+  assert os.path.isdir(workdir / "checkpoints" / str(saved))
+  # The details went to a temporary file: the run folder's disk is full.
+  assert "RESOURCE_EXHAUSTED" not in _text_or_empty(workdir / "faults.log")
+
+  os.remove(ballast[0])  # room again: the same command resumes and finishes
+  resumed = runs.command("experiments.train", *args[3:])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from step {saved} " in resumed.stderr
+  assert not [p for p in os.listdir(workdir / "checkpoints") if "tmp" in p]  # cleaned up
+  _assert_records_equal(workdir, _reference_records(tmp_path, folder, 40))
+
+
+def test_a_damaged_checkpoint_is_one_warning_on_the_command_line(tmp_path, folder):
+  """What orbax, TensorStore and asyncio print around the failed restore (tracebacks,
+  "Event loop is closed") goes to WORKDIR/faults.log; the terminal gets the one line."""
+  workdir = tmp_path / "run"
+  args = [f"--workdir={workdir}", "--dataset=folder", f"--data_dir={folder}", "--log_every=1",
+          *FLAGS]
+  first = runs.command("experiments.train", *args, "--epochs=3")
+  assert first.returncode == 0, first.stderr[-3000:]
+  latest = max(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
+  _damage(workdir, latest, "truncate")
+  again = runs.command("experiments.train", *args, "--epochs=4")
+  assert again.returncode == 0, again.stderr[-3000:]
+  runs.one_line(again, "cannot be restored", f"checkpoint {latest} in", "resuming from step",
+                status=0)
+  for noise in ("Traceback", "Event loop is closed", "OCDBT"):
+    assert noise not in again.stderr.replace(  # (the one line quotes the error's start)
+        [l for l in again.stderr.splitlines() if "cannot be restored" in l][0], ""), noise
+  assert "Traceback" in (workdir / "faults.log").read_text()
 
 
 # ------------------------------------------------------------ what blocks a command
