@@ -80,9 +80,12 @@ def main(argv):
     stop, term = flags.FLAGS.exit_after_step, flags.FLAGS.sigterm_after_step
     on_step = None if term is None else (
         lambda step, _: os.kill(os.getpid(), signal.SIGTERM) if step == term else None)
-    trainer.train_and_evaluate(config, flags.FLAGS.workdir, interrupt_after_step=stop,
-                               restart=flags.FLAGS.restart, on_step=on_step)
+    state = trainer.train_and_evaluate(config, flags.FLAGS.workdir, interrupt_after_step=stop,
+                                       restart=flags.FLAGS.restart, on_step=on_step)
     if stop is not None:
+      # The steps dispatched so far finish first: on several hosts, a process that left
+      # while the others still ran them would take the coordinator away mid-step.
+      jax.block_until_ready(state.params)
       os._exit(17)  # pylint: disable=protected-access
     if jax.process_index() == 0:
       print(finish(flags.FLAGS.workdir, time.perf_counter() - start, flags.FLAGS.figures),

@@ -174,7 +174,10 @@ def test_two_processes_train_like_one_process_with_two_devices_and_resume(data_d
   with open(pair / "config.json") as f:
     assert json.load(f)["data_dir"] == data_dir
   events = [f for f in os.listdir(pair / "tensorboard") if "tfevents" in f]
-  assert len(events) == 3  # one per launch, from process 0 only
+  # One per launch that logged a record, from process 0 only (the killed launch ran two
+  # steps: it logged one if they hold a multiple of --log_every=4).
+  logged = [True, any(s % 4 == 0 for s in (saved + 1, saved + 2)), True]
+  assert len(events) == sum(logged), (events, saved)
   assert sorted(os.listdir(pair)) == sorted(os.listdir(ref))
 
 
