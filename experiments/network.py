@@ -10,11 +10,13 @@ the benchmarks (re-exported by ``experiments.trainer`` under the same names).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import normreg
@@ -88,14 +90,37 @@ def parse_group_rules(text: str) -> list[tuple[str, Optional[normreg.Group]]]:
 
 
 def find_groups(config: Config, graphdef, params, rest, images: jax.Array) -> Any:
-  """The groups pytree: from ``--group_rules`` or found by autodiff on ``images``."""
+  """The groups pytree: from ``--group_rules`` or found by autodiff on ``images``.
+
+  Detection is a deterministic function of the model, its initial state, the probe
+  images and the seed, and takes seconds: in one process (a reproduction, a comparison,
+  a sweep, the tests) a second run of the same model on the same data reuses the
+  first's answer (:data:`_FOUND`, keyed by all of those, values included).
+  """
   if config.group_rules:
     try:
       return normreg.groups_from_rules(params, parse_group_rules(config.group_rules))
     except ValueError as e:
       raise errors.InputError(f"--group_rules: {e}") from e
-  fn = lambda p, x: nnx.merge(graphdef, p, rest, copy=True)(x)
-  return normreg.find_scale_invariant(fn, params, images, seed=config.seed)
+  key = (graphdef, config.seed, _fingerprint((params, rest, images)))
+  if key not in _FOUND:
+    fn = lambda p, x: nnx.merge(graphdef, p, rest, copy=True)(x)
+    _FOUND[key] = normreg.find_scale_invariant(fn, params, images, seed=config.seed)
+  return _FOUND[key]
+
+
+# Detection's answers in this process, by (graphdef, seed, fingerprint of the inputs).
+_FOUND: dict = {}
+
+
+def _fingerprint(tree: Any) -> str:
+  """SHA-256 of every leaf's path, shape, dtype and bytes: equal only for equal trees."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}:{array.shape}:{array.dtype};".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
 
 
 class Model(NamedTuple):
