@@ -35,7 +35,9 @@ from typing import Iterator
 
 from etils import epath
 
-FILE = "faults.log"
+from experiments import workdir as workdir_lib
+
+FILE = workdir_lib.FAULTS
 # Where a log record comes from, as a path fragment of its module.
 LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "tensorstore", "asyncio"))
 
@@ -106,7 +108,7 @@ def _write(folder: epath.Path, lines: list) -> str:
   text += "\n"
   path = folder / FILE
   try:
-    if str(path).startswith("gs://"):  # an object is written whole
+    if workdir_lib.is_cloud(path):  # an object is written whole
       path.write_text((path.read_text() if path.exists() else "") + text)
     else:
       with open(path, "a") as f:

@@ -240,7 +240,7 @@ class TheoryLine:
   label: str
 
 
-def _traced(theory_fn, *args) -> tuple[Optional[float], Optional[str]]:
+def _theory_and_formula(theory_fn, *args) -> tuple[Optional[float], Optional[str]]:
   """``theory_fn(*args)`` and its formula (``THEORY_FORMULAS`` of the closed form it names,
   ``experiments.methods.Closed``); ``(None, None)`` where theory has no closed form."""
   try:
@@ -276,14 +276,14 @@ def theory_lines(run: Run) -> dict[str, TheoryLine]:
            if isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0]
   if rates:
     peak = max(rate for _, rate in rates)
-    angle, formula = _traced(method.theory_angle, config, peak)
+    angle, formula = _theory_and_formula(method.theory_angle, config, peak)
     if angle is not None:
       text = rf"$\theta^* = {formula}$" if formula else r"$\theta^*$"
       lines["angle"] = TheoryLine(
           "angle", [step for step, _ in rates],
           [method.theory_angle(config, rate) for _, rate in rates],
           f"{text} = {angle:.3g} rad (logged rate {peak:g})")
-  tau, formula = _traced(method.theory_time_constant, config)
+  tau, formula = _theory_and_formula(method.theory_time_constant, config)
   if tau is not None:
     text = rf"$\tau = {formula}$" if formula else r"$\tau$"
     lines["time_constant"] = TheoryLine("time_constant", [], [tau],

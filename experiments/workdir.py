@@ -55,10 +55,11 @@ from experiments import errors
 LOCK = "run.lock"
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
+FAULTS = "faults.log"  # what libraries printed around a fault (experiments.faultlog)
 # What a run writes into its folder (``--restart`` removes these, and nothing else).
 # (checkpoints_unrestorable/: those experiments.checkpoint moved aside on resume.)
 RUN_FILES = (CONFIG, "metrics.jsonl", "tensorboard", CHECKPOINTS, CHECKPOINTS + "_unrestorable",
-             "figures", "faults.log")
+             "figures", FAULTS)
 CLOUD_SCHEMES = ("gs",)
 # Settings a resumed run may change: they say when to save, not what is trained.
 FREE_SETTINGS = ("checkpoint_every",)

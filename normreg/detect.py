@@ -464,7 +464,7 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
       reports[paths[i]] = LeafReport(paths[i], shape, None, "no effect", relative)
       continue
     tried = tuple((g, _ratio(dots(g.reduced_axes(ndims[i]), i, 0),
-                            dots(g.reduced_axes(ndims[i]), i, 1)))
+                             dots(g.reduced_axes(ndims[i]), i, 1)))
                   for g in _candidates(shape, layout_axis))
     inert_fallback = None
     for group, r in tried:
@@ -511,7 +511,7 @@ def scale_invariance_report(fn: Callable[..., Any], params: Any, *args: Any, see
       reason = "per slice"
       lifted = lambda g: _lift(g, ndims[i], axis)
       at_eps = max(_ratio(_take(dots(lifted(g), i, 0, model), lifted(g), axis, k),
-                         _take(dots(lifted(g), i, 1, model), lifted(g), axis, k))
+                          _take(dots(lifted(g), i, 1, model), lifted(g), axis, k))
                    for k, (g, _) in enumerate(per_slice) if g is not None)
     elif results[i] is None:
       reason, at_eps = "not invariant", None
