@@ -295,12 +295,19 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
   if on_step is not None and step == 0:
     on_step(0, state)
   rate = grouped_schedule(config, schedule)
+  # The step's key is an argument, not a constant of the program: runs that differ only in
+  # their seed share one compiled step (JAX's persistent cache finds it).
   key = jax.random.key(config.seed)
+  step_key = jax.device_put(jax.random.fold_in(key, 1), replicated)
+
+  def keyed_step(state, images, labels, idx, key):
+    return make_train_step(graphdef, tx, mean, std, augment=config.augment, key=key,
+                           batch_sharding=batch_sharding,
+                           **data_lib.augment_options(config.dataset))(state, images, labels,
+                                                                       idx)
+
   train_step = jax.jit(
-      make_train_step(graphdef, tx, mean, std, augment=config.augment,
-                      key=jax.random.fold_in(key, 1), batch_sharding=batch_sharding,
-                      **data_lib.augment_options(config.dataset)),
-      in_shardings=(replicated, replicated, replicated, batch_sharding),
+      keyed_step, in_shardings=(replicated, replicated, replicated, batch_sharding, replicated),
       out_shardings=(replicated, replicated),
       donate_argnums=() if jax.default_backend() == "cpu" else 0)
   eval_step = jax.jit(make_eval_step(eval_graphdef, mean, std))
@@ -334,7 +341,7 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
         log_now = (step + 1) % config.log_every == 0 or i == steps_per_epoch - 1
         # The step may donate its input: keep a copy of the params to measure the turn.
         before = jax.tree.map(jnp.copy, state.params) if log_now else None
-        state, m = train_step(state, train_images, train_labels, idx)
+        state, m = train_step(state, train_images, train_labels, idx, step_key)
         step += 1
         images_seen += config.batch_size
         if not config_written and writer:  # the settings, once this launch has trained
