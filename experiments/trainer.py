@@ -298,10 +298,14 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
   # The step's key is an argument, not a constant of the program: runs that differ only in
   # their seed share one compiled step (JAX's persistent cache finds it).
   key = jax.random.key(config.seed)
-  step_key = jax.device_put(jax.random.fold_in(key, 1), replicated)
+  # Its raw bits go from the host, as the data do: on several hosts a device's key array
+  # cannot be placed on the others' devices.
+  step_key = jax.device_put(np.asarray(jax.random.key_data(jax.random.fold_in(key, 1))),
+                            replicated)
 
-  def keyed_step(state, images, labels, idx, key):
-    return make_train_step(graphdef, tx, mean, std, augment=config.augment, key=key,
+  def keyed_step(state, images, labels, idx, key_data):
+    return make_train_step(graphdef, tx, mean, std, augment=config.augment,
+                           key=jax.random.wrap_key_data(key_data),
                            batch_sharding=batch_sharding,
                            **data_lib.augment_options(config.dataset))(state, images, labels,
                                                                        idx)

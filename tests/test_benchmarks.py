@@ -55,3 +55,27 @@ def test_bad_flags_are_refused(flag, message):
   result = _run(flag)
   assert result.returncode != 0
   assert message in result.stderr
+
+
+def test_stacking_compares_programs_that_compute_the_same_values():
+  """benchmarks.stacking times like against like: each program's values are numpy's."""
+  sys.path.insert(0, ROOT)
+  from benchmarks import stacking  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  xs = [rng.standard_normal((64, 64)).astype(np.float32) for _ in range(3)]
+  double = [2 * x for x in xs]
+  scaled = [x * np.sqrt(np.sum(x * x, axis=0, keepdims=True)) for x in xs]
+  for name, program in stacking.programs(3).items():
+    want = scaled if name.endswith("norm") else double
+    got = program([jnp.asarray(x) for x in xs])
+    assert len(got) == 3, name
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, err_msg=name)
+  result = subprocess.run([sys.executable, "-m", "benchmarks.stacking", "--leaves=3"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = re.findall(r"^\s+3 leaves\s+(\w+)\s+trace\s+[\d.]+ s\s+XLA compile\s+[\d.]+ s\s+"
+                    r"run\s+[\d.]+ ms$", result.stdout, re.MULTILINE)
+  assert rows == list(stacking.programs(3)), result.stdout
