@@ -45,11 +45,14 @@ def programs(n: int) -> dict[str, Callable]:
   def norm(x, axis):
     return jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
 
+  def stacked_times_norm(s):
+    return s * norm(s, 1)
+
   return {
       "per_leaf": lambda xs: [x * 2 for x in xs],
       "per_leaf_norm": lambda xs: [x * norm(x, 0) for x in xs],
       "stacked": lambda xs: unstack(jnp.stack(xs) * 2),
-      "stacked_norm": lambda xs: unstack(jnp.stack(xs) * norm(jnp.stack(xs), 1)),
+      "stacked_norm": lambda xs: unstack(stacked_times_norm(jnp.stack(xs))),
       "stacked_barrier": lambda xs: unstack(barrier(barrier(jnp.stack(xs)) * 2)),
   }
 
@@ -79,7 +82,6 @@ def measure(n: int) -> list[dict]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_enable_compilation_cache", False)
   print(f"jax {jax.__version__}, {jax.default_backend()}, load {os.getloadavg()[0]:.1f}")
