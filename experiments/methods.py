@@ -138,6 +138,10 @@ class Method:
     time_constant: steps of the norm's approach to equilibrium, ``None``
       without one; may raise ``ValueError`` where theory has no closed form.
     angle: angle per step at equilibrium, or the one it sets; ``None`` without.
+    folded: the settings (``"lr"``, ``"lam"``) its chain multiplies by another
+      number when it is built (AdamP's ``lam * wd_ratio``): they stay constants of
+      the compiled step (:func:`step_hyperparameters`), where that product is
+      rounded once, from double precision, as before.
   """
 
   name: str
@@ -154,6 +158,7 @@ class Method:
   grouped_rate: Optional[Callable[["Config", optax.Schedule], optax.Schedule]] = None
   time_constant: Optional[Theory] = None
   angle: Optional[Theory] = None
+  folded: tuple[str, ...] = ()
 
   @property
   def sweepable(self) -> bool:
@@ -361,7 +366,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            angle=_rotational_angle),
     Method("adamp", _adamp, lam=True, ungrouped_lr=False,
            help="AdamP/SGDP: radial part removed, decay --lam x 0.1",
-           options=(("adamp_cosine", "is AdamP's heuristic"),),
+           options=(("adamp_cosine", "is AdamP's heuristic"),), folded=("lam",),
            time_constant=_adamp_time_constant, angle=_adamp_angle),
     Method("nero", _nero, ungrouped_lr=False, sets_angle=True,
            help="Nero: balanced units, relative steps of angle ~lr; --optimizer and "
@@ -426,8 +431,47 @@ def grouped_schedule(config: "Config", schedule: optax.Schedule) -> optax.Schedu
   return schedule if method.grouped_rate is None else method.grouped_rate(config, schedule)
 
 
-def make_optimizer(config: "Config", groups, schedule: optax.Schedule
-                   ) -> optax.GradientTransformation:
+def step_hyperparameters(config: "Config") -> dict[str, float]:
+  """The settings a run's train step takes as arguments rather than as constants.
+
+  For a :attr:`Method.sweepable` method (no rate computed on the host when its chain
+  is built): ``lr``, and ``lam`` where the method takes it, less those in
+  :attr:`Method.folded`; with ``--ungrouped_lr`` on the constant schedule,
+  ``ungrouped_rate`` (``lr * (ungrouped_lr / lr)``, in double precision, as the
+  constant was), and on another schedule ``lr`` stays a constant. ``{}`` for the
+  other methods.
+
+  The train step takes them as weak-typed float32 scalars, which is what the
+  constants were, and rebuilds its chain from them
+  (``experiments.trainer.make_step_optimizer``). Runs that differ only in them
+  then share one compiled program (JAX's persistent cache finds it), and the
+  trained bits are the constants' (checked by SHA-256 of the trained state for
+  every method). The idea of ``optax.inject_hyperparams``, without moving them
+  into the optimizer state, whose structure the checkpoints keep.
+  """
+  method = get(config.method)
+  if not method.sweepable:
+    return {}
+  out = {"lr": config.lr}
+  if method.lam and "lam" not in method.folded:
+    out["lam"] = config.lam_value
+  if "lr" in method.folded:
+    del out["lr"]
+  if config.ungrouped_lr is not None and "lr" in out:
+    if config.schedule == "constant":
+      # The other parameters' rate, lr * (ungrouped_lr / lr), is a product of Python
+      # floats on the constant schedule: passed whole, as it was computed.
+      out["ungrouped_rate"] = config.lr * (config.ungrouped_lr / config.lr)
+    else:
+      # On the others, schedule(t) * (ungrouped_lr / lr) with lr and the ratio constants
+      # compiles to other roundings than with them traced (measured on the cosine): lr
+      # stays a constant.
+      del out["lr"]
+  return out
+
+
+def make_optimizer(config: "Config", groups, schedule: optax.Schedule, *,
+                   ungrouped: Optional[optax.Schedule] = None) -> optax.GradientTransformation:
   """The optax chain of ``--method`` on top of ``--optimizer`` (:attr:`Method.build`).
 
   The chains end in :func:`normreg.scale_by_learning_rates`: the grouped rate
@@ -437,12 +481,14 @@ def make_optimizer(config: "Config", groups, schedule: optax.Schedule
   adamp/sgdp, nero, hyperball, rotational) take the schedules themselves. Without
   ``--ungrouped_lr`` the chains of ``none``, ``l2`` and ``decoupled`` are
   ``optax.sgd``, ``optax.adam`` and ``optax.adamw`` written out, with the same numbers.
+  ``ungrouped`` is that rate of the other parameters when the caller has it (from
+  the traced values of :func:`step_hyperparameters`).
   """
   if config.method not in REGISTRY:
     raise ValueError(f"--method={config.method!r} is unknown.")
   method = REGISTRY[config.method]
-  ungrouped = None if config.ungrouped_lr is None else (
-      lambda t: schedule(t) * (config.ungrouped_lr / config.lr))
+  if ungrouped is None and config.ungrouped_lr is not None:
+    ungrouped = lambda t: schedule(t) * (config.ungrouped_lr / config.lr)
   if ungrouped is None and method.grouped_rate is not None:
     ungrouped = schedule  # only the grouped weights' rate is the method's own
   return method.build(Parts(config, groups, schedule, ungrouped,

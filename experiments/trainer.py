@@ -33,6 +33,7 @@ The pieces live beside it and are re-exported here under their old names:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import signal
 import sys
@@ -51,6 +52,7 @@ import normreg
 from experiments import checkpoint as ckpt_lib
 from experiments import errors
 from experiments import faultlog
+from experiments import methods as methods_lib
 from experiments import records
 from experiments import workdir as workdir_lib
 from experiments import data as data_lib
@@ -94,6 +96,18 @@ def make_schedule(config: Config, total_steps: int) -> optax.Schedule:
     return optax.cosine_decay_schedule(config.lr, max(total_steps, 1))
   return optax.piecewise_constant_schedule(
       config.lr, {int(total_steps * 0.5): 0.1, int(total_steps * 0.75): 0.1})
+
+
+def make_step_optimizer(config: Config, groups, total_steps: int,
+                        values: dict[str, Any]) -> optax.GradientTransformation:
+  """:func:`make_optimizer` of ``config`` with the values of
+  ``methods.step_hyperparameters(config)`` put back: traced, inside the train step
+  that takes them as arguments (with ``{}``, the run's optimizer as built outside)."""
+  values = dict(values)
+  rate = values.pop("ungrouped_rate", None)
+  run = dataclasses.replace(config, **values)
+  return make_optimizer(run, groups, make_schedule(run, total_steps),
+                        ungrouped=None if rate is None else optax.constant_schedule(rate))
 
 
 # ------------------------------------------------------------------- the run
@@ -268,7 +282,7 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
   # step. Every process of a multi-host run holds the same arrays and feeds its devices.
   train_images, train_labels = jax.device_put((ds.train_images, ds.train_labels), replicated)
 
-  model, schedule, tx, state = initial_state(config, ds)
+  model, schedule, _, state = initial_state(config, ds)
   graphdef, eval_graphdef, groups = model.graphdef, model.eval_graphdef, model.groups
   logging.info("scale-invariant groups:\n%s", normreg.groups.summary(groups))
   state = jax.device_put(state, replicated)
@@ -303,15 +317,22 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
   step_key = jax.device_put(np.asarray(jax.random.key_data(jax.random.fold_in(key, 1))),
                             replicated)
 
-  def keyed_step(state, images, labels, idx, key_data):
-    return make_train_step(graphdef, tx, mean, std, augment=config.augment,
+  # So are the learning rates and the decay (methods_lib.step_hyperparameters): runs that
+  # differ only in them share one too. The optimizer is rebuilt from them in the trace,
+  # with the state's structure that initial_state's made.
+  hyper = methods_lib.step_hyperparameters(config)
+
+  def keyed_step(state, images, labels, idx, key_data, hyper_values):
+    run_tx = make_step_optimizer(config, groups, total_steps, hyper_values)
+    return make_train_step(graphdef, run_tx, mean, std, augment=config.augment,
                            key=jax.random.wrap_key_data(key_data),
                            batch_sharding=batch_sharding,
                            **data_lib.augment_options(config.dataset))(state, images, labels,
                                                                        idx)
 
+  hyper_values = jax.device_put(hyper, replicated)  # weak-typed float32, as constants are
   train_step = jax.jit(
-      keyed_step, in_shardings=(replicated, replicated, replicated, batch_sharding, replicated),
+      keyed_step, in_shardings=(replicated,) * 3 + (batch_sharding,) + (replicated,) * 2,
       out_shardings=(replicated, replicated),
       donate_argnums=() if jax.default_backend() == "cpu" else 0)
   eval_step = jax.jit(make_eval_step(eval_graphdef, mean, std))
@@ -345,7 +366,8 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
         log_now = (step + 1) % config.log_every == 0 or i == steps_per_epoch - 1
         # The step may donate its input: keep a copy of the params to measure the turn.
         before = jax.tree.map(jnp.copy, state.params) if log_now else None
-        state, m = train_step(state, train_images, train_labels, idx, step_key)
+        state, m = train_step(state, train_images, train_labels, idx, step_key,
+                              hyper_values)
         step += 1
         images_seen += config.batch_size
         if not config_written and writer:  # the settings, once this launch has trained

@@ -756,11 +756,12 @@ def add_corrected_decayed_weights(weight_decay: float, learning_rate: ScalarOrSc
   _checks.non_negative("weight_decay", weight_decay, "add_corrected_decayed_weights")
   peak = peak_learning_rate if peak_learning_rate is not None else (
       learning_rate(0) if callable(learning_rate) else learning_rate)
-  if not float(peak) > 0:
+  peak_value = _checks.concrete(peak)  # None when traced (checked where it is concrete)
+  if peak_value is not None and not peak_value > 0:
     where = "peak_learning_rate" if peak_learning_rate is not None else (
         "learning_rate(0) (a warmup? pass peak_learning_rate)")
     raise ValueError(f"add_corrected_decayed_weights: eta_max = {where} must be > 0, got "
-                     f"{float(peak)}.")
+                     f"{peak_value}.")
 
   def init_fn(params):
     groups_lib.resolve_at_init(groups, params, "add_corrected_decayed_weights")

@@ -144,6 +144,44 @@ def test_train_step_traces_once():
   assert int(state.step) == 4 and np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.parametrize("method, optimizer, settings", [
+    ("l2", "sgd", dict(lr=(0.0731, 0.0417), lam=(1.3e-3, 2.9e-3), ungrouped_lr=(0.021, 0.033))),
+    ("adamp", "adam", dict(lr=(0.0031, 0.0047), schedule=("cosine", "cosine")))])
+def test_runs_that_differ_only_in_seed_rates_and_decay_share_their_programs(
+    tmp_path, method, optimizer, settings):
+  """The second run (other seed, --lr, --lam, --ungrouped_lr) compiles nothing: every
+  program it needs is in JAX's persistent cache (its requests all hit), while a run
+  without augmentation, compiled into the step, compiles its own."""
+  events = []
+  listener = lambda name, **kw: events.append(name)
+  old_min = (jax.config.jax_persistent_cache_min_compile_time_secs,
+             jax.config.jax_persistent_cache_min_entry_size_bytes)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  jax.monitoring.register_event_listener(listener)
+  try:
+    counts, finals = [], []
+    for i, augment in enumerate((True, True, False)):
+      run = {k: v[min(i, 1)] for k, v in settings.items()}
+      config = Config(dataset="cifar10", method=method, optimizer=optimizer, seed=i,
+                      augment=augment, **{**SMALL, "epochs": 1, **run})
+      events.clear()
+      state = trainer.train_and_evaluate(config, str(tmp_path / str(i)),
+                                         dataset=runs.tiny_dataset(), progress=False)
+      counts.append((events.count("/jax/compilation_cache/compile_requests_use_cache"),
+                     events.count("/jax/compilation_cache/cache_hits")))
+      finals.append(jax.tree.leaves(state.params))
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min[0])
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", old_min[1])
+  (_, _), (requests, hits), (other_requests, other_hits) = counts
+  assert requests > 0 and hits == requests, counts
+  assert other_hits < other_requests, counts  # a constant of the step: a miss
+  # The shared program took the second run's own rates: its weights are not the first's.
+  assert any(not np.array_equal(a, b) for a, b in zip(finals[0], finals[1]))
+
+
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
   config = Config(dataset="cifar10", method="none", norm="none", optimizer="sgd",
                   **{**SMALL, "lr": 1e30, "momentum": 0.0})
