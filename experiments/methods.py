@@ -441,8 +441,8 @@ def step_hyperparameters(config: "Config") -> dict[str, float]:
   constant was), and on another schedule ``lr`` stays a constant. ``{}`` for the
   other methods.
 
-  The train step takes them as weak-typed float32 scalars, which is what the
-  constants were, and rebuilds its chain from them
+  The train step takes them as float32 scalars, which is what the constants became
+  beside the launcher's float32 parameters, and rebuilds its chain from them
   (``experiments.trainer.make_step_optimizer``). Runs that differ only in them
   then share one compiled program (JAX's persistent cache finds it), and the
   trained bits are the constants' (checked by SHA-256 of the trained state for

@@ -330,7 +330,9 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
                            **data_lib.augment_options(config.dataset))(state, images, labels,
                                                                        idx)
 
-  hyper_values = jax.device_put(hyper, replicated)  # weak-typed float32, as constants are
+  # From host arrays, as the key: a Python float's device_put across hosts fails its check.
+  # float32, as the constants were (the launcher's parameters and updates are float32).
+  hyper_values = jax.device_put({k: np.float32(v) for k, v in hyper.items()}, replicated)
   train_step = jax.jit(
       keyed_step, in_shardings=(replicated,) * 3 + (batch_sharding,) + (replicated,) * 2,
       out_shardings=(replicated, replicated),
