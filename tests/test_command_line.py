@@ -253,7 +253,15 @@ class _Proxy(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def proxy(monkeypatch):
   """Points HTTP(S)_PROXY (for this process and the commands it starts) at :class:`_Proxy`;
-  yields the list of requests it saw."""
+  yields the list of requests it saw.
+
+  The proxy is not shut down after the test: it serves (on daemon threads) until the
+  process ends. tfds' download threads outlive a failed preparation (the first
+  failure is raised while the other files' requests go on); shut down, the proxy
+  turned their late requests into refused connections, which urllib3 retries 10 times
+  with backoff, and the process waited minutes at exit for them (seen in CI, and 3
+  times in 5 here with two CPU-bound processes beside it).
+  """
   server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Proxy)
   server.daemon_threads, server.seen = True, []
   threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -263,8 +271,6 @@ def proxy(monkeypatch):
   for name in ("NO_PROXY", "no_proxy"):
     monkeypatch.setenv(name, "")
   yield server.seen
-  server.shutdown()
-  server.server_close()
 
 
 @pytest.mark.slow
