@@ -756,6 +756,9 @@ def add_corrected_decayed_weights(weight_decay: float, learning_rate: ScalarOrSc
   _checks.non_negative("weight_decay", weight_decay, "add_corrected_decayed_weights")
   peak = peak_learning_rate if peak_learning_rate is not None else (
       learning_rate(0) if callable(learning_rate) else learning_rate)
+  if not callable(peak) and jnp.ndim(peak) != 0:
+    raise ValueError(f"add_corrected_decayed_weights: eta_max must be a scalar, got shape "
+                     f"{jnp.shape(peak)}.")
   peak_value = _checks.concrete(peak)  # None when traced (checked where it is concrete)
   if peak_value is not None and not peak_value > 0:
     where = "peak_learning_rate" if peak_learning_rate is not None else (

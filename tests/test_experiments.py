@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -149,9 +150,16 @@ def test_train_step_traces_once():
     ("adamp", "adam", dict(lr=(0.0031, 0.0047), schedule=("cosine", "cosine")))])
 def test_runs_that_differ_only_in_seed_rates_and_decay_share_their_programs(
     tmp_path, method, optimizer, settings):
-  """The second run (other seed, --lr, --lam, --ungrouped_lr) compiles nothing: every
-  program it needs is in JAX's persistent cache (its requests all hit), while a run
-  without augmentation, compiled into the step, compiles its own."""
+  """Run B (other seed, --lr, --lam, --ungrouped_lr than run A) compiles nothing: every
+  program it needs is in JAX's persistent cache (all its requests hit). Run C, B's seed
+  with A's rates, hits too, and ends elsewhere than B (the shared program takes each
+  run's own rates); run D, without augmentation (compiled into the step), misses.
+
+  Every run has a --norm_eps of this session's own, so programs that a kept cache
+  (JAX_COMPILATION_CACHE_DIR set beforehand) holds from an earlier session cannot be
+  hit: run A must miss.
+  """
+  eps = 1e-5 * (1 + (time.time_ns() % 9973) / 1e5)  # a program no earlier session built
   events = []
   listener = lambda name, **kw: events.append(name)
   old_min = (jax.config.jax_persistent_cache_min_compile_time_secs,
@@ -159,27 +167,33 @@ def test_runs_that_differ_only_in_seed_rates_and_decay_share_their_programs(
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   jax.monitoring.register_event_listener(listener)
+  counts, finals = {}, {}
   try:
-    counts, finals = [], []
-    for i, augment in enumerate((True, True, False)):
-      run = {k: v[min(i, 1)] for k, v in settings.items()}
-      config = Config(dataset="cifar10", method=method, optimizer=optimizer, seed=i,
-                      augment=augment, **{**SMALL, "epochs": 1, **run})
+    # (name, seed, which rates, augment)
+    for name, seed, rates, augment in (("A", 0, 0, True), ("B", 1, 1, True),
+                                       ("C", 1, 0, True), ("D", 1, 1, False)):
+      run = {k: v[rates] for k, v in settings.items()}
+      config = Config(dataset="cifar10", method=method, optimizer=optimizer, seed=seed,
+                      augment=augment, norm_eps=eps, **{**SMALL, "epochs": 1, **run})
       events.clear()
-      state = trainer.train_and_evaluate(config, str(tmp_path / str(i)),
+      state = trainer.train_and_evaluate(config, str(tmp_path / name),
                                          dataset=runs.tiny_dataset(), progress=False)
-      counts.append((events.count("/jax/compilation_cache/compile_requests_use_cache"),
-                     events.count("/jax/compilation_cache/cache_hits")))
-      finals.append(jax.tree.leaves(state.params))
+      counts[name] = (events.count("/jax/compilation_cache/compile_requests_use_cache"),
+                      events.count("/jax/compilation_cache/cache_hits"))
+      finals[name] = jax.tree.leaves(state.params)
   finally:
     jax.monitoring.unregister_event_listener(listener)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min[0])
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", old_min[1])
-  (_, _), (requests, hits), (other_requests, other_hits) = counts
-  assert requests > 0 and hits == requests, counts
-  assert other_hits < other_requests, counts  # a constant of the step: a miss
-  # The shared program took the second run's own rates: its weights are not the first's.
-  assert any(not np.array_equal(a, b) for a, b in zip(finals[0], finals[1]))
+  requests, hits = counts["A"]
+  assert hits < requests, counts  # the first of its programs
+  for name in ("B", "C"):
+    requests, hits = counts[name]
+    assert requests > 0 and hits == requests, (name, counts)
+  requests, hits = counts["D"]
+  assert hits < requests, counts  # a constant of the step: a miss
+  # Same seed, other rates: the shared program took each run's own.
+  assert any(not np.array_equal(b, c) for b, c in zip(finals["B"], finals["C"]))
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path):

@@ -426,6 +426,18 @@ def test_corrected_decay_after_a_warmup_needs_the_peak():
   with pytest.raises(ValueError, match="peak_learning_rate must be > 0"):
     normreg.add_corrected_decayed_weights(1e-2, warmup, toy.GROUPS, peak_learning_rate=0.0)
   normreg.add_corrected_decayed_weights(1e-2, warmup, toy.GROUPS, peak_learning_rate=0.1)
+  with pytest.raises(ValueError, match="eta_max must be a scalar"):
+    normreg.add_corrected_decayed_weights(1e-2, warmup, toy.GROUPS,
+                                          peak_learning_rate=jnp.ones(2))
+  # A traced peak (the launcher's step takes its rates as arguments) is checked only where
+  # it is concrete, and its decay is the constant's.
+  params = {"w": jnp.ones((3, 2))}
+  groups = {"w": normreg.UNIT}
+  g = {"w": jnp.full((3, 2), 0.5)}
+  traced = jax.jit(lambda peak: normreg.add_corrected_decayed_weights(
+      0.1, 0.05, groups, peak_learning_rate=peak).update(g, optax.ScaleByScheduleState(
+          count=jnp.zeros([], jnp.int32)), params)[0])(jnp.float32(0.2))
+  np.testing.assert_allclose(traced["w"], 0.5 + 0.1 * 0.05 / 0.2, rtol=1e-6)
 
 
 @pytest.mark.parametrize("radius", [0.0, -1.0, "unit"])
