@@ -122,7 +122,8 @@ def recipe(config: Config, groups: Any, total_steps: int) -> Callable[..., Any]:
   that have one, ``lam`` in the optimizer state (``InjectHyperparamsState``);
   ``update`` rebuilds the chain from the values in the state it is given. So one
   transformation updates every run of a vmapped state with the run's own
-  values. Inside, the chain is exactly ``trainer.make_optimizer`` of ``config``
+  values. Inside, the chain is ``trainer.make_step_optimizer``'s (the launcher's
+  step rebuilds its chain the same way): ``trainer.make_optimizer`` of ``config``
   with ``lr`` and ``lam`` replaced, and the schedule
   ``trainer.make_schedule(config with lr=learning_rate)``: a constant ``lr``, a
   cosine ``lr * (1 + cos(pi t / T)) / 2`` or the step schedule, evaluated at
@@ -132,8 +133,8 @@ def recipe(config: Config, groups: Any, total_steps: int) -> Callable[..., Any]:
   """
 
   def factory(learning_rate, lam=None):
-    run = dataclasses.replace(config, lr=learning_rate, lam=lam)
-    return trainer.make_optimizer(run, groups, trainer.make_schedule(run, total_steps))
+    return trainer.make_step_optimizer(config, groups, total_steps,
+                                       {"lr": learning_rate, "lam": lam})
 
   return optax.inject_hyperparams(factory)
 
