@@ -395,11 +395,11 @@ def probe_run_step(runner: reproduce.Runner, runs: list[tuple[str, Config]]
   ds = runner.dataset
   program = sweep.make_program(configs, [ds] * len(configs))
   state = sweep.stack([sweep.init_state(program, c, ds) for c in configs])
-  images, labels, mean, std = step_overhead.device_data(ds)
+  train, stats = step_overhead.program_data(ds)
   idx = jnp.tile(jnp.arange(configs[0].batch_size, dtype=jnp.int32), (len(configs), 1))
   keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 1) for c in configs])
   t = timing.Timed("probe", program.jitted("train_step", False), state,
-                   (images, labels, idx, keys, mean, std))
+                   (train, idx, keys, stats))
   compile_s = first_call(t, 1)
   timing.interleave([t], 3)
   return compile_s, t.median

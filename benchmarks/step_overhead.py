@@ -53,6 +53,7 @@ from benchmarks.timing import print_table
 from benchmarks.timing import warm_up
 from experiments import data as data_lib
 from experiments import sweep
+from experiments import tasks
 from experiments import trainer
 from experiments.config import Config
 
@@ -150,6 +151,13 @@ def device_data(ds: data_lib.Dataset) -> tuple:
   return jax.device_put((ds.train_images, ds.train_labels, mean, std))
 
 
+def program_data(ds: data_lib.Dataset) -> tuple:
+  """``(train, stats)`` on the device as a sweep's program steps take them: the
+  classification task's pytrees (``experiments.tasks``)."""
+  task = tasks.get("classification")
+  return jax.device_put((task.arrays(ds)[0], task.stats(ds)))
+
+
 # ------------------------------------------------------------------------ tables
 
 
@@ -196,7 +204,7 @@ def grid_measure(model: str, width, batch: int, size: int, rounds: int, warmup: 
   lrs = [0.025 * 2 ** i for i in range((size + 1) // 2)]
   configs = sweep.grid(base_config(model, width, batch, "l2"), lrs=lrs, lams=[1e-4, 5e-4])[:size]
   n = len(configs)
-  images, labels, mean, std = device_data(ds)
+  train, stats = program_data(ds)
   idx = jnp.tile(jnp.arange(batch, dtype=jnp.int32), (n, 1))
   keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 1) for c in configs])
   labels_of = {
@@ -211,7 +219,7 @@ def grid_measure(model: str, width, batch: int, size: int, rounds: int, warmup: 
     program = sweep.make_program(configs, [ds] * n, vmap_size=vmap_size)
     states = [sweep.init_state(program, c, ds) for c in configs]
     swept.append(Timed(how, program.jitted("train_step", False), sweep.stack(states),
-                       (images, labels, idx, keys, mean, std)))
+                       (train, idx, keys, stats)))
   warm_up(swept, warmup)
   for _ in range(rounds):
     for t in swept:
@@ -222,7 +230,7 @@ def grid_measure(model: str, width, batch: int, size: int, rounds: int, warmup: 
     # sequential: the sweep's one single-run step (lr, lam in the state), run after run.
     step = program.jitted("train_step", False, vmapped=False)
     seq_states = [sweep.init_state(program, c, ds) for c in configs]
-    args = lambda i: (images, labels, idx[i], keys[i], mean, std)
+    args = lambda i: (train, idx[i], keys[i], stats)
     loop_seconds(step, seq_states, args, max(warmup, 1))
     seconds["sequential"], _ = loop_seconds(step, seq_states, args, rounds)
   if "auto" in hows:

@@ -5,7 +5,8 @@ small runs through the launcher's ``trainer.train_and_evaluate`` and must not lo
 them to an interruption: a finished run (every epoch's test record, its final
 params and timing) is read back instead of trained again; a run whose settings
 changed is moved aside and trained anew; a run whose loss became NaN or inf is a
-result (``diverged.txt``, scored at chance), not a crash.
+result (``diverged.txt``, scored at its task's chance level), not a crash. Runs are
+scored by their task's headline metric (``experiments.tasks``).
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ from absl import flags
 from absl import logging
 from flax import nnx
 
-from experiments import data as data_lib
 from experiments import errors
 from experiments import plot as plot_lib
+from experiments import tasks as tasks_lib
 from experiments import trainer
 from experiments.config import Config
 
 DIVERGED = "diverged.txt"
-CHANCE = 0.1  # ten classes
 
 
 class RunCache:
@@ -39,24 +39,33 @@ class RunCache:
 
   Args:
     workdir: the folder of the runs.
-    dataset: the data every run trains on.
+    dataset: the data every run trains on (``base``'s task's, ``Task.load``).
     base: the settings every run starts from (``config(**overrides)``).
     seeds: the seeds of :meth:`seeds_of`.
   """
 
-  def __init__(self, workdir: str, dataset: data_lib.Dataset, base: Config,
-               seeds: Sequence[int]):
+  def __init__(self, workdir: str, dataset, base: Config, seeds: Sequence[int]):
     self.workdir, self.dataset, self.base = workdir, dataset, base
+    self.task = tasks_lib.of(base)
     self.seeds = list(seeds)
     self.used: dict[str, float] = {}  # run name -> its training seconds
 
   @property
   def steps_per_epoch(self) -> int:
-    return self.dataset.train_images.shape[0] // self.base.batch_size
+    return trainer.budget(self.base, self.dataset).steps_per_epoch
 
   @property
   def total_steps(self) -> int:
-    return self.steps_per_epoch * self.base.epochs
+    return trainer.budget(self.base, self.dataset).total_steps
+
+  @property
+  def chance(self) -> float:
+    """The headline metric of a model that learned nothing (a diverged run's score)."""
+    return self.task.chance(self.dataset)
+
+  def final_score(self, run: plot_lib.Run) -> float:
+    """:func:`final_score` of a run of this cache."""
+    return final_score(run, self.chance)
 
   def config(self, **overrides) -> Config:
     return dataclasses.replace(self.base, **overrides)
@@ -75,7 +84,8 @@ class RunCache:
       aside = f"{workdir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
       logging.warning("%s holds other settings; moved to %s", workdir, aside)
       os.rename(workdir, aside)
-    if not complete(workdir, config, extra_files):
+    evaluations = len(trainer.budget(config, self.dataset).eval_steps())
+    if not complete(workdir, config, extra_files, evaluations):
       logging.info("training %s", name)
       if os.path.isdir(os.path.join(workdir, "checkpoints")) and on_step is not None:
         # A callback must see every step: start an interrupted run over.
@@ -110,8 +120,7 @@ class RunCache:
   def model_of(self, run: plot_lib.Run):
     """``(graphdef, params, rest)`` of a run's trained model (train mode), from its params."""
     config = Config.from_dict(run.config)
-    model = trainer.create_model(config, self.dataset.num_classes,
-                                 self.dataset.train_images.shape[-1])
+    model = self.task.create_model(config, self.dataset)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     with np.load(os.path.join(run.workdir, "final_params.npz")) as f:
       leaves = [jnp.asarray(f[f"{i:05d}"]) for i in range(len(f.files))]
@@ -119,9 +128,11 @@ class RunCache:
     return graphdef, params, rest
 
 
-def complete(workdir: str, config: Config, extra_files: Sequence[str] = ()) -> bool:
-  """Whether ``workdir`` holds the whole run (config.json, every epoch's test record, the
-  final params, the timing, ``extra_files``), or a diverged run's note and timing."""
+def complete(workdir: str, config: Config, extra_files: Sequence[str] = (),
+             evaluations: Optional[int] = None) -> bool:
+  """Whether ``workdir`` holds the whole run (config.json, every evaluation's test record
+  (``evaluations``; default one per epoch), the final params, the timing,
+  ``extra_files``), or a diverged run's note and timing."""
   if os.path.exists(os.path.join(workdir, DIVERGED)) and os.path.exists(
       os.path.join(workdir, "timing.json")):
     return True
@@ -130,7 +141,8 @@ def complete(workdir: str, config: Config, extra_files: Sequence[str] = ()) -> b
   except (OSError, ValueError):
     return False
   files = ["final_params.npz", "timing.json", *extra_files]
-  return bool(run.config) and len(run.test) == config.epochs and all(
+  evaluations = config.epochs if evaluations is None else evaluations
+  return bool(run.config) and len(run.test) == evaluations and all(
       os.path.exists(os.path.join(workdir, f)) for f in files)
 
 
@@ -144,17 +156,18 @@ def diverged(run: plot_lib.Run) -> bool:
   return os.path.exists(os.path.join(run.workdir, DIVERGED))
 
 
-def final_accuracy(run: plot_lib.Run) -> float:
-  """The last test accuracy; chance for a run whose loss diverged."""
+def final_score(run: plot_lib.Run, chance: float) -> float:
+  """The last test record's headline metric (the run's task's); ``chance`` for a run whose
+  loss diverged."""
   if diverged(run) or not run.test:
-    return CHANCE
-  return run.test[-1]["accuracy"]
+    return chance
+  return run.test[-1][plot_lib.headline(run)]
 
 
-def accuracy(runs: Sequence[plot_lib.Run]) -> tuple[float, float]:
-  """Mean and standard deviation (ddof=0) of the final test accuracies."""
-  accs = [final_accuracy(r) for r in runs]
-  return float(np.mean(accs)), float(np.std(accs))
+def scores(runs: Sequence[plot_lib.Run], chance: float) -> tuple[float, float]:
+  """Mean and standard deviation (ddof=0) of the runs' :func:`final_score`."""
+  values = [final_score(r, chance) for r in runs]
+  return float(np.mean(values)), float(np.std(values))
 
 
 def environment() -> dict:

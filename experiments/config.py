@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from absl import flags
 
 from experiments import errors
 from experiments import methods as methods_lib
+from experiments import tasks as tasks_lib
 
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
-MODELS = ("cnn", "resnet20", "scan_cnn")
-NORMS = ("batch", "layer", "group", "weight", "none")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "bfloat16")
@@ -29,8 +27,23 @@ DEFAULT_LAM = 5e-4
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """One run. Field docs are the flags' help texts (see ``define_flags``)."""
+  """One run. Field docs are the flags' help texts (see ``define_flags``); the fields
+  that only one task reads are named, with their help, by its entry in
+  ``experiments.tasks``.
 
+  A task with options of its own (``Task.options``) has a subclass that adds them as
+  fields (:func:`config_class`); ``Config(task=NAME, ...)`` makes an instance of it, so
+  ``config.OPTION``, ``dataclasses.replace`` and ``config.json`` work as for the
+  fields here.
+  """
+
+  def __new__(cls, *args, **kwargs):
+    del args
+    if cls is Config and kwargs.get("task") not in (None, tasks_lib.DEFAULT):
+      cls = config_class(kwargs["task"])
+    return super().__new__(cls)
+
+  task: str = tasks_lib.DEFAULT
   dataset: str = "digits"
   data_dir: Optional[str] = None
   train_size: Optional[int] = None
@@ -45,6 +58,8 @@ class Config:
   lam: Optional[float] = None
   schedule: str = "constant"
   epochs: int = 10
+  steps: Optional[int] = None
+  eval_every: int = 0
   batch_size: int = 128
   seed: int = 0
   group_rules: Optional[str] = None
@@ -73,19 +88,35 @@ class Config:
       if value not in choices:
         raise errors.InputError(f"--{name}={value!r} is not one of {', '.join(choices)}.")
 
-    for name, choices in (("dataset", DATASETS), ("model", MODELS), ("norm", NORMS),
-                          ("method", methods_lib.names()), ("optimizer", OPTIMIZERS),
+    choice("task", tasks_lib.names())
+    task = tasks_lib.get(self.task)
+    if type(self) is not config_class(self.task):
+      raise errors.InputError(f"--task={self.task} needs its own settings class, "
+                              f"experiments.config.config_class({self.task!r}); got "
+                              f"{type(self).__name__} (make it with Config(task=...)).")
+    defaults = Config()
+    for owner in tasks_lib.REGISTRY.values():  # the flags that only one task reads
+      for flag in owner.flags:
+        if owner is not task and flag not in task.flags and (
+            getattr(self, flag) != getattr(defaults, flag)):
+          raise errors.InputError(f"--{flag} belongs to --task={owner.name}; drop it with "
+                                  f"--task={self.task}.")
+    task.validate(self)
+    for name, choices in (("method", methods_lib.names()), ("optimizer", OPTIMIZERS),
                           ("schedule", SCHEDULES), ("dtype", DTYPES)):
       choice(name, choices)
-    if self.dataset == "folder" and not self.data_dir:
-      raise errors.InputError("--dataset=folder needs --data_dir=DIR (a folder with train/<class>/ "
-                       "and test/<class>/ image subfolders).")
     if not self.lr > 0:
       raise errors.InputError(f"--lr must be > 0, got {self.lr}.")
     if not self.batch_size > 0:
       raise errors.InputError(f"--batch_size must be > 0, got {self.batch_size}.")
     if not self.epochs > 0:
       raise errors.InputError(f"--epochs must be > 0, got {self.epochs}.")
+    if self.steps is not None and not self.steps > 0:
+      raise errors.InputError(f"--steps must be > 0 (or unset: --epochs decides), "
+                              f"got {self.steps}.")
+    if not self.eval_every >= 0:
+      raise errors.InputError(f"--eval_every must be >= 0 (0: at each epoch's end), "
+                              f"got {self.eval_every}.")
     if not self.log_every > 0:
       raise errors.InputError(f"--log_every must be > 0, got {self.log_every}.")
     if not self.checkpoint_every >= 0:
@@ -133,24 +164,44 @@ class Config:
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> "Config":
-    known = {f.name for f in dataclasses.fields(cls)}
+    """The config of a ``config.json``'s dict (of its task's class)."""
+    known = {f.name for f in dataclasses.fields(config_class(values.get("task")))}
     unknown = set(values) - known
     if unknown:
       raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**values)
+    return Config(**values)
+
+
+_CLASSES: dict[tuple[str, tuple], type] = {}
+
+
+def config_class(task: Optional[str]) -> type:
+  """The ``Config`` class of ``--task=task``: ``Config`` itself, or for a task with
+  options (``Task.options``) a subclass with one field per option (made once)."""
+  if task is not None and task not in tasks_lib.names():
+    raise errors.InputError(f"--task={task!r} is not one of {', '.join(tasks_lib.names())}.")
+  entry = tasks_lib.get(task)
+  if not entry.options:
+    return Config
+  key = (entry.name, tuple(entry.options.items()))
+  if key not in _CLASSES:
+    taken = {f.name for f in dataclasses.fields(Config)}
+    for name in entry.options:
+      if name in taken:
+        raise ValueError(f"--task={entry.name}: option --{name} is a field of Config; "
+                         "rename it.")
+    fields = [("task", str, dataclasses.field(default=entry.name))] + [
+        (name, Optional[option.kind] if option.default is None else option.kind,
+         dataclasses.field(default=option.default)) for name, option in entry.options.items()]
+    name = "".join(part.capitalize() for part in entry.name.split("_")) + "Config"
+    _CLASSES[key] = dataclasses.make_dataclass(name, fields, bases=(Config,), frozen=True)
+  return _CLASSES[key]
 
 
 _HELP = {
-    "dataset": f"Data set: one of {', '.join(DATASETS)}. 'digits' is shipped in the "
-               "repository (offline; 1,497 training and 300 test images); the catalog ones "
-               "come through tensorflow-datasets; 'folder' reads --data_dir.",
+    "task": tasks_lib.help_text(),
     "data_dir": "Image folder (train/<class>/*, test/<class>/*) for --dataset=folder; tfds "
                 "data_dir for catalog data sets.",
-    "train_size": "Use a random subset of this many training images.",
-    "test_size": "Use a random subset of this many test images.",
-    "model": f"Network: one of {', '.join(MODELS)}.",
-    "norm": f"Normalization: one of {', '.join(NORMS)}.",
-    "width": "Base width (channels of the first stage); default: the model's own.",
     "method": methods_lib.help_text(),
     "optimizer": f"Base optimizer: one of {', '.join(OPTIMIZERS)}.",
     "lr": "Peak learning rate (> 0).",
@@ -159,17 +210,19 @@ _HELP = {
            f"angle is L2's equilibrium), or decoupled decay (+lam*w, times lr) for decoupled "
            f"and adamp; default {DEFAULT_LAM}.",
     "schedule": "Learning-rate schedule: constant, cosine (to 0), step (x0.1 at 50% and 75%).",
-    "epochs": "Epochs to train.",
+    "epochs": "Epochs to train (unless --steps is given).",
+    "steps": "Steps to train; default: --epochs' worth. Data order and augmentation go on "
+             "epoch after epoch as with --epochs, and a run resumes exactly from any step.",
+    "eval_every": "Evaluate on the test set (and save a checkpoint) every this many steps, "
+                  "and at the last one; 0: at each epoch's end.",
     "batch_size": "Global batch size.",
     "seed": "Random seed (init, data order, augmentation).",
     "group_rules": "Scale-invariance groups as ordered REGEX=unit|tensor|none rules, "
                    "comma-separated (first match wins); default: found by autodiff.",
     "log_every": "Log train metrics every this many steps.",
     "checkpoint_every": "Also save a checkpoint every this many steps (0: only at each "
-                        "epoch's end). A run resumes from its last checkpoint, mid-epoch "
+                        "evaluation). A run resumes from its last checkpoint, mid-epoch "
                         "included, exactly; it may change between launches of one run.",
-    "augment": "Random crop and flip inside the jitted step (CIFAR-style; digits: shifts "
-               "of at most 2 pixels, never mirrored).",
     "dtype": "Compute dtype of the network (params and optimizer state stay float32).",
     "corrected_decay": "With --method=decoupled: decay scaled by lr_t/lr_max (Defazio 2025), "
                        "so that the equilibrium follows a decaying --schedule.",
@@ -187,12 +240,25 @@ _HELP = {
 }
 
 
+# The help of the flags that belong to one task comes from its entry (experiments.tasks).
+_HELP.update(tasks_lib.all_flags())
+
+
+def _flag_fields() -> dict[str, dataclasses.Field]:
+  """Every field of ``Config`` and of the registered tasks' classes, once each."""
+  out = {f.name: f for f in dataclasses.fields(Config)}
+  for name in tasks_lib.names():
+    out.update({f.name: f for f in dataclasses.fields(config_class(name)) if f.name not in out})
+  return out
+
+
 def define_flags() -> None:
-  """Declares one absl flag per Config field (idempotent)."""
+  """Declares one absl flag per Config field and task option (idempotent)."""
   if "method" in flags.FLAGS:
     return
-  for field in dataclasses.fields(Config):
-    default, help_ = field.default, _HELP[field.name]
+  helps = {**_HELP, **tasks_lib.all_flags()}
+  for field in _flag_fields().values():
+    default, help_ = field.default, helps[field.name]
     kind = field.type if isinstance(field.type, str) else str(field.type)
     if "bool" in kind:
       flags.DEFINE_bool(field.name, default, help_)
@@ -206,5 +272,19 @@ def define_flags() -> None:
 
 def from_flags() -> Config:
   """The Config of the parsed absl flags, validated."""
-  return Config(**{f.name: getattr(flags.FLAGS, f.name)
-                   for f in dataclasses.fields(Config)}).validate()
+  return Config(**flag_values()).validate()
+
+
+def flag_values(exclude: Sequence[str] = ()) -> dict[str, Any]:
+  """The parsed absl flags of ``--task``'s settings (:func:`config_class`) but
+  ``exclude``. A task option given with another task is refused."""
+  task = flags.FLAGS.task
+  if task not in tasks_lib.names():
+    raise errors.InputError(f"--task={task!r} is not one of {', '.join(tasks_lib.names())}.")
+  mine = {f.name for f in dataclasses.fields(config_class(task))}
+  for name, field in _flag_fields().items():
+    if name not in mine and name in flags.FLAGS and getattr(flags.FLAGS, name) != field.default:
+      owner = next(t for t in tasks_lib.names() if name in tasks_lib.get(t).options)
+      raise errors.InputError(f"--{name} belongs to --task={owner}; drop it with "
+                              f"--task={task}.")
+  return {name: getattr(flags.FLAGS, name) for name in mine if name not in exclude}

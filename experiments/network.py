@@ -1,10 +1,10 @@
-"""The launcher's network: the model of a ``Config``, its scale-invariance groups, its init.
+"""The launcher's network: a task's model at init, its scale-invariance groups.
 
-``init_model`` builds the NNX model, splits it once into ``graphdef`` and two
-``State``s (``params``, ``rest``), finds the groups (``normreg.find_scale_invariant``
-on a probe batch, or ``--group_rules``) and applies ``--init_scale`` to the grouped
-weights, rescaling BatchNorm's running statistics with them so that the network's
-function is unchanged. Shared by ``experiments.trainer``, ``experiments.sweep`` and
+``init_model`` builds the task's NNX model (``Task.create_model``), splits it once
+into ``graphdef`` and two ``State``s (``params``, ``rest``), finds the groups
+(``normreg.find_scale_invariant`` on a probe batch, or ``--group_rules``) and applies
+``--init_scale`` to the grouped weights, rescaling BatchNorm's running statistics
+with them so that the network's function is unchanged. Shared by ``experiments.trainer``, ``experiments.sweep`` and
 the benchmarks (re-exported by ``experiments.trainer`` under the same names).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +20,11 @@ import numpy as np
 from flax import nnx
 
 import normreg
-from experiments import data as data_lib
 from experiments import errors
-from experiments.config import Config
+from experiments import tasks as tasks_lib
 
-
-def create_model(config: Config, num_classes: int, in_channels: int) -> nnx.Module:
-  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else None
-  return normreg.models.create(config.model, num_classes=num_classes, norm=config.norm,
-                               width=config.width, in_channels=in_channels, dtype=dtype,
-                               epsilon=config.norm_eps, rngs=nnx.Rngs(config.seed))
+if TYPE_CHECKING:
+  from experiments.config import Config
 
 
 _RULE = re.compile(r"(?P<pattern>.+)=(?P<kind>unit|tensor|none)(?:\((?P<options>[^()]*)\))?",
@@ -89,11 +84,12 @@ def parse_group_rules(text: str) -> list[tuple[str, Optional[normreg.Group]]]:
   return rules
 
 
-def find_groups(config: Config, graphdef, params, rest, images: jax.Array) -> Any:
-  """The groups pytree: from ``--group_rules`` or found by autodiff on ``images``.
+def find_groups(config: "Config", graphdef, params, rest, probe: Any) -> Any:
+  """The groups pytree: from ``--group_rules`` or found by autodiff on ``probe`` (the
+  model's input on a few training examples).
 
   Detection is a deterministic function of the model, its initial state, the probe
-  images and the seed, and takes seconds: in one process (a reproduction, a comparison,
+  batch and the seed, and takes seconds: in one process (a reproduction, a comparison,
   a sweep, the tests) a second run of the same model on the same data reuses the
   first's answer (:data:`_FOUND`, keyed by all of those, values included).
   """
@@ -102,10 +98,10 @@ def find_groups(config: Config, graphdef, params, rest, images: jax.Array) -> An
       return normreg.groups_from_rules(params, parse_group_rules(config.group_rules))
     except ValueError as e:
       raise errors.InputError(f"--group_rules: {e}") from e
-  key = (graphdef, config.seed, _fingerprint((params, rest, images)))
+  key = (graphdef, config.seed, _fingerprint((params, rest, probe)))
   if key not in _FOUND:
     fn = lambda p, x: nnx.merge(graphdef, p, rest, copy=True)(x)
-    _FOUND[key] = normreg.find_scale_invariant(fn, params, images, seed=config.seed)
+    _FOUND[key] = normreg.find_scale_invariant(fn, params, probe, seed=config.seed)
   return _FOUND[key]
 
 
@@ -133,19 +129,33 @@ class Model(NamedTuple):
   groups: Any
 
 
-def init_model(config: Config, num_classes: int, train_images, mean, std) -> Model:
-  """``config``'s model at init, split, with its scale-invariance groups.
+PROBE_SIZE = 64  # the examples the groups are found on
 
-  The groups come from :func:`find_groups` on a probe batch, the first 64
-  ``train_images`` (uint8, ``(N, H, W, C)``) normalized by ``mean`` and ``std``.
-  Then ``--init_scale`` multiplies the grouped weights: the network's function
-  is unchanged, only the norms (hence the effective learning rate) change.
-  Shared by :func:`train_and_evaluate`, ``experiments.sweep`` and the benchmarks,
-  so every run of a recipe starts from the same point.
+
+def probe_batch(config: "Config", data, task: tasks_lib.Task, stats: Any = None) -> Any:
+  """The model's input on the first :data:`PROBE_SIZE` training examples, prepared by
+  the task without augmentation (``stats``: the task's, by default)."""
+  train, _ = task.arrays(data)
+  stats = task.stats(data) if stats is None else stats
+  return task.prepare(config, jax.tree.map(lambda a: jnp.asarray(a[:PROBE_SIZE]), train),
+                      stats, None)
+
+
+def init_model(config: "Config", data, task: Optional[tasks_lib.Task] = None,
+               stats: Any = None) -> Model:
+  """``config``'s model at init for ``data``, split, with its scale-invariance groups.
+
+  The model is ``task.create_model`` (``task``: ``config``'s); the groups come from
+  :func:`find_groups` on :func:`probe_batch`. Then ``--init_scale`` multiplies the
+  grouped weights: the network's function is unchanged, only the norms (hence the
+  effective learning rate) change. Shared by :func:`train_and_evaluate`,
+  ``experiments.sweep`` and the benchmarks, so every run of a recipe starts from the
+  same point.
   """
-  model = create_model(config, num_classes, train_images.shape[-1])
+  task = task or tasks_lib.of(config)
+  model = task.create_model(config, data)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  probe = data_lib.normalize(jnp.asarray(train_images[:64]), mean, std)
+  probe = probe_batch(config, data, task, stats)
   groups = find_groups(config, graphdef, params, rest, probe)
   if config.init_scale != 1.0:
     scaled = normreg.groups.map_grouped(lambda _, w: w * jnp.asarray(config.init_scale, w.dtype),

@@ -14,10 +14,10 @@ Input, per WORKDIR:
   ``{"method": "l2", "lam": 0.0005, "lr": 0.1, "optimizer": "sgd", ...}``.
 - ``metrics.jsonl``: one JSON object per line, of two kinds::
 
-    {"kind": "train", "step": 100, "epoch": 0.64, "loss": 1.9, "accuracy": 0.31,
+    {"kind": "train", "step": 100, "epoch": 0.64, "loss": 1.9, "grad_norm": 2.1,
      "learning_rate": 0.1,
      "layers": {"convs/0/kernel": {"norm": 1.3, "elr": 0.059, "angle": 0.012}, ...}}
-    {"kind": "test", "step": 390, "epoch": 1, "loss": 1.5, "accuracy": 0.45}
+    {"kind": "test", "step": 390, "epoch": 1, "loss": 1.5, "rmse": 0.45}
 
   Per grouped layer, ``norm`` is the mean unit weight norm, ``elr`` the mean
   effective learning rate (eta/||w||^2 for SGD, eta/||w|| for Adam) and
@@ -44,8 +44,9 @@ Output, in ``--out``:
   line's formula and its value at the peak rate. A run without config.json,
   or whose method has no theory (``spherical``, ``none``, coupled L2 under
   Adam, ...), gets none.
-- ``accuracy.png``, ``loss.png``: train (thin lines) and test (thick lines
-  with markers) against the epoch, one colour per run.
+- ``HEADLINE.png`` (the headline metric of the runs' task, ``experiments.tasks``)
+  and ``loss.png``: train (thin lines) and test (thick
+  lines with markers) against the epoch, one colour per run.
 
 The functions below (:func:`read_run`, :func:`make_figures`,
 :func:`plot_runs`) can be used without the command line.
@@ -97,10 +98,8 @@ THEORY_FORMULAS = {
 }
 # Record key of a layer figure -> the theory drawn on it.
 THEORY_OF_KEY = {"angle": "angle", "norm": "time_constant", "elr": "time_constant"}
-CURVE_FIGURES = {
-    "accuracy.png": ("accuracy", "accuracy"),
-    "loss.png": ("loss", "loss"),
-}
+# Beside the loss, each run's task's headline metric gets a curve figure, HEADLINE.png.
+CURVE_FIGURES = {"loss.png": ("loss", "loss")}
 
 _OUT = flags.DEFINE_string("out", None, "Folder for the PNGs (created if missing); "
                            "default: the first WORKDIR.")
@@ -440,9 +439,17 @@ def make_figures(runs: Sequence[Run], layers_regex: Optional[str] = None) -> dic
     for filename, (key, title, log) in LAYER_FIGURES.items():
       figures[filename] = layer_figure(runs, layers, key, title, log, labels, colors,
                                        theories)
-  for filename, (key, title) in CURVE_FIGURES.items():
+  curves = {f"{h}.png": (h, h) for h in dict.fromkeys(headline(run) for run in runs)}
+  for filename, (key, title) in {**curves, **CURVE_FIGURES}.items():
     figures[filename] = curve_figure(runs, key, title, labels, colors)
   return figures
+
+
+def headline(run: Run) -> str:
+  """The headline metric of the run's task (``experiments.tasks``; the default task's for
+  a run without config.json)."""
+  from experiments import tasks  # pylint: disable=g-import-not-at-top
+  return tasks.of(run.config).headline
 
 
 def plot_runs(runs: Sequence[Run], out_dir: str,

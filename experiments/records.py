@@ -5,10 +5,12 @@ reproduction read it): one JSON object per line, ``train`` records every
 ``--log_every`` steps and a ``test`` record per epoch (format in
 ``experiments.plot``). The same numbers go to TensorBoard event files in
 ``WORKDIR/tensorboard`` as they are logged, written with tensorboardX (no
-TensorFlow): ``train/loss``, ``train/accuracy``, ``train/learning_rate``,
-``norm/LAYER``, ``elr/LAYER``, ``angle/LAYER`` and ``test/loss``,
-``test/accuracy``, ``test/images_per_sec``, all against the step. Watch a
-run with ``tensorboard --logdir WORKDIR`` (``pip install tensorboard``).
+TensorFlow): every number of a record as ``KIND/NAME`` (``train/loss``,
+``train/learning_rate``, ``train/grad_norm``, the task's own metrics such as
+``test/rmse``, its throughput such as ``test/rows_per_sec``) and the
+per-layer ``norm/LAYER``, ``elr/LAYER``, ``angle/LAYER``, all against the step;
+nothing a task declares is dropped. Watch a run with
+``tensorboard --logdir WORKDIR`` (``pip install tensorboard``).
 
 Only one process writes (process 0 of a multi-host run), and nothing is
 created before the first record, so a run that fails before its first step
@@ -43,6 +45,8 @@ from etils import epath
 from experiments import workdir as workdir_lib
 
 TENSORBOARD_DIR = "tensorboard"
+# The record's fields that are not metrics (the step is TensorBoard's axis).
+NOT_SCALARS = ("kind", "step", "epoch", "layers")
 METRICS = "metrics.jsonl"
 
 
@@ -114,9 +118,10 @@ class RunLog:
     if not self.tensorboard:
       return
     tb, step, kind = self._tb(), record["step"], record["kind"]
-    for key in ("loss", "accuracy", "learning_rate", "images_per_sec"):
-      if key in record:
-        tb.add_scalar(f"{kind}/{key}", record[key], step)
+    for key, value in record.items():
+      if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(
+          value, bool):
+        tb.add_scalar(f"{kind}/{key}", value, step)
     for layer, values in (record.get("layers") or {}).items():
       for key, value in values.items():
         tb.add_scalar(f"{key}/{layer}", value, step)

@@ -1,14 +1,16 @@
 """The launcher's jitted functions: the train step, the eval step and the per-layer metrics.
 
 Pure functions of explicit arguments, built once per run (``experiments.trainer``) or
-per program (``experiments.sweep``, which vmaps them); ``experiments.trainer``
-re-exports each under the same name.
+per program (``experiments.sweep``, which vmaps them), for any task of
+``experiments.tasks``: the task prepares the batch and scores the model's outputs;
+these functions do the rest. ``experiments.trainer`` re-exports each under the same
+name.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +19,12 @@ import optax
 from flax import nnx
 
 import normreg
-from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import records
-from experiments.config import Config
+from experiments import tasks as tasks_lib
+
+if TYPE_CHECKING:
+  from experiments.config import Config
 
 
 class TrainState(NamedTuple):
@@ -33,68 +37,64 @@ class TrainState(NamedTuple):
   first_bad_step: jax.Array  # int32, -1 until a non-finite loss is seen
 
 
-def elr_power(config: Config) -> int:
+def elr_power(config: "Config") -> int:
   """Exponent of ``eta/||w||^p``: 2 for SGD, 1 for Adam."""
   return 2 if config.optimizer == "sgd" else 1
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         labels).mean()
+def gather(data: Any, idx: jax.Array) -> Any:
+  """The examples ``idx`` of every leaf of a task's data pytree (inside the step)."""
+  return jax.tree.map(lambda a: a[idx], data)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, mean, std, *,
-                    augment: bool, key: jax.Array,
-                    batch_sharding: Optional[jax.sharding.Sharding] = None,
-                    pad: int = 4, flip: bool = True) -> Callable:
-  """``step(state, images, labels, idx) -> (state, metrics)``, pure, to be jitted.
+def make_task_train_step(graphdef, tx: optax.GradientTransformation, task: tasks_lib.Task,
+                         prepare: Callable, stats: Any, *, key: jax.Array,
+                         batch_sharding: Optional[jax.sharding.Sharding] = None) -> Callable:
+  """``step(state, train, idx) -> (state, metrics)``, pure, to be jitted.
 
-  ``images`` (uint8) and ``labels`` are the whole training set on the device;
-  ``idx`` the batch's indices, gathered inside the step (no per-step copy).
-  With ``augment``, ``data.augment(..., pad=pad, flip=flip)``
-  (``data.augment_options(config.dataset)`` gives a data set's).
+  ``train`` is the task's whole training set on the device (``Task.arrays``); ``idx``
+  the batch's indices, gathered inside the step (no per-step copy). ``prepare(batch,
+  stats, key)`` makes the model's input (``functools.partial(task.prepare, config)``),
+  with ``key = fold_in(key, step)``; ``task.loss`` scores the outputs, and the
+  metrics are the loss, ``task.train_metrics`` and the gradient's global norm.
   With ``batch_sharding`` (data parallelism) the gathered batch is split over
   the devices; everything reduced over the batch (the loss, BatchNorm's batch
   statistics) is then reduced over the global batch by XLA.
   """
 
-  def step(state: TrainState, all_images, all_labels, idx):
-    x, labels = all_images[idx], all_labels[idx]
+  def step(state: TrainState, train, idx):
+    batch = gather(train, idx)
     if batch_sharding is not None:
-      x = jax.lax.with_sharding_constraint(x, batch_sharding)
-      labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
-    if augment:
-      x = data_lib.augment(jax.random.fold_in(key, state.step), x, pad=pad, flip=flip)
-    x = data_lib.normalize(x, mean, std)
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    x = prepare(batch, stats, jax.random.fold_in(key, state.step))
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.rest, copy=True)
-      logits = model(x)
+      outputs = model(x)
       new_rest = nnx.split(model, nnx.Param, ...)[2]
-      return cross_entropy(logits, labels), (logits, new_rest)
+      return task.loss(outputs, batch), (outputs, new_rest)
 
-    (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (outputs, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     bad = (state.first_bad_step < 0) & ~jnp.isfinite(loss)
     first_bad = jnp.where(bad, state.step, state.first_bad_step)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    metrics = task.train_metrics(outputs, batch)
     new_state = TrainState(state.step + 1, params, rest, opt_state, first_bad)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                              for g in jax.tree.leaves(grads)))
-    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm}
+    return new_state, {"loss": loss, **metrics, "grad_norm": grad_norm}
 
   return step
 
 
-def make_eval_step(eval_graphdef, mean, std) -> Callable:
-  """``eval_step(params, rest, images, labels, weights) -> (sum loss, sum correct)``."""
+def make_task_eval_step(eval_graphdef, task: tasks_lib.Task, prepare: Callable,
+                        stats: Any) -> Callable:
+  """``eval_step(params, rest, batch, weights) -> task.eval_sums`` (weighted sums)."""
 
-  def eval_step(params, rest, images, labels, weights):
-    logits = nnx.merge(eval_graphdef, params, rest)(data_lib.normalize(images, mean, std))
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return jnp.sum(losses * weights), jnp.sum(correct * weights)
+  def eval_step(params, rest, batch, weights):
+    outputs = nnx.merge(eval_graphdef, params, rest)(prepare(batch, stats, None))
+    return task.eval_sums(outputs, batch, weights)
 
   return eval_step
 
@@ -134,51 +134,54 @@ def layer_metrics(before, after, groups, learning_rate, power: int, rescaled: bo
   return out
 
 
-def make_layer_metrics(config: Config, groups) -> Callable:
+def make_layer_metrics(config: "Config", groups) -> Callable:
   """:func:`layer_metrics` of ``config``'s recipe: ``(before, after, learning_rate) -> dict``."""
   return functools.partial(layer_metrics, groups=groups, power=elr_power(config),
                            rescaled=methods_lib.get(config.method).sets_angle)
 
 
-def eval_batches(images, labels, batch_size: int, axis: int = 0):
-  """Yields ``(images, labels, weights)`` batches of ``batch_size`` examples along ``axis``.
+def eval_batches(data: Any, batch_size: int, axis: int = 0):
+  """Yields ``(batch, weights)``: ``batch_size`` examples of every leaf of ``data`` along
+  ``axis``.
 
   ``axis`` is 0, or 1 for arrays with a leading run axis (``experiments.sweep``).
   The last batch is zero-padded to the same shape (one trace of the eval step)
   and its padding has weight 0; ``weights`` has shape ``(batch_size,)``.
   """
-  n = images.shape[axis]
+  n = jax.tree.leaves(data)[0].shape[axis]
   for start in range(0, n, batch_size):
-    x = jax.lax.slice_in_dim(images, start, min(start + batch_size, n), axis=axis)
-    y = jax.lax.slice_in_dim(labels, start, min(start + batch_size, n), axis=axis)
-    pad = batch_size - x.shape[axis]
-    w = (jnp.arange(batch_size) < x.shape[axis]).astype(jnp.float32)
-    if pad:
-      x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
-      y = jnp.pad(y, [(0, pad) if a == axis else (0, 0) for a in range(y.ndim)])
-    yield x, y, w
+    stop = min(start + batch_size, n)
+    pad = batch_size - (stop - start)
+    w = (jnp.arange(batch_size) < stop - start).astype(jnp.float32)
+
+    def cut(a):
+      a = jax.lax.slice_in_dim(a, start, stop, axis=axis)
+      return jnp.pad(a, [(0, pad) if i == axis else (0, 0) for i in range(a.ndim)]) if pad else a
+
+    yield jax.tree.map(cut, data), w
 
 
-def evaluate(eval_step, params, rest, images, labels, batch_size: int,
+def evaluate(eval_step, task: tasks_lib.Task, params, rest, test: Any, batch_size: int,
              sharding: Optional[jax.sharding.Sharding] = None,
              progress: bool = False) -> dict[str, float]:
-  """Test loss and accuracy over the whole set; the last batch is padded and masked.
+  """``task.eval_metrics`` over the whole test set; the last batch is padded and masked.
 
-  ``sharding`` places each batch (replicated over a multi-host mesh: every process
-  holds the same test set and evaluates on it with the others). ``progress``
-  shows a bar over the batches (removed when done).
+  ``eval_step`` gives ``task.eval_sums`` of a batch; they are added up on the host in
+  double precision. ``sharding`` places each batch (replicated over a multi-host mesh:
+  every process holds the same test set and evaluates on it with the others).
+  ``progress`` shows a bar over the batches (removed when done).
   """
-  n = images.shape[0]
-  total_loss = total_correct = 0.0
+  n = tasks_lib.num_examples(test)
+  totals: dict[str, float] = {}
   bar = progress_bar(-(-n // batch_size), progress, desc="test", leave=False, unit="batch")
-  for batch in eval_batches(images, labels, batch_size):
-    x, y, w = batch if sharding is None else jax.device_put(batch, sharding)
-    loss, correct = eval_step(params, rest, x, y, w)
-    total_loss += float(records.host_value(loss))
-    total_correct += float(records.host_value(correct))
+  for batch in eval_batches(test, batch_size):
+    batch, weights = batch if sharding is None else jax.device_put(batch, sharding)
+    sums = eval_step(params, rest, batch, weights)
+    for name, value in sums.items():
+      totals[name] = totals.get(name, 0.0) + float(records.host_value(value))
     bar.update(1)
   bar.close()
-  return {"loss": total_loss / n, "accuracy": total_correct / n}
+  return task.eval_metrics(totals, n)
 
 
 def progress_bar(total: int, enabled: bool, initial: int = 0, desc: Optional[str] = None,

@@ -3,8 +3,8 @@
 Parses the absl flags into a checked ``Config``, calls
 ``experiments.trainer.train_and_evaluate(config, workdir)``, draws the run's
 figures into ``WORKDIR/figures`` (``experiments.plot``) and prints one last
-line: the test accuracy, steps, wall time and where the metrics and figures
-are. INFO logs (orbax's, the groups found, the settings) are off unless
+line: the task's headline test metric (``experiments.tasks``), steps, wall time
+and where the metrics and figures are. INFO logs (orbax's, the groups found, the settings) are off unless
 ``--verbose``. ``--help`` lists the launcher's flags; examples in
 docs/experiments.md.
 """
@@ -33,7 +33,8 @@ flags.DEFINE_string("workdir", None, "Folder (or gs://BUCKET/PATH) for config.js
 flags.DEFINE_bool("restart", False, "Discard what --workdir holds (checkpoints, records) and "
                   "start afresh, with new settings if given.")
 flags.DEFINE_bool("figures", True, "When training ends, draw the run's figures (weight norm, "
-                  "effective lr and angle per layer; accuracy; loss) into WORKDIR/figures, "
+                  "effective lr and angle per layer; the task's headline metric; loss) into "
+                  "WORKDIR/figures, "
                   "as python -m experiments.plot WORKDIR --out=WORKDIR/figures does.")
 flags.DEFINE_bool("verbose", False, "Show INFO logs (the settings, the groups found, orbax's "
                   "checkpointing).")
@@ -46,9 +47,12 @@ flags.mark_flag_as_required("workdir")
 
 def finish(workdir: str, seconds: float, figures: bool) -> str:
   """Draws the run's figures (if ``figures``) and returns the launcher's last line: the
-  final test accuracy, steps, wall time and where the metrics and figures are."""
+  task's final headline test metric, steps, wall time and where the metrics and figures
+  are."""
   from experiments import plot  # pylint: disable=g-import-not-at-top  (matplotlib)
+  from experiments import tasks  # pylint: disable=g-import-not-at-top
   run = plot.read_run(workdir)
+  headline = tasks.of(run.config).headline
   where = f"metrics: {os.path.join(workdir, 'metrics.jsonl')}"
   if figures:
     out = os.path.join(workdir, "figures")
@@ -59,7 +63,7 @@ def finish(workdir: str, seconds: float, figures: bool) -> str:
       logging.warning("could not draw the figures (%s: %s)", type(e).__name__, e)
   test = run.test[-1]
   epochs = f"{test['epoch']} epoch{'' if test['epoch'] == 1 else 's'}"
-  return (f"test accuracy {test['accuracy']:.4f} after {epochs} ({test['step']} steps, "
+  return (f"test {headline} {test[headline]:.4f} after {epochs} ({test['step']} steps, "
           f"{seconds:.0f} s); {where}")
 
 

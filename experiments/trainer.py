@@ -6,17 +6,24 @@ explicit arguments.
 
 Design:
 
+- Everything that depends on what is learned comes from the run's task
+  (``experiments.tasks``, ``--task``): its data, its model, what a batch becomes
+  inside the step, its loss and metrics. The steps are counted by the one training
+  loop (``experiments.loop``), in steps: ``--steps`` or ``--epochs``,
+  ``--log_every``, ``--eval_every``, ``--checkpoint_every``.
 - The NNX model is split once into ``graphdef`` and two ``State``s, ``params``
   (``nnx.Param``) and ``rest`` (BatchNorm statistics); the jitted step is a
   pure function of ``TrainState`` and is traced once (a test counts traces).
-- Data lives on the device as uint8; each epoch is a ``jax.random``
-  permutation; crop, flip and normalization run inside the jitted step.
+- The task's data live on the device, whole; each epoch is a ``jax.random``
+  permutation; the task's preparation (augmentation, normalization) runs inside
+  the jitted step.
 - The scale-invariance groups are found by ``normreg.find_scale_invariant`` on
-  a training batch, or given as ``--group_rules``.
-- Per logged step, ``metrics.jsonl`` gets loss, accuracy, learning rate and per
-  grouped layer the mean unit norm, effective learning rate and angular update;
-  per epoch, test loss and accuracy. Orbax checkpoints every epoch; a run
-  restarted on the same workdir resumes from the last one, exactly.
+  the task's probe batch, or given as ``--group_rules``.
+- Per logged step, ``metrics.jsonl`` gets the loss, the task's training metrics,
+  the learning rate and per grouped layer the mean unit norm, effective learning
+  rate and angular update; per evaluation, the task's test metrics. Orbax
+  checkpoints at every evaluation; a run restarted on the same workdir resumes
+  from the last one, exactly.
 - A NaN/inf loss stops the run, naming the first step where it appeared: the
   step is recorded on the device and read at the next log step (no host sync
   per step).
@@ -34,11 +41,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 import signal
 import sys
 import threading
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -52,21 +59,34 @@ import normreg
 from experiments import checkpoint as ckpt_lib
 from experiments import errors
 from experiments import faultlog
+from experiments import loop as loop_lib
 from experiments import methods as methods_lib
+from experiments import network
 from experiments import records
+from experiments import tasks as tasks_lib
 from experiments import workdir as workdir_lib
-from experiments import data as data_lib
+from experiments import data as data_lib  # pylint: disable=unused-import  (users patch it here)
 from experiments.config import Config
-# The model, the steps and the chains live beside this module; their names are the
-# trainer's too, as its users know (and patch) them.
+# The model, the steps, the loop and the chains live beside this module; their names are
+# the trainer's too, as its users know (and patch) them.
+from experiments.loop import (  # pylint: disable=unused-import
+    Budget, NonFiniteLossError, non_finite_message, train_record)
 from experiments.methods import grouped_schedule, make_optimizer  # pylint: disable=unused-import
 from experiments.network import (  # pylint: disable=unused-import
-    Model, create_model, find_groups, init_model, parse_group_rules, rescale_running_statistics)
+    Model, find_groups, parse_group_rules, rescale_running_statistics)
 from experiments.steps import (  # pylint: disable=unused-import
-    TrainState, cross_entropy, elr_power, eval_batches, evaluate, layer_metrics, make_eval_step,
-    make_layer_metrics, make_train_step, progress_bar)
+    TrainState, elr_power, eval_batches, evaluate, layer_metrics, make_layer_metrics,
+    make_task_eval_step, make_task_train_step, progress_bar)
+# The classification task's step and model under their names from before the task registry.
+from experiments.tasks.classification import (  # pylint: disable=unused-import
+    create_model, cross_entropy, init_model, make_eval_step, make_train_step)
 
 # --------------------------------------------------------------------- initial state
+
+
+def budget(config: Config, data) -> Budget:
+  """The :class:`Budget` of ``config`` on its task's ``data``."""
+  return Budget.of(config, tasks_lib.num_examples(tasks_lib.of(config).arrays(data)[0]))
 
 
 def initial_state(config: Config, dataset) -> tuple[Model, optax.Schedule,
@@ -75,11 +95,10 @@ def initial_state(config: Config, dataset) -> tuple[Model, optax.Schedule,
 
   What :func:`train_and_evaluate` starts from, and the structure its checkpoints
   restore into (``experiments.checkpoint.Manager.restore_latest(state)``).
+  ``dataset`` is the task's data (``Task.load``).
   """
-  n_train = dataset.train_images.shape[0]
-  model = init_model(config, dataset.num_classes, dataset.train_images,
-                     *data_lib.channel_stats(dataset.train_images))
-  schedule = make_schedule(config, n_train // config.batch_size * config.epochs)
+  model = network.init_model(config, dataset)
+  schedule = make_schedule(config, budget(config, dataset).total_steps)
   tx = make_optimizer(config, model.groups, schedule)
   state = TrainState(jnp.int32(0), model.params, model.rest, tx.init(model.params),
                      jnp.int32(-1))
@@ -113,35 +132,12 @@ def make_step_optimizer(config: Config, groups, total_steps: int,
 # ------------------------------------------------------------------- the run
 
 
-class NonFiniteLossError(errors.UsageError, FloatingPointError):
-  """The loss became NaN or inf; the message says at which step."""
-
-
-def non_finite_message(step: int, epoch: int, lr: float) -> str:
-  """What a run whose loss became NaN or inf reports (the trainer raises it, a sweep's run
-  writes it to ``diverged.txt``)."""
-  return (f"the training loss became non-finite at step {step} (epoch {epoch}); "
-          f"lower --lr (now {lr}) or check the data.")
-
-
-def train_record(step: int, steps_per_epoch: int, metrics: dict[str, float],
-                 learning_rate: float, layers: Any) -> dict[str, Any]:
-  """A ``metrics.jsonl`` train record: the step's ``metrics`` (loss, accuracy), the rate
-  the step used and the per-layer :func:`layer_metrics`, all Python floats."""
-  return {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4), **metrics,
-          "learning_rate": learning_rate, "layers": layers}
-
-
 changed_settings = workdir_lib.changed_settings
 
 
 def write_config(workdir: Any, config: Config) -> None:
   """``workdir/config.json``, written whole (a kill mid-write leaves the old one)."""
   workdir_lib.write_atomic(epath.Path(workdir) / workdir_lib.CONFIG, config.to_json())
-
-
-def _to_float(tree):
-  return jax.tree.map(lambda x: float(records.host_value(x)), tree)
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
@@ -259,14 +255,15 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
   """:func:`train_and_evaluate` in an opened, locked run folder."""
   writer = jax.process_index() == 0  # one process writes files (all save checkpoints)
   show = progress and writer
+  task = tasks_lib.of(config)
 
-  ds = dataset if dataset is not None else data_lib.load(
-      config.dataset, data_dir=config.data_dir, train_size=config.train_size,
-      test_size=config.test_size, seed=config.seed)
-  n_train = ds.train_images.shape[0]
+  ds = dataset if dataset is not None else task.load(config)
+  host_train, host_test = task.arrays(ds)
+  n_train = tasks_lib.num_examples(host_train)
   if config.batch_size > n_train:
     raise errors.InputError(f"--batch_size={config.batch_size} is larger than the training set "
-                            f"({n_train} images); lower --batch_size or raise --train_size.")
+                            f"({n_train} {task.unit}); lower --batch_size or raise "
+                            "--train_size.")
   devices = list(jax.devices() if devices is None else devices)
   if config.batch_size % len(devices):
     raise errors.InputError(f"--batch_size={config.batch_size} must be divisible by the number "
@@ -274,13 +271,12 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
   mesh = make_mesh(devices)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  steps_per_epoch = n_train // config.batch_size
-  total_steps = steps_per_epoch * config.epochs
-  host_mean, host_std = data_lib.channel_stats(ds.train_images)
-  mean, std = jax.device_put((host_mean, host_std), replicated)
-  # The whole (small) training set on every device, as uint8; batches are gathered in the
-  # step. Every process of a multi-host run holds the same arrays and feeds its devices.
-  train_images, train_labels = jax.device_put((ds.train_images, ds.train_labels), replicated)
+  run_budget = Budget.of(config, n_train)
+  total_steps = run_budget.total_steps
+  stats = jax.device_put(task.stats(ds), replicated)
+  # The whole (small) training set on every device; batches are gathered in the step.
+  # Every process of a multi-host run holds the same arrays and feeds its devices.
+  train_data = jax.device_put(host_train, replicated)
 
   model, schedule, _, state = initial_state(config, ds)
   graphdef, eval_graphdef, groups = model.graphdef, model.eval_graphdef, model.groups
@@ -298,17 +294,13 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
   if step > total_steps:
     if manager:
       manager.close()
-    raise errors.InputError(f"--epochs={config.epochs}: {folder} already holds step {step}, "
-                            f"past this run's {total_steps} steps; give more --epochs, or "
-                            "--restart to start afresh, or use a new --workdir.")
+    raise errors.InputError(run_budget.too_short(config, folder, step))
   if restored is not None:
-    _note(f"resumed from step {step} (epoch {step / steps_per_epoch:g})", show)
+    _note(f"resumed from step {step} (epoch {step / run_budget.steps_per_epoch:g})", show)
   log = records.RunLog(folder, enabled=writer, tensorboard=tensorboard, resume_step=step)
-  start_epoch = step // steps_per_epoch
 
   if on_step is not None and step == 0:
     on_step(0, state)
-  rate = grouped_schedule(config, schedule)
   # The step's key is an argument, not a constant of the program: runs that differ only in
   # their seed share one compiled step (JAX's persistent cache finds it).
   key = jax.random.key(config.seed)
@@ -321,90 +313,83 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
   # differ only in them share one too. The optimizer is rebuilt from them in the trace,
   # with the state's structure that initial_state's made.
   hyper = methods_lib.step_hyperparameters(config)
+  prepare = functools.partial(task.prepare, config)
 
-  def keyed_step(state, images, labels, idx, key_data, hyper_values):
+  def keyed_step(state, train, idx, key_data, hyper_values):
     run_tx = make_step_optimizer(config, groups, total_steps, hyper_values)
-    return make_train_step(graphdef, run_tx, mean, std, augment=config.augment,
-                           key=jax.random.wrap_key_data(key_data),
-                           batch_sharding=batch_sharding,
-                           **data_lib.augment_options(config.dataset))(state, images, labels,
-                                                                       idx)
+    return make_task_train_step(graphdef, run_tx, task, prepare, stats,
+                                key=jax.random.wrap_key_data(key_data),
+                                batch_sharding=batch_sharding)(state, train, idx)
 
   # From host arrays, as the key: Python floats failed device_put's same-on-every-process
   # check in the two-process test (it compared the gathered [0.001 0.001] with 0.001).
   # float32, as the constants were (the launcher's parameters and updates are float32).
   hyper_values = jax.device_put({k: np.float32(v) for k, v in hyper.items()}, replicated)
   train_step = jax.jit(
-      keyed_step, in_shardings=(replicated,) * 3 + (batch_sharding,) + (replicated,) * 2,
+      keyed_step, in_shardings=(replicated, replicated, batch_sharding, replicated, replicated),
       out_shardings=(replicated, replicated),
       donate_argnums=() if jax.default_backend() == "cpu" else 0)
-  eval_step = jax.jit(make_eval_step(eval_graphdef, mean, std))
+  eval_step = jax.jit(make_task_eval_step(eval_graphdef, task, prepare, stats))
   metrics_fn = jax.jit(make_layer_metrics(config, groups))
 
-  def save():
+  def save(at: int, state) -> None:
     nonlocal manager, saved_step
     log.flush()  # the records first: a checkpoint never runs ahead of them
     if manager is None:
       manager = ckpt_lib.Manager(checkpoints)
-    manager.save(step, state)
-    saved_step = step
+    manager.save(at, state)
+    saved_step = at
 
   bar = progress_bar(total_steps, show, initial=step)
   stop = _StopRequest(show)
-  config_written = full = False
+  last = {"state": state}  # the state a stop request saves
+
+  def before_step(at: int) -> None:
+    stopped_by = stop.check(at)
+    if stopped_by:
+      if at != saved_step:
+        save(at, last["state"])
+      raise errors.Interrupted(f"stopped by {stopped_by} at step {at} of {total_steps}; "
+                               f"saved it in {checkpoints}", signum=stop.signum)
+
+  def started() -> None:  # the settings, once this launch has trained
+    if writer:
+      folder.mkdir(parents=True, exist_ok=True)
+      write_config(folder, config)
+
+  def after_step(at: int, state) -> bool:
+    last["state"] = state
+    if on_step is not None:
+      on_step(at, state)
+    if config.checkpoint_every and at % config.checkpoint_every == 0 and (
+        not run_budget.evaluates(at)):  # (an evaluation saves after its record)
+      save(at, state)
+    return interrupt_after_step is not None and at >= interrupt_after_step
+
+  def progress_shown(at: int, record) -> None:
+    del at
+    if record is not None:
+      bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", task.headline) if k in record})
+    bar.update(1)
+
+  run = loop_lib.Run(
+      task=task, config=config, budget=run_budget, key=key, n_train=n_train,
+      step=lambda s, idx: train_step(s, train_data, shard_batch_indices(idx, batch_sharding),
+                                     step_key, hyper_values),
+      evaluate=lambda s: evaluate(eval_step, task, s.params, s.rest, host_test,
+                                  config.batch_size, sharding=replicated, progress=show),
+      layer_metrics=lambda before, after, lr: metrics_fn(before, after, learning_rate=lr),
+      rate=grouped_schedule(config, schedule), log=log,
+      note=lambda line: _note(line, show))
+  hooks = loop_lib.Hooks(
+      started=started, before_step=before_step, after_step=after_step,
+      after_eval=save, progress=progress_shown,
+      diverged=lambda message: message + (
+          " A checkpoint is kept: --restart starts afresh with other settings."
+          if saved_step else ""))
+  full = False
   try:
-    for epoch in range(start_epoch, config.epochs):
-      order = np.asarray(data_lib.epoch_permutation(jax.random.fold_in(key, 1000 + epoch),
-                                                    n_train, config.batch_size))
-      t0, images_seen = time.perf_counter(), 0
-      # A run stopped by Ctrl-C resumes in the middle of its epoch.
-      for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
-        stopped_by = stop.check(step)
-        if stopped_by:
-          if step != saved_step:
-            save()
-          raise errors.Interrupted(f"stopped by {stopped_by} at step {step} of {total_steps}; "
-                                   f"saved it in {checkpoints}", signum=stop.signum)
-        idx = shard_batch_indices(order[i], batch_sharding)
-        log_now = (step + 1) % config.log_every == 0 or i == steps_per_epoch - 1
-        # The step may donate its input: keep a copy of the params to measure the turn.
-        before = jax.tree.map(jnp.copy, state.params) if log_now else None
-        state, m = train_step(state, train_images, train_labels, idx, step_key,
-                              hyper_values)
-        step += 1
-        images_seen += config.batch_size
-        if not config_written and writer:  # the settings, once this launch has trained
-          folder.mkdir(parents=True, exist_ok=True)
-          write_config(folder, config)
-          config_written = True
-        if log_now:
-          bad = int(records.host_value(state.first_bad_step))
-          if bad >= 0:
-            raise NonFiniteLossError(non_finite_message(bad, epoch, config.lr) + (
-                " A checkpoint is kept: --restart starts afresh with other settings."
-                if saved_step else ""))
-          lr = float(rate(step - 1))  # the grouped weights' rate this step used
-          record = train_record(step, steps_per_epoch, _to_float(m), lr,
-                                _to_float(metrics_fn(before, state.params, learning_rate=lr)))
-          log.write(record)
-          bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
-        if on_step is not None:
-          on_step(step, state)
-        bar.update(1)
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and (
-            i < steps_per_epoch - 1):  # (the epoch's end saves after its evaluation)
-          save()
-        if interrupt_after_step is not None and step >= interrupt_after_step:
-          return state
-      jax.block_until_ready(state.params)
-      seconds = time.perf_counter() - t0
-      test = evaluate(eval_step, state.params, state.rest, ds.test_images, ds.test_labels,
-                      config.batch_size, sharding=replicated, progress=show)
-      log.write({"kind": "test", "step": step, "epoch": epoch + 1, **test,
-                 "images_per_sec": images_seen / seconds})
-      _note(f"epoch {epoch + 1}/{config.epochs}: test accuracy {test['accuracy']:.4f}, loss "
-            f"{test['loss']:.4f}; {images_seen / seconds:.0f} images/s", show)
-      save()
+    state = loop_lib.train(run, state, step, hooks)
   except Exception as e:  # pylint: disable=broad-except  (orbax's is a bare ValueError)
     full = errors.disk_full(e)
     if full is None:

@@ -22,9 +22,9 @@ What a run does with its folder before it reads any data or compiles anything:
   naming them, when it holds a checkpoint; without a checkpoint (a run that
   diverged or failed before its first epoch ended) nothing worth keeping was
   trained, and the new settings start afresh. ``--checkpoint_every`` may change
-  between launches (:data:`FREE_SETTINGS`). More ``--epochs`` with a
-  constant schedule continue a finished run from its last checkpoint (every
-  other step is unchanged); ``restart=True`` (``--restart``) discards what the
+  between launches (:data:`FREE_SETTINGS`). More ``--epochs`` or ``--steps``
+  (:data:`LENGTH_SETTINGS`) with a constant schedule continue a finished run from
+  its last checkpoint (every other step is unchanged); ``restart=True`` (``--restart``) discards what the
   folder holds and starts afresh.
 
 The helpers :func:`write_atomic` and :func:`is_cloud` serve ``records`` and
@@ -63,6 +63,8 @@ RUN_FILES = (CONFIG, "metrics.jsonl", "tensorboard", CHECKPOINTS, CHECKPOINTS + 
 CLOUD_SCHEMES = ("gs",)
 # Settings a resumed run may change: they say when to save, not what is trained.
 FREE_SETTINGS = ("checkpoint_every",)
+# The run's length: on a constant schedule, changing it changes none of the steps trained.
+LENGTH_SETTINGS = ("epochs", "steps")
 HEARTBEAT_S = 30.0
 STALE_S = 120.0
 
@@ -395,14 +397,16 @@ def reconcile_settings(folder: epath.Path, config, restart: bool, writer: bool) 
     warn("%s held a run with other settings %s but no checkpoint; it starts afresh with the "
          "new ones.", folder, diff)
     return
-  if set(diff) == {"epochs"} and config.schedule == "constant":
-    warn("%s: --epochs %s -> %s; the run continues from its last checkpoint.", folder,
-         *diff["epochs"])
+  if set(diff) <= set(LENGTH_SETTINGS) and config.schedule == "constant":
+    for name, (old, new) in sorted(diff.items()):
+      warn("%s: --%s %s -> %s; the run continues from its last checkpoint.", folder, name,
+           old, new)
     return
   why = ""
-  if "epochs" in diff and config.schedule != "constant":
-    why = (f" (--epochs sets the length of --schedule={config.schedule}, so the steps already "
-           "trained followed another schedule)")
+  lengths = sorted(set(diff) & set(LENGTH_SETTINGS))
+  if lengths and config.schedule != "constant":
+    why = (f" (--{lengths[0]} sets the length of --schedule={config.schedule}, so the steps "
+           "already trained followed another schedule)")
   raise errors.InputError(
       f"--workdir={folder} holds a checkpointed run with other settings {diff} (old, new){why}; "
       f"resume with the same {', '.join('--' + k for k in sorted(diff))}, or --restart to "

@@ -83,8 +83,8 @@ class _FakeCache:
 ])
 def test_the_grid_is_extended_until_the_best_rate_is_interior(monkeypatch, peak, expected):
   import math  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(compare.cache_lib, "final_accuracy",
-                      lambda run: -abs(math.log(run.lr / peak)))  # best at `peak`
+  monkeypatch.setattr(_FakeCache, "final_score",
+                      lambda self, run: -abs(math.log(run.lr / peak)), raising=False)  # best at `peak`
   cache = _FakeCache()
   tuned = compare.tune(cache, ("cnn", 8, 4), "l2", compare.LR_GRID, interior=True)
   assert sorted(tuned) == pytest.approx(expected, rel=1e-4)
@@ -94,7 +94,8 @@ def test_the_grid_is_extended_until_the_best_rate_is_interior(monkeypatch, peak,
 
 
 def test_a_best_rate_that_stays_at_the_edge_stops_the_comparison(monkeypatch):
-  monkeypatch.setattr(compare.cache_lib, "final_accuracy", lambda run: run.lr)  # bigger is better
+  monkeypatch.setattr(_FakeCache, "final_score", lambda self, run: run.lr,
+                      raising=False)  # bigger is better
   with pytest.raises(compare.EdgeOfGridError, match="l2's best learning rate .* edge"):
     compare.tune(_FakeCache(), ("cnn", 8, 4), "l2", compare.LR_GRID, interior=True)
   # Not enforced (the smoke size's single rate): the grid as given.

@@ -18,6 +18,7 @@ import pytest
 
 from experiments import plot
 from experiments import sweep
+from experiments import steps as steps_lib
 from experiments import trainer
 from experiments.config import Config
 
@@ -231,8 +232,8 @@ def test_sequential_strategy_equals_the_vmapped_one(l2_sweep, dataset, tmp_path)
 def test_the_grid_traces_its_step_once(dataset, tmp_path, monkeypatch, strategy):
   # Every trace of the jitted step builds the single-run step once: count the builds.
   calls = []
-  original = trainer.make_train_step
-  monkeypatch.setattr(trainer, "make_train_step",
+  original = steps_lib.make_task_train_step
+  monkeypatch.setattr(steps_lib, "make_task_train_step",
                       lambda *a, **k: calls.append(1) or original(*a, **k))
   configs = sweep.grid(Config(method="l2", **{**SMALL, "epochs": 1}), lrs=[0.05, 0.1],
                        lams=[1e-4, 5e-4], seeds=[0])

@@ -165,7 +165,7 @@ def tune(cache: cache_lib.RunCache, model: tuple, name: str, grid,
   tuned: dict[float, float] = {}
   for factor in factors:
     config = method_config(cache, model, name, factor, 0)
-    tuned[config.lr] = cache_lib.final_accuracy(
+    tuned[config.lr] = cache.final_score(
         cache.train(run_name(model[0], name, config.lr, 0), config))
   for _ in range(MAX_EXTENSIONS):
     lrs, best = sorted(tuned), max(tuned, key=tuned.get)
@@ -175,7 +175,7 @@ def tune(cache: cache_lib.RunCache, model: tuple, name: str, grid,
     config = method_config(cache, model, name, factor, 0)
     logging.info("compare: %s's best lr %g is at the edge of %s; trying %g", name, best,
                  lrs, config.lr)
-    tuned[config.lr] = cache_lib.final_accuracy(
+    tuned[config.lr] = cache.final_score(
         cache.train(run_name(model[0], name, config.lr, 0), config))
   lrs, best = sorted(tuned), max(tuned, key=tuned.get)
   if interior and not lrs[0] < best < lrs[-1]:
@@ -197,7 +197,7 @@ def compare_method(cache: cache_lib.RunCache, model: tuple, name: str,
   for seed in cache.seeds:
     config = method_config(cache, model, name, factor, seed)
     runs.append(cache.train(run_name(model[0], name, config.lr, seed), config))
-  accs = [cache_lib.final_accuracy(r) for r in runs]
+  accs = [cache.final_score(r) for r in runs]
   measured, target, ratio = angle_ratio(runs[0], name)
   settled = time_constants_before_window(runs[0], name)
   return {"grid": {str(k): v for k, v in sorted(tuned.items())}, "best_lr": best_lr,

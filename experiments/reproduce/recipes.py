@@ -190,8 +190,18 @@ def _probe(run: plot_lib.Run) -> tuple[np.ndarray, np.ndarray]:
 
 
 diverged = cache_lib.diverged
-final_accuracy = cache_lib.final_accuracy
-_acc = cache_lib.accuracy
+# Chance on the reproduction's data (CIFAR-10, or the digits at the smoke size): ten classes.
+CHANCE = 0.1
+
+
+def final_accuracy(run: plot_lib.Run) -> float:
+  """The run's last test accuracy; chance for a run whose loss diverged."""
+  return cache_lib.final_score(run, CHANCE)
+
+
+def _acc(runs: list[plot_lib.Run]) -> tuple[float, float]:
+  """Mean and standard deviation (ddof=0) of the runs' final test accuracies."""
+  return cache_lib.scores(runs, CHANCE)
 
 
 def _tail_mean(runs: list[plot_lib.Run], key: str, settled: bool = True) -> float:

@@ -11,10 +11,11 @@ of one method share ONE compiled program, since ``lr`` and ``lam`` live in the
 optimizer state; methods, whose optax chains differ in structure, run one
 program after another. The program serves the runs of a chunk in one of two
 ways (``--strategy``): ``vmap`` stacks them on a leading axis and trains them
-by one ``jax.vmap``-ed step (fast on accelerators), ``sequential`` runs the
-one jitted single-run step over them one after another (what each run costs
-alone, without recompiling: fast on CPUs, where XLA compiles a vmapped
-convolution with per-run kernels to a slow grouped convolution); ``auto``
+by one ``jax.vmap``-ed step (fast on accelerators), ``sequential`` trains them
+one after another through the launcher's own loop (``experiments.loop.train``)
+with the one jitted single-run step (what each run costs alone, without
+recompiling: fast on CPUs, where XLA compiles a vmapped convolution with
+per-run kernels to a slow grouped convolution); ``auto``
 (default) times a few steps of both on the first chunk and keeps the faster.
 
 How it builds on the single-run trainer (``experiments.trainer``):
@@ -26,7 +27,7 @@ How it builds on the single-run trainer (``experiments.trainer``):
   the state. The schedule is rebuilt inside from the run's peak ``lr``
   (``trainer.make_schedule``), so the step computes the very same numbers.
 - Each run's initial params come from its own ``--seed``
-  (``trainer.create_model``); its data order and augmentation keys are derived
+  (its task's ``create_model``); its data order and augmentation keys are derived
   exactly as in ``trainer.train_and_evaluate``: ``key = jax.random.key(seed)``,
   the step key ``fold_in(key, 1)`` (then ``fold_in(., step)`` inside the step)
   and epoch ``e``'s order ``epoch_permutation(fold_in(key, 1000 + e))``. So every
@@ -34,10 +35,11 @@ How it builds on the single-run trainer (``experiments.trainer``):
   ``trainer.train_and_evaluate`` ends, to float tolerance (tests/test_sweep.py).
 - Each run gets its own folder ``WORKDIR/method=l2_lr=0.1_lam=0.0005_seed=0``
   with ``config.json`` and ``metrics.jsonl`` in the launcher's format (per-layer
-  metrics from ``trainer.layer_metrics``, test records from
-  ``trainer.make_eval_step``, both vmapped), so ``python -m experiments.plot``
-  draws them. ``images_per_sec`` is per run (the sweep as a whole processes the
-  chunk size times that). No checkpoints are written.
+  metrics from ``steps.layer_metrics``, test records from the task's
+  ``steps.make_task_eval_step``, both vmapped), so ``python -m experiments.plot``
+  draws them. The throughput (the task's ``<unit>_per_sec``) is per run (the
+  sweep as a whole processes the chunk size times that). No checkpoints are
+  written.
 - With ``vmap``, the runs are vectorized all at once by default, or
   ``--vmap_size`` at a time with the groups looped by ``jax.lax.map`` in the
   same program (:func:`over_runs`). On a 2-core CPU both are slower per run
@@ -74,13 +76,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 from absl import logging
 
-from experiments import data as data_lib
 from experiments import errors
+from experiments import tasks as tasks_lib
 from experiments import trainer
 from experiments.config import Config
 from experiments.sweep.grid import (  # pylint: disable=unused-import
@@ -124,7 +126,8 @@ from experiments.sweep.strategies import (  # pylint: disable=unused-import
     AUTO_TIMING_STEPS,
     _chunk_start,
     choose_strategy,
-    _train_chunk)
+    _train_chunk,
+    _train_vmapped)
 
 # --------------------------------------------------------------------- the training
 
@@ -138,6 +141,8 @@ def _check_run_config(run_dir: str, config: Config) -> None:
 
 
 def _is_complete(run_dir: str, config: Config) -> bool:
+  """A ``diverged.txt``, or the test record of the run's last step (``--steps``) or last
+  epoch (``--epochs``)."""
   if os.path.exists(os.path.join(run_dir, DIVERGED)):
     return True
   path = os.path.join(run_dir, "metrics.jsonl")
@@ -145,7 +150,8 @@ def _is_complete(run_dir: str, config: Config) -> bool:
     return False
   with open(path) as f:
     records = [json.loads(line) for line in f if line.strip()]
-  return any(r.get("kind") == "test" and r.get("epoch") == config.epochs for r in records)
+  last = ("step", config.steps) if config.steps else ("epoch", config.epochs)
+  return any(r.get("kind") == "test" and r.get(last[0]) == last[1] for r in records)
 
 
 def _chunk_size(program: Program, configs, datasets, max_runs: Optional[int]) -> int:
@@ -158,13 +164,13 @@ def _chunk_size(program: Program, configs, datasets, max_runs: Optional[int]) ->
   if budget is None:
     return start
   per_run = any(ds is not datasets[0] for ds in datasets)
-  data = _chunk_data(datasets[:1], per_run=per_run)
+  data = _chunk_data(datasets[:1], per_run=per_run, task=program.task)
   bytes_for = _step_bytes(program, init_state(program, configs[0], datasets[0]), data)
   return fit_chunk(start, bytes_for, int(budget * MEMORY_FRACTION))
 
 
 def train_grid(configs: Sequence[Config], workdir: str, *,
-               dataset: Optional[data_lib.Dataset] = None,
+               dataset: Optional[Any] = None,
                max_runs_per_chunk: Optional[int] = None,
                vmap_size: Optional[int] = None,
                strategy: str = "auto",
@@ -177,8 +183,9 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
       others (another method, say) run one program after another.
     workdir: the sweep's folder; each run writes ``config.json`` and
       ``metrics.jsonl`` into its subfolder (:func:`run_names`).
-    dataset: an already loaded dataset for every run (tests); default: loaded
-      per run as ``trainer.train_and_evaluate`` does (once per seed for subsets).
+    dataset: already loaded data for every run (its task's, ``Task.load``; tests);
+      default: loaded per run as ``trainer.train_and_evaluate`` does (once per
+      ``Task.data_key``: once per seed for subsets).
     max_runs_per_chunk: most runs trained at once; default: as many as fit the
       device's free memory, or 16 where that is unknown (CPU).
     vmap_size: runs vectorized together by ``jax.vmap`` inside a step, the
@@ -193,9 +200,10 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
 
   Returns:
     Per config, in order, its final ``trainer.TrainState`` (``opt_state`` is
-    the ``optax.inject_hyperparams`` state), or ``None`` for a run skipped as
-    already complete (or, in a multi-host sweep, trained by another process:
-    process ``p`` of ``P`` trains the runs ``p, p+P, ...``).
+    the ``optax.inject_hyperparams`` state), or ``None`` for a run whose loss
+    became non-finite (``diverged.txt``), a run skipped as already complete
+    (or, in a multi-host sweep, trained by another process: process ``p`` of
+    ``P`` trains the runs ``p, p+P, ...``).
 
   Raises:
     ValueError: a bad config, repeated run, a batch larger than the data or a
@@ -224,10 +232,12 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
   datasets = _load_datasets([configs[i] for i in todo], dataset)
   datasets = dict(zip(todo, datasets))
   for i in todo:
-    n_train = datasets[i].train_images.shape[0]
+    task = tasks_lib.of(configs[i])
+    n_train = tasks_lib.num_examples(task.arrays(datasets[i])[0])
     if configs[i].batch_size > n_train:
-      raise errors.InputError(f"--batch_size={configs[i].batch_size} is larger than the training set "
-                       f"({n_train} images); lower --batch_size or raise --train_size.")
+      raise errors.InputError(f"--batch_size={configs[i].batch_size} is larger than the "
+                              f"training set ({n_train} {task.unit}); lower --batch_size or "
+                              "raise --train_size.")
   # Checked: now write (each process its own runs). An unfinished run starts over.
   for i, run_dir in enumerate(run_dirs):
     if i not in mine:

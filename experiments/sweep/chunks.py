@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from experiments import data as data_lib
 from experiments import errors
+from experiments import tasks as tasks_lib
 from experiments import trainer
 from experiments.config import Config
 from experiments.sweep.program import Program
@@ -89,52 +89,50 @@ def plan_chunks(n_runs: int, size: int) -> list[range]:
 # ------------------------------------------------------------------------- the data
 
 
-def _load_datasets(configs: Sequence[Config],
-                   dataset: Optional[data_lib.Dataset]) -> list[data_lib.Dataset]:
-  """Each run's data: ``dataset`` for all, or loaded as ``train_and_evaluate`` loads it.
-
-  A subset (``train_size``/``test_size``) is drawn with the run's seed, so it is
-  loaded once per seed; the whole set once.
-  """
+def _load_datasets(configs: Sequence[Config], dataset: Optional[Any]) -> list[Any]:
+  """Each run's data: ``dataset`` for all, or loaded as ``train_and_evaluate`` loads it
+  (``Task.load``), once per distinct ``Task.data_key`` (e.g. once per seed for subsets,
+  once for a whole set)."""
   if dataset is not None:
     return [dataset] * len(configs)
   cache = {}
   out = []
   for c in configs:
-    subset = c.train_size is not None or c.test_size is not None
-    key = (c.dataset, c.data_dir, c.train_size, c.test_size, c.seed if subset else None)
+    task = tasks_lib.of(c)
+    key = (task.name, task.data_key(c))
     if key not in cache:
-      cache[key] = data_lib.load(c.dataset, data_dir=c.data_dir, train_size=c.train_size,
-                                 test_size=c.test_size, seed=c.seed)
+      cache[key] = task.load(c)
     out.append(cache[key])
   return out
 
 
 @dataclasses.dataclass
 class _ChunkData:
-  """A chunk's data on the device: shared (no run axis) or stacked per run."""
+  """A chunk's data on the device, the task's pytrees: shared (no run axis) or stacked per
+  run."""
   per_run: bool
-  train_images: jax.Array
-  train_labels: jax.Array
-  test_images: jax.Array
-  test_labels: jax.Array
-  mean: jax.Array
-  std: jax.Array
+  train: Any
+  test: Any
+  stats: Any
 
 
-def _chunk_data(datasets: Sequence[data_lib.Dataset],
-                per_run: Optional[bool] = None) -> _ChunkData:
-  """Shared when every run has the same dataset object (unless ``per_run``), else stacked."""
+def _chunk_data(datasets: Sequence[Any], per_run: Optional[bool] = None,
+                task: Optional[tasks_lib.Task] = None) -> _ChunkData:
+  """Shared when every run has the same dataset object (unless ``per_run``), else stacked.
+  ``task``: the runs' (default: the default task's)."""
+  task = task or tasks_lib.get(None)
+
   def arrays(ds):
-    mean, std = data_lib.channel_stats(ds.train_images)
-    return (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels, mean, std)
+    train, test = task.arrays(ds)
+    return train, test, task.stats(ds)
 
   if per_run is None:
     per_run = any(ds is not datasets[0] for ds in datasets)
   if not per_run:
     return _ChunkData(False, *jax.device_put(arrays(datasets[0])))
-  per_run = [arrays(ds) for ds in datasets]
-  return _ChunkData(True, *(jax.device_put(np.stack(a)) for a in zip(*per_run)))
+  trees = [arrays(ds) for ds in datasets]
+  return _ChunkData(True, *(jax.device_put(jax.tree.map(lambda *a: np.stack(a), *parts))
+                            for parts in zip(*trees)))
 
 
 def _step_bytes(program: Program, state: trainer.TrainState, data: _ChunkData
@@ -148,11 +146,11 @@ def _step_bytes(program: Program, state: trainer.TrainState, data: _ChunkData
     return jax.ShapeDtypeStruct(shape if runs is None else (runs,) + shape, x.dtype)
 
   def bytes_for(n: int) -> Optional[int]:
-    data_spec = [spec(a, n if data.per_run else None, data.per_run)
-                 for a in (data.train_images, data.train_labels, data.mean, data.std)]
-    args = (jax.tree.map(lambda x: spec(x, n, False), state), *data_spec[:2],
+    train, stats = (jax.tree.map(lambda a: spec(a, n if data.per_run else None, data.per_run),
+                                 tree) for tree in (data.train, data.stats))
+    args = (jax.tree.map(lambda x: spec(x, n, False), state), train,
             jax.ShapeDtypeStruct((n, program.config.batch_size), jnp.int32),
-            jax.ShapeDtypeStruct((n,), jax.random.key(0).dtype), *data_spec[2:])
+            jax.ShapeDtypeStruct((n,), jax.random.key(0).dtype), stats)
     return compiled_bytes(step.lower(*args).compile())
 
   return bytes_for

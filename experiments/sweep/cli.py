@@ -4,7 +4,6 @@ grid axes as lists.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
 from absl import flags
@@ -65,8 +64,7 @@ def define_flags() -> None:
 def configs_from_flags() -> list[Config]:
   """The grid of the parsed flags (raises ``ValueError`` naming the flag)."""
   f = flags.FLAGS
-  base = Config(**{field.name: getattr(f, field.name) for field in dataclasses.fields(Config)
-                   if field.name not in GRID_FIELDS})
+  base = Config(**config_lib.flag_values(exclude=GRID_FIELDS))
   lams = None if f.lam is None else _parse("lam", f.lam, float)
   return grid(base, lrs=_parse("lr", f.lr, float), lams=lams,
               seeds=_parse("seed", f.seed, int), methods=_parse("method", f.method, str))

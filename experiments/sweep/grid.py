@@ -93,15 +93,16 @@ def run_names(configs: Sequence[Config]) -> list[str]:
 
   Any other field that differs between the configs is appended (``_width=8``).
   """
-  varying = [f.name for f in dataclasses.fields(Config)
-             if f.name not in GRID_FIELDS and len({getattr(c, f.name) for c in configs}) > 1]
+  fields = dict.fromkeys(f.name for c in configs for f in dataclasses.fields(c))
+  varying = [name for name in fields
+             if name not in GRID_FIELDS and len({getattr(c, name, None) for c in configs}) > 1]
   names = []
   for c in configs:
     parts = [f"method={c.method}", f"lr={_format(float(c.lr))}"]
     if methods_lib.takes_lam(c.method):
       parts.append(f"lam={_format(float(c.lam_value))}")
     parts.append(f"seed={c.seed}")
-    parts += [f"{name}={_format(getattr(c, name))}" for name in varying]
+    parts += [f"{name}={_format(getattr(c, name, None))}" for name in varying]
     names.append("_".join(parts).replace(os.sep, "-"))
   return names
 

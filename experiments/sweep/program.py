@@ -6,6 +6,7 @@ functions that the strategies vmap or loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -15,8 +16,11 @@ from absl import logging
 
 import normreg
 
-from experiments import data as data_lib
 from experiments import errors
+from experiments import loop as loop_lib
+from experiments import network
+from experiments import steps as steps_lib
+from experiments import tasks as tasks_lib
 from experiments import trainer
 from experiments.config import Config
 from experiments.sweep.grid import recipe_for
@@ -29,11 +33,13 @@ from experiments.sweep.grid import recipe_for
 class Program:
   """What the runs of one vmapped program share (one method and all other settings).
 
-  Built by :func:`make_program` from the first run: the NNX graph definitions,
-  the scale-invariance groups and the injected optax chain (whose numbers come
-  from each run's state).
+  Built by :func:`make_program` from the first run: its task, the NNX graph
+  definitions, the scale-invariance groups and the injected optax chain (whose
+  numbers come from each run's state).
   """
   config: Config
+  task: tasks_lib.Task
+  budget: loop_lib.Budget
   graphdef: Any
   eval_graphdef: Any
   groups: Any
@@ -62,10 +68,13 @@ class Program:
       one = {"train_step": run_step, "eval_step": run_eval_step,
              "layer_metrics": run_layer_metrics}[name](self)
       if vmapped:
-        in_axes = {"train_step": (0, 0, 0, 0, 0, 0, 0), "eval_step": (0, 0, 0, 0, None, 0, 0),
+        # (state, train, idx, key, stats); (params, rest, batch, weights, stats); (before,
+        # after, lr): the task's data pytrees (train, batch, stats) have a run axis only
+        # with per-run data.
+        in_axes = {"train_step": (0, 0, 0, 0, 0), "eval_step": (0, 0, 0, None, 0),
                    "layer_metrics": (0, 0, 0)}[name]
         if name != "layer_metrics" and not per_run_data:
-          data = (1, 2, 5, 6) if name == "train_step" else (2, 3, 5, 6)
+          data = (1, 4) if name == "train_step" else (2, 4)
           in_axes = tuple(None if i in data else a for i, a in enumerate(in_axes))
         one = (jax.vmap(one, in_axes=in_axes) if name == "layer_metrics"
                else over_runs(one, in_axes, self.vmap_size))
@@ -85,27 +94,25 @@ def _same_groups(a: Any, b: Any) -> bool:
           and jax.tree.leaves(a, is_leaf=is_none) == jax.tree.leaves(b, is_leaf=is_none))
 
 
-def make_program(configs: Sequence[Config], datasets: Sequence[data_lib.Dataset],
+def make_program(configs: Sequence[Config], datasets: Sequence[Any],
                  vmap_size: Optional[int] = None) -> Program:
-  """The shared program of ``configs`` (one ``program_key``), ``datasets[i]`` run i's data.
+  """The shared program of ``configs`` (one ``program_key``), ``datasets[i]`` run i's data
+  (its task's, ``Task.load``).
 
-  Per distinct seed, the model is built by ``trainer.init_model``, as
-  ``train_and_evaluate`` builds it (groups found on the first 64 normalized
-  training images, ``--init_scale`` applied), and kept as the seed's initial
-  variables. The groups decide the optimizer's structure, so they must agree
+  Per distinct seed, the model is built by ``network.init_model``, as
+  ``train_and_evaluate`` builds it (groups found on the task's probe batch,
+  ``--init_scale`` applied), and kept as the seed's initial variables. The groups decide the optimizer's structure, so they must agree
   across seeds; they do for the models here, invariance being a property of
   the architecture.
   """
   config, dataset = configs[0], datasets[0]
-  n_train = dataset.train_images.shape[0]
-  steps_per_epoch = n_train // config.batch_size
-  total_steps = steps_per_epoch * config.epochs
+  budget = trainer.budget(config, dataset)
+  n_train = tasks_lib.num_examples(tasks_lib.of(config).arrays(dataset)[0])
   first, initial = None, {}
   for c, ds in zip(configs, datasets):
     if (c.seed, id(ds)) in initial:
       continue
-    model = trainer.init_model(c, ds.num_classes, ds.train_images,
-                               *data_lib.channel_stats(ds.train_images))
+    model = network.init_model(c, ds)
     if first is None:
       first = model
     elif not _same_groups(model.groups, first.groups):
@@ -114,14 +121,14 @@ def make_program(configs: Sequence[Config], datasets: Sequence[data_lib.Dataset]
     initial[(c.seed, id(ds))] = (model.params, model.rest)
   groups = first.groups
   logging.info("scale-invariant groups:\n%s", normreg.groups.summary(groups))
-  return Program(config=config, graphdef=first.graphdef, eval_graphdef=first.eval_graphdef,
-                 groups=groups, tx=recipe_for(config, groups, total_steps), n_train=n_train,
-                 steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+  return Program(config=config, task=tasks_lib.of(config), budget=budget,
+                 graphdef=first.graphdef, eval_graphdef=first.eval_graphdef, groups=groups,
+                 tx=recipe_for(config, groups, budget.total_steps), n_train=n_train,
+                 steps_per_epoch=budget.steps_per_epoch, total_steps=budget.total_steps,
                  vmap_size=vmap_size, initial=initial)
 
 
-def init_state(program: Program, config: Config,
-               dataset: data_lib.Dataset) -> trainer.TrainState:
+def init_state(program: Program, config: Config, dataset: Any) -> trainer.TrainState:
   """Run ``config``'s initial state: its seed's params and BatchNorm statistics (built
   by :func:`make_program` from the program's configs and datasets), and the injected
   chain's ``init`` (lr and lam in the state)."""
@@ -168,29 +175,32 @@ def over_runs(fn: Callable, in_axes: Sequence[Optional[int]],
 
 
 def run_step(program: Program) -> Callable:
-  """One run's ``step(state, images, labels, idx, key, mean, std) -> (state, metrics)``.
+  """One run's ``step(state, train, idx, key, stats) -> (state, metrics)``.
 
-  ``trainer.make_train_step`` with the step key and the data as arguments, so that one
-  trace serves every run: vmapped over a leading run axis (``state``, ``idx``, ``key``
-  and, with per-run data, the data) by :meth:`Program.jitted`, or called run after run.
+  ``steps.make_task_train_step`` with the step key and the task's data and statistics
+  as arguments, so that one trace serves every run: vmapped over a leading run axis
+  (``state``, ``idx``, ``key`` and, with per-run data, the data) by
+  :meth:`Program.jitted`, or called run after run.
   """
-  config = program.config
+  config, task = program.config, program.task
+  prepare = functools.partial(task.prepare, config)
 
-  def one(state, images, labels, idx, key, mean, std):
-    step = trainer.make_train_step(program.graphdef, program.tx, mean, std,
-                                   augment=config.augment, key=key,
-                                   **data_lib.augment_options(config.dataset))
-    return step(state, images, labels, idx)
+  def one(state, train, idx, key, stats):
+    step = steps_lib.make_task_train_step(program.graphdef, program.tx, task, prepare, stats,
+                                          key=key)
+    return step(state, train, idx)
 
   return one
 
 
 def run_eval_step(program: Program) -> Callable:
-  """One run's ``trainer.make_eval_step``: sums of loss and of correct over a batch."""
+  """One run's ``steps.make_task_eval_step``: the task's sums over a batch."""
+  task = program.task
+  prepare = functools.partial(task.prepare, program.config)
 
-  def one(params, rest, images, labels, weights, mean, std):
-    return trainer.make_eval_step(program.eval_graphdef, mean, std)(params, rest, images,
-                                                                    labels, weights)
+  def one(params, rest, batch, weights, stats):
+    return steps_lib.make_task_eval_step(program.eval_graphdef, task, prepare, stats)(
+        params, rest, batch, weights)
 
   return one
 
