@@ -9,7 +9,9 @@ and the sweep share them.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import sys
 from typing import Any, Optional, Sequence
 
 from absl import flags
@@ -145,10 +147,6 @@ class Config:
     if method.schedule is not None and self.schedule != method.schedule:
       raise errors.InputError(f"--method={self.method} {method.schedule_reason}; it needs "
                               f"--schedule={method.schedule}, got --schedule={self.schedule}.")
-    for name in ("train_size", "test_size", "width"):
-      value = getattr(self, name)
-      if value is not None and not value > 0:
-        raise errors.InputError(f"--{name} must be > 0, got {value}.")
     if self.lam is not None:
       if not method.lam:
         raise errors.InputError(
@@ -194,14 +192,20 @@ def config_class(task: Optional[str]) -> type:
         (name, Optional[option.kind] if option.default is None else option.kind,
          dataclasses.field(default=option.default)) for name, option in entry.options.items()]
     name = "".join(part.capitalize() for part in entry.name.split("_")) + "Config"
-    _CLASSES[key] = dataclasses.make_dataclass(name, fields, bases=(Config,), frozen=True)
+    cls = dataclasses.make_dataclass(name, fields, bases=(Config,), frozen=True)
+    cls.__module__ = __name__
+    globals()[name] = cls  # where pickle looks for it (the latest class of that name)
+    _CLASSES[key] = cls
   return _CLASSES[key]
 
 
 _HELP = {
     "task": tasks_lib.help_text(),
-    "data_dir": "Image folder (train/<class>/*, test/<class>/*) for --dataset=folder; tfds "
-                "data_dir for catalog data sets.",
+    "data_dir": "The task's data folder: for classification the image folder (train/<class>/*, "
+                "test/<class>/*) of --dataset=folder, or tfds' data_dir for catalog data sets.",
+    "task_module": "Modules to import before the flags are parsed, comma-separated: tasks of "
+                   "your own register there (experiments.tasks), and their options become "
+                   "flags.",
     "method": methods_lib.help_text(),
     "optimizer": f"Base optimizer: one of {', '.join(OPTIMIZERS)}.",
     "lr": "Peak learning rate (> 0).",
@@ -252,10 +256,33 @@ def _flag_fields() -> dict[str, dataclasses.Field]:
   return out
 
 
+def import_task_modules(argv: Sequence[str]) -> None:
+  """Imports the modules named by ``--task_module=A,B`` in ``argv``, before absl parses it
+  (their tasks' options must be flags by then). A module that fails to import is
+  reported by :func:`flag_values`, in one line."""
+  names = []
+  for i, arg in enumerate(argv):
+    if arg.startswith("--task_module="):
+      names += arg.partition("=")[2].split(",")
+    elif arg == "--task_module" and i + 1 < len(argv):
+      names += argv[i + 1].split(",")
+  for name in filter(None, (n.strip() for n in names)):
+    try:
+      importlib.import_module(name)
+    except Exception as e:  # pylint: disable=broad-except  (said in one line, at parse time)
+      _IMPORT_ERRORS.append(f"--task_module={name}: cannot import it ({type(e).__name__}: {e}).")
+
+
+_IMPORT_ERRORS: list[str] = []
+
+
 def define_flags() -> None:
-  """Declares one absl flag per Config field and task option (idempotent)."""
+  """Declares one absl flag per Config field and task option (idempotent), and
+  ``--task_module``, whose modules are imported first (:func:`import_task_modules`)."""
   if "method" in flags.FLAGS:
     return
+  import_task_modules(sys.argv)
+  flags.DEFINE_list("task_module", [], _HELP["task_module"])
   helps = {**_HELP, **tasks_lib.all_flags()}
   for field in _flag_fields().values():
     default, help_ = field.default, helps[field.name]
@@ -278,13 +305,16 @@ def from_flags() -> Config:
 def flag_values(exclude: Sequence[str] = ()) -> dict[str, Any]:
   """The parsed absl flags of ``--task``'s settings (:func:`config_class`) but
   ``exclude``. A task option given with another task is refused."""
+  if _IMPORT_ERRORS:
+    raise errors.InputError(_IMPORT_ERRORS[0])
   task = flags.FLAGS.task
-  if task not in tasks_lib.names():
-    raise errors.InputError(f"--task={task!r} is not one of {', '.join(tasks_lib.names())}.")
-  mine = {f.name for f in dataclasses.fields(config_class(task))}
+  tasks_lib.get(task)  # an unknown --task: one line naming it
+  mine = {f.name: f for f in dataclasses.fields(config_class(task))}
   for name, field in _flag_fields().items():
     if name not in mine and name in flags.FLAGS and getattr(flags.FLAGS, name) != field.default:
       owner = next(t for t in tasks_lib.names() if name in tasks_lib.get(t).options)
       raise errors.InputError(f"--{name} belongs to --task={owner}; drop it with "
                               f"--task={task}.")
-  return {name: getattr(flags.FLAGS, name) for name in mine if name not in exclude}
+  # A task registered after the flags were defined has no flags: its defaults hold.
+  return {name: getattr(flags.FLAGS, name) if name in flags.FLAGS else field.default
+          for name, field in mine.items() if name not in exclude}

@@ -199,7 +199,7 @@ def train(run: Run, state: Any, step: int, hooks: Hooks = Hooks()) -> Any:
               ) if log_now else None
     state, metrics = run.step(state, order[i])
     step += 1
-    seen += config.batch_size
+    seen += config.batch_size * run.task.units(config)
     if hooks.started and not started:
       hooks.started()
     started = True

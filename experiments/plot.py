@@ -447,9 +447,12 @@ def make_figures(runs: Sequence[Run], layers_regex: Optional[str] = None) -> dic
 
 def headline(run: Run) -> str:
   """The headline metric of the run's task (``experiments.tasks``; the default task's for
-  a run without config.json)."""
+  a run without config.json; the loss for a task not registered in this process)."""
   from experiments import tasks  # pylint: disable=g-import-not-at-top
-  return tasks.of(run.config).headline
+  try:
+    return tasks.of(run.config).headline
+  except errors.InputError:
+    return "loss"
 
 
 def plot_runs(runs: Sequence[Run], out_dir: str,

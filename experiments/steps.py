@@ -48,19 +48,23 @@ def gather(data: Any, idx: jax.Array) -> Any:
 
 
 def make_task_train_step(graphdef, tx: optax.GradientTransformation, task: tasks_lib.Task,
-                         prepare: Callable, stats: Any, *, key: jax.Array,
-                         batch_sharding: Optional[jax.sharding.Sharding] = None) -> Callable:
+                         config: Optional["Config"], stats: Any, *, key: jax.Array,
+                         batch_sharding: Optional[jax.sharding.Sharding] = None,
+                         prepare: Optional[Callable] = None) -> Callable:
   """``step(state, train, idx) -> (state, metrics)``, pure, to be jitted.
 
   ``train`` is the task's whole training set on the device (``Task.arrays``); ``idx``
-  the batch's indices, gathered inside the step (no per-step copy). ``prepare(batch,
-  stats, key)`` makes the model's input (``functools.partial(task.prepare, config)``),
-  with ``key = fold_in(key, step)``; ``task.loss`` scores the outputs, and the
-  metrics are the loss, ``task.train_metrics`` and the gradient's global norm.
+  the batch's indices, gathered inside the step (no per-step copy). The task's
+  ``prepare(config, batch, stats, key)`` makes the model's input (or ``prepare(batch,
+  stats, key)`` if given), with ``key = fold_in(key, step)``; ``task.loss`` scores the
+  outputs, and the metrics are the loss, ``task.train_metrics`` and the gradient's
+  global norm.
   With ``batch_sharding`` (data parallelism) the gathered batch is split over
   the devices; everything reduced over the batch (the loss, BatchNorm's batch
   statistics) is then reduced over the global batch by XLA.
   """
+
+  prepare = prepare or functools.partial(task.prepare, config)
 
   def step(state: TrainState, train, idx):
     batch = gather(train, idx)
@@ -72,14 +76,14 @@ def make_task_train_step(graphdef, tx: optax.GradientTransformation, task: tasks
       model = nnx.merge(graphdef, params, state.rest, copy=True)
       outputs = model(x)
       new_rest = nnx.split(model, nnx.Param, ...)[2]
-      return task.loss(outputs, batch), (outputs, new_rest)
+      return task.loss(config, outputs, batch), (outputs, new_rest)
 
     (loss, (outputs, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     bad = (state.first_bad_step < 0) & ~jnp.isfinite(loss)
     first_bad = jnp.where(bad, state.step, state.first_bad_step)
-    metrics = task.train_metrics(outputs, batch)
+    metrics = task.train_metrics(config, outputs, batch)
     new_state = TrainState(state.step + 1, params, rest, opt_state, first_bad)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                              for g in jax.tree.leaves(grads)))
@@ -88,13 +92,16 @@ def make_task_train_step(graphdef, tx: optax.GradientTransformation, task: tasks
   return step
 
 
-def make_task_eval_step(eval_graphdef, task: tasks_lib.Task, prepare: Callable,
-                        stats: Any) -> Callable:
-  """``eval_step(params, rest, batch, weights) -> task.eval_sums`` (weighted sums)."""
+def make_task_eval_step(eval_graphdef, task: tasks_lib.Task, config: Optional["Config"],
+                        stats: Any, prepare: Optional[Callable] = None) -> Callable:
+  """``eval_step(params, rest, batch, weights) -> task.eval_sums`` (weighted sums); the
+  input is ``task.prepare(config, batch, stats, None)``, or ``prepare(batch, stats,
+  None)`` if given."""
+  prepare = prepare or functools.partial(task.prepare, config)
 
   def eval_step(params, rest, batch, weights):
     outputs = nnx.merge(eval_graphdef, params, rest)(prepare(batch, stats, None))
-    return task.eval_sums(outputs, batch, weights)
+    return task.eval_sums(config, outputs, batch, weights)
 
   return eval_step
 
@@ -161,8 +168,8 @@ def eval_batches(data: Any, batch_size: int, axis: int = 0):
     yield jax.tree.map(cut, data), w
 
 
-def evaluate(eval_step, task: tasks_lib.Task, params, rest, test: Any, batch_size: int,
-             sharding: Optional[jax.sharding.Sharding] = None,
+def evaluate(eval_step, task: tasks_lib.Task, config: "Config", params, rest, test: Any,
+             batch_size: int, sharding: Optional[jax.sharding.Sharding] = None,
              progress: bool = False) -> dict[str, float]:
   """``task.eval_metrics`` over the whole test set; the last batch is padded and masked.
 
@@ -181,7 +188,7 @@ def evaluate(eval_step, task: tasks_lib.Task, params, rest, test: Any, batch_siz
       totals[name] = totals.get(name, 0.0) + float(records.host_value(value))
     bar.update(1)
   bar.close()
-  return task.eval_metrics(totals, n)
+  return task.eval_metrics(config, totals, n)
 
 
 def progress_bar(total: int, enabled: bool, initial: int = 0, desc: Optional[str] = None,

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import re
 import signal
 import sys
@@ -169,16 +168,17 @@ def train_and_evaluate(config: Config, workdir: str, *, dataset: Optional[Any] =
   Ctrl-C (SIGINT) or SIGTERM (a preemption) stops after the current step, saves it
   and raises ``errors.Interrupted``: the same call resumes from there. On several
   hosts every process saves the same step (JAX's preemption sync point). A checkpoint
-  is saved at each epoch's end, and every ``config.checkpoint_every`` steps if set.
+  is saved at each evaluation (``config.eval_every`` steps, or each epoch's end), and
+  every ``config.checkpoint_every`` steps if set.
 
   Args:
     config: the run's settings (validated here).
     workdir: folder for config.json, metrics.jsonl and checkpoints/.
-    dataset: an already loaded ``experiments.data.Dataset`` (tests, sweeps);
+    dataset: the task's data, already loaded (``Task.load``; tests, sweeps);
       default: loaded from ``config``.
     interrupt_after_step: stop (as if killed) right after this step, without
       saving: for tests of resumption.
-    progress: show a progress bar and a line per epoch.
+    progress: show a progress bar and a line per evaluation.
     devices: devices to train on, data-parallel (batch split, params
       replicated); default all of them. Multi-host: call
       ``jax.distributed.initialize()`` first (``--distributed``).
@@ -262,8 +262,8 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
   n_train = tasks_lib.num_examples(host_train)
   if config.batch_size > n_train:
     raise errors.InputError(f"--batch_size={config.batch_size} is larger than the training set "
-                            f"({n_train} {task.unit}); lower --batch_size or raise "
-                            "--train_size.")
+                            f"({n_train} examples); lower --batch_size or give more data"
+                            + (" (--train_size)." if "train_size" in task.flags else "."))
   devices = list(jax.devices() if devices is None else devices)
   if config.batch_size % len(devices):
     raise errors.InputError(f"--batch_size={config.batch_size} must be divisible by the number "
@@ -313,11 +313,10 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
   # differ only in them share one too. The optimizer is rebuilt from them in the trace,
   # with the state's structure that initial_state's made.
   hyper = methods_lib.step_hyperparameters(config)
-  prepare = functools.partial(task.prepare, config)
 
   def keyed_step(state, train, idx, key_data, hyper_values):
     run_tx = make_step_optimizer(config, groups, total_steps, hyper_values)
-    return make_task_train_step(graphdef, run_tx, task, prepare, stats,
+    return make_task_train_step(graphdef, run_tx, task, config, stats,
                                 key=jax.random.wrap_key_data(key_data),
                                 batch_sharding=batch_sharding)(state, train, idx)
 
@@ -329,7 +328,7 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
       keyed_step, in_shardings=(replicated, replicated, batch_sharding, replicated, replicated),
       out_shardings=(replicated, replicated),
       donate_argnums=() if jax.default_backend() == "cpu" else 0)
-  eval_step = jax.jit(make_task_eval_step(eval_graphdef, task, prepare, stats))
+  eval_step = jax.jit(make_task_eval_step(eval_graphdef, task, config, stats))
   metrics_fn = jax.jit(make_layer_metrics(config, groups))
 
   def save(at: int, state) -> None:
@@ -376,7 +375,7 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
       task=task, config=config, budget=run_budget, key=key, n_train=n_train,
       step=lambda s, idx: train_step(s, train_data, shard_batch_indices(idx, batch_sharding),
                                      step_key, hyper_values),
-      evaluate=lambda s: evaluate(eval_step, task, s.params, s.rest, host_test,
+      evaluate=lambda s: evaluate(eval_step, task, config, s.params, s.rest, host_test,
                                   config.batch_size, sharding=replicated, progress=show),
       layer_metrics=lambda before, after, lr: metrics_fn(before, after, learning_rate=lr),
       rate=grouped_schedule(config, schedule), log=log,

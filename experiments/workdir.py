@@ -21,8 +21,8 @@ What a run does with its folder before it reads any data or compiles anything:
 - Settings: a folder whose ``config.json`` holds other settings is refused,
   naming them, when it holds a checkpoint; without a checkpoint (a run that
   diverged or failed before its first epoch ended) nothing worth keeping was
-  trained, and the new settings start afresh. ``--checkpoint_every`` may change
-  between launches (:data:`FREE_SETTINGS`). More ``--epochs`` or ``--steps``
+  trained, and the new settings start afresh. ``--checkpoint_every`` and
+  ``--eval_every`` may change between launches (:data:`FREE_SETTINGS`). More ``--epochs`` or ``--steps``
   (:data:`LENGTH_SETTINGS`) with a constant schedule continue a finished run from
   its last checkpoint (every other step is unchanged); ``restart=True`` (``--restart``) discards what the
   folder holds and starts afresh.
@@ -62,7 +62,7 @@ RUN_FILES = (CONFIG, "metrics.jsonl", "tensorboard", CHECKPOINTS, CHECKPOINTS + 
              "figures", FAULTS)
 CLOUD_SCHEMES = ("gs",)
 # Settings a resumed run may change: they say when to save, not what is trained.
-FREE_SETTINGS = ("checkpoint_every",)
+FREE_SETTINGS = ("checkpoint_every", "eval_every")
 # The run's length: on a constant schedule, changing it changes none of the steps trained.
 LENGTH_SETTINGS = ("epochs", "steps")
 HEARTBEAT_S = 30.0

@@ -1,9 +1,10 @@
 """experiments.tasks: the task registry, one training loop, and budgets in steps.
 
-A toy task, regression on random features, is registered in one place (``TOY``
-below) and trains through the launcher's trainer, a resume, the sweep (both
-strategies), the figures, the run cache and the launcher's last line; its test
-records are checked against a numpy forward pass of the final weights. Budgets in
+A toy task, regression on random features, is registered in one place
+(``tests/toy_task.py``) and trains through the launcher's trainer, a resume, the
+sweep (both strategies), the figures and the run cache, and through the command
+lines of the launcher and the sweep (``--task_module=toy_task``); its test records
+are checked against a numpy forward pass of the final weights. Budgets in
 steps (``--steps``, ``--eval_every``, ``--checkpoint_every``) are checked on the
 classification task, as is an exact resume from a step inside an epoch. A grep
 keeps the generic modules free of image-classification words.
@@ -12,98 +13,35 @@ keeps the generic modules free of image-classification words.
 import dataclasses
 import json
 import os
+import pickle
 import re
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import normreg
 from experiments import cache as cache_lib
-from experiments import config as config_lib
 from experiments import plot
 from experiments import sweep
 from experiments import tasks
-from experiments import train
 from experiments import trainer
 from experiments.config import Config
 
 import runs
+import toy_task
 
 
-class _Net(nnx.Module):
-  """x -> Linear (no bias) -> LayerNorm (no scale) -> relu -> Linear -> a number per row:
-  the first kernel is scale-invariant as a whole (the LayerNorm divides its scale out)."""
-
-  def __init__(self, features: int, hidden: int, rngs: nnx.Rngs):
-    self.inner = nnx.Linear(features, hidden, use_bias=False, rngs=rngs)
-    self.norm = nnx.LayerNorm(hidden, use_scale=False, use_bias=False, rngs=rngs)
-    self.outer = nnx.Linear(hidden, 1, rngs=rngs)
-
-  def __call__(self, x):
-    return self.outer(jax.nn.relu(self.norm(self.inner(x))))[:, 0]
-
-
-class ToyRegression(tasks.Task):
-  """Rows of Gaussian features, targets ``tanh(x @ w)``; mean squared error; test RMSE."""
-
-  name = "toy_regression"
-  headline = "rmse"
-  higher_is_better = False
-  unit = "rows"
-  help = "regression on random features (a test)"
-  options = {"features": tasks.Option(6, "Input features of the toy regression."),
-             "rows": tasks.Option(100, "Training rows; a third as many test rows."),
-             "hidden": tasks.Option(16, "Hidden units of the toy regression's network.")}
-
-  def validate(self, config):
-    if not config.rows > 0:
-      raise ValueError(f"--rows must be > 0, got {config.rows}.")
-
-  def load(self, config):
-    rng = np.random.default_rng(config.seed)
-    w = rng.standard_normal(config.features)
-    x = rng.standard_normal((config.rows + config.rows // 3, config.features))
-    y = np.tanh(x @ w)
-    n = config.rows
-    return ({"x": x[:n].astype(np.float32), "y": y[:n].astype(np.float32)},
-            {"x": x[n:].astype(np.float32), "y": y[n:].astype(np.float32)})
-
-  def arrays(self, data):
-    return data
-
-  def chance(self, data):
-    return float(np.sqrt(np.mean(np.square(data[1]["y"]))))  # predicting 0
-
-  def create_model(self, config, data):
-    return _Net(config.features, config.hidden, nnx.Rngs(config.seed))
-
-  def prepare(self, config, batch, stats, key):
-    return batch["x"]
-
-  def loss(self, outputs, batch):
-    return jnp.mean(jnp.square(outputs - batch["y"]))
-
-  def eval_sums(self, outputs, batch, weights):
-    return {"squares": jnp.sum(weights * jnp.square(outputs - batch["y"]))}
-
-  def eval_metrics(self, sums, n):
-    return {"loss": sums["squares"] / n, "rmse": float(np.sqrt(sums["squares"] / n))}
-
-
-# The one place the toy task is defined.
-TOY = ToyRegression()
+# The toy task lives in one place, tests/toy_task.py.
+TOY = toy_task.TOY
 BASE = dict(task="toy_regression", method="l2", lr=0.05, lam=1e-3, batch_size=16, epochs=3,
             log_every=2)
 
 
 @pytest.fixture
 def toy():
-  with tasks.registered(TOY) as task:
-    yield task
+  return tasks.get(TOY.name)  # registered by importing toy_task
 
 
 def _numpy_rmse(params, test) -> float:
@@ -141,8 +79,6 @@ def test_a_registered_task_trains_through_train_resume_sweep_plot_and_cache(toy,
   run = plot.read_run(str(tmp_path / "alone"))
   assert "rmse.png" in plot.make_figures([run]) and "accuracy.png" not in plot.make_figures(
       [run])
-  assert train.finish(str(tmp_path / "alone"), 1.0, figures=False).startswith(
-      f"test rmse {tests[-1]['rmse']:.4f} after 3 epochs (18 steps")
 
   # Resume: killed after step 8 (checkpoint at step 6), then the same call goes on.
   trainer.train_and_evaluate(config, str(tmp_path / "resumed"), dataset=data, progress=False,
@@ -173,10 +109,12 @@ def test_a_registered_task_trains_through_train_resume_sweep_plot_and_cache(toy,
 
 
 def test_a_task_option_is_a_setting_and_a_flag(toy):
+  del toy
   config = Config(**BASE, features=3)
   assert config.features == 3 and dataclasses.replace(config, lr=0.1).features == 3
   assert json.loads(config.to_json())["features"] == 3
   assert Config.from_dict(json.loads(config.to_json())) == config
+  assert pickle.loads(pickle.dumps(config)) == config
   with pytest.raises(ValueError, match="--rows must be > 0"):
     Config(**BASE, rows=0).validate()
   # The classification task's flags are refused with another task, and the reverse.
@@ -185,6 +123,39 @@ def test_a_task_option_is_a_setting_and_a_flag(toy):
   with pytest.raises(TypeError):
     Config(features=3)  # not a setting of the default task
   assert "toy_regression (regression on random features (a test))" in tasks.help_text()
+
+
+@pytest.mark.slow
+def test_the_command_lines_train_a_task_named_by_its_module(tmp_path):
+  """``--task_module=toy_task`` registers the task before the flags are parsed: its
+  options are flags of the launcher and of the sweep, and the last line names its
+  headline."""
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")])}
+  common = ["--task_module=toy_task", "--task=toy_regression", "--rows=64", "--features=4",
+            "--batch_size=16", "--log_every=2", "--method=spherical"]
+  result = runs.command("experiments.train", f"--workdir={tmp_path / 'run'}", "--steps=6",
+                        "--eval_every=3", "--lr=0.05", "--nofigures", *common, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  tests = [r for r in runs.read_metrics(str(tmp_path / "run")) if r["kind"] == "test"]
+  assert [r["step"] for r in tests] == [3, 6] and "rows_per_sec" in tests[-1]
+  last = result.stdout.strip().splitlines()[-1]
+  assert last.startswith(f"test rmse {tests[-1]['rmse']:.4f} after 1.5 epochs (6 steps"), last
+  with open(tmp_path / "run" / "config.json") as f:
+    assert json.load(f)["rows"] == 64
+  result = runs.command("experiments.sweep", f"--workdir={tmp_path / 'sweep'}", "--epochs=1",
+                        "--lr=0.05,0.1", "--strategy=sequential", *common, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "sweep")) == ["method=spherical_lr=0.05_seed=0",
+                                                     "method=spherical_lr=0.1_seed=0"]
+  # An option of the toy task with the default task, and a module that cannot be
+  # imported: one line each, naming the flag.
+  result = runs.command("experiments.train", f"--workdir={tmp_path / 'bad'}",
+                        "--task_module=toy_task", "--rows=64", env=env)
+  runs.one_line(result, "experiments.train", "--rows belongs to --task=toy_regression")
+  result = runs.command("experiments.train", f"--workdir={tmp_path / 'bad'}",
+                        "--task_module=no_such_module", env=env)
+  runs.one_line(result, "experiments.train", "--task_module=no_such_module: cannot import")
 
 
 def test_an_unknown_task_is_refused_naming_the_flag():

@@ -236,8 +236,9 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
     n_train = tasks_lib.num_examples(task.arrays(datasets[i])[0])
     if configs[i].batch_size > n_train:
       raise errors.InputError(f"--batch_size={configs[i].batch_size} is larger than the "
-                              f"training set ({n_train} {task.unit}); lower --batch_size or "
-                              "raise --train_size.")
+                              f"training set ({n_train} examples); lower --batch_size or give "
+                              "more data"
+                              + (" (--train_size)." if "train_size" in task.flags else "."))
   # Checked: now write (each process its own runs). An unfinished run starts over.
   for i, run_dir in enumerate(run_dirs):
     if i not in mine:

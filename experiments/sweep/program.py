@@ -6,7 +6,6 @@ functions that the strategies vmap or loop.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -183,10 +182,9 @@ def run_step(program: Program) -> Callable:
   :meth:`Program.jitted`, or called run after run.
   """
   config, task = program.config, program.task
-  prepare = functools.partial(task.prepare, config)
 
   def one(state, train, idx, key, stats):
-    step = steps_lib.make_task_train_step(program.graphdef, program.tx, task, prepare, stats,
+    step = steps_lib.make_task_train_step(program.graphdef, program.tx, task, config, stats,
                                           key=key)
     return step(state, train, idx)
 
@@ -195,12 +193,9 @@ def run_step(program: Program) -> Callable:
 
 def run_eval_step(program: Program) -> Callable:
   """One run's ``steps.make_task_eval_step``: the task's sums over a batch."""
-  task = program.task
-  prepare = functools.partial(task.prepare, program.config)
-
   def one(params, rest, batch, weights, stats):
-    return steps_lib.make_task_eval_step(program.eval_graphdef, task, prepare, stats)(
-        params, rest, batch, weights)
+    return steps_lib.make_task_eval_step(program.eval_graphdef, program.task, program.config,
+                                         stats)(params, rest, batch, weights)
 
   return one
 

@@ -62,8 +62,8 @@ class _VmappedChunk:
       sums = jax.device_get(self._eval(self.state.params, self.state.rest, batch, w, d.stats))
       for name, value in sums.items():
         totals[name] = totals.get(name, 0.0) + np.asarray(value, np.float64)
-    return [task.eval_metrics({k: float(v[r]) for k, v in totals.items()}, n)
-            for r in range(self.n)]
+    return [task.eval_metrics(self.program.config, {k: float(v[r]) for k, v in totals.items()},
+                              n) for r in range(self.n)]
 
   def block(self) -> None:
     jax.block_until_ready(self.state.params)
@@ -121,12 +121,13 @@ class _SequentialChunk:
         key=jax.random.key(config.seed), n_train=program.n_train,
         step=lambda s, idx: self.run_step(r, s, idx),
         evaluate=lambda s: steps_lib.evaluate(
-            lambda p, rest, b, w: self._eval(p, rest, b, w, d.stats), program.task, s.params,
-            s.rest, d.test, config.batch_size),
+            lambda p, rest, b, w: self._eval(p, rest, b, w, d.stats), program.task, config,
+            s.params, s.rest, d.test, config.batch_size),
         layer_metrics=lambda before, after, lr: self._metrics(before, after, jnp.float32(lr)),
         rate=trainer.grouped_schedule(config, trainer.make_schedule(config,
                                                                     program.total_steps)),
-        log=log, copy_before=jax.default_backend() != "cpu")
+        log=log, copy_before=jax.default_backend() != "cpu",
+        note=lambda line: logging.info("%s: %s", os.path.basename(run_dir), line))
     try:
       return loop_lib.train(run, self.states[r], 0, loop_lib.Hooks(progress=progress))
     except loop_lib.NonFiniteLossError as e:
@@ -233,7 +234,7 @@ def _train_vmapped(program: Program, chunk: "_VmappedChunk", configs, keys, run_
     before = chunk.params(copy=donated) if log_now else None
     m = chunk.step(order[:, i])
     step += 1
-    seen += config.batch_size
+    seen += config.batch_size * program.task.units(config)
     if log_now:
       lrs = [float(rate(step - 1)) for rate in rates]  # the rate each run's step used
       lrs_all = lrs + [lrs[-1]] * (size - n_real)

@@ -26,22 +26,27 @@ What a task says (the methods of :class:`Task`):
 - how a batch becomes the model's input inside the jitted step
   (:meth:`Task.prepare`: augmentation, normalization, packing), with a PRNG key
   in training and ``None`` in evaluation;
-- its loss and training metrics (:meth:`Task.loss`, :meth:`Task.train_metrics`);
+- its loss and training metrics (:meth:`Task.loss`, :meth:`Task.train_metrics`),
+  traced inside the step;
 - its evaluation: sums over a batch (:meth:`Task.eval_sums`, weighted so that
   padding counts for nothing) and their final form (:meth:`Task.eval_metrics`,
   e.g. a root mean square error or bits per byte);
 - its headline metric (:attr:`Task.headline`, what the launcher's last line and
   the figures report), whether higher is better, the level of a model that
   learned nothing (:meth:`Task.chance`, a diverged run's score) and what its
-  throughput counts (:attr:`Task.unit`: ``"tokens"`` gives ``tokens_per_sec``).
+  throughput counts (:attr:`Task.unit`, :meth:`Task.units`: ``"tokens"``, a
+  sequence's length each, gives ``tokens_per_sec``).
 
 Adding a task: subclass :class:`Task`, fill in the methods, :func:`register` an
-instance (or add it to :data:`REGISTRY`); docs/experiments.md, "Adding a task",
-walks through one. ``tests/test_tasks.py`` registers a toy task in one place and
-trains it through the launcher's trainer, the sweep and a resume.
+instance (or add it to :data:`REGISTRY`) in a module of your own, and name that
+module to the command line with ``--task_module=MODULE`` (it is imported before
+the flags are parsed, so that its options are flags); docs/experiments.md,
+"Adding a task", walks through one. ``tests/test_tasks.py`` registers a toy task
+in one place (``tests/toy_task.py``) and trains it through the launcher (library
+and command line), a resume, the sweep, the figures and the run cache.
 
-Each method takes the run's ``Config`` (``experiments.config``) where it needs a
-setting. This package stands below the config: it imports nothing of it.
+Every method takes the run's ``Config`` (``experiments.config``) first. This package
+stands below the config: it imports nothing of it.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
+
+from experiments import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +90,8 @@ class Task:
       only this task reads (refused by the others in the same way).
     headline: the ``eval_metrics`` key that sums a run up (``"bits_per_byte"``).
     higher_is_better: whether a larger ``headline`` is better.
-    unit: what one example is, for the throughput (``"tokens"``: the test
-      records' ``tokens_per_sec``).
+    unit: what the throughput counts (``"tokens"``: the test records'
+      ``tokens_per_sec``); :meth:`units` says how many an example holds.
     help: one line for ``--task``'s help.
   """
 
@@ -109,7 +116,8 @@ class Task:
   def data_key(self, config) -> Any:
     """What :meth:`load` reads depends on, hashable: runs with one key share their data
     (a sweep loads it once). Default: the task's flags, ``data_dir`` and the seed."""
-    return (tuple(getattr(config, f) for f in self.flags), config.data_dir, config.seed)
+    return (tuple(getattr(config, f) for f in (*self.flags, *self.options)), config.data_dir,
+            config.seed)
 
   def arrays(self, data) -> tuple[Any, Any]:
     """``(train, test)``: pytrees of host arrays, every leaf with the examples first."""
@@ -124,6 +132,11 @@ class Task:
     """:attr:`headline` of a model that learned nothing (a diverged run's score)."""
     raise NotImplementedError
 
+  def units(self, config) -> int:
+    """How many :attr:`unit` one example holds (default 1; a sequence's tokens)."""
+    del config
+    return 1
+
   # ------------------------------------------------------------------------ the model
 
   def create_model(self, config, data) -> Any:
@@ -135,21 +148,22 @@ class Task:
     augmentation), ``None`` in evaluation and for the groups' probe batch."""
     raise NotImplementedError
 
-  def loss(self, outputs, batch) -> jax.Array:
+  def loss(self, config, outputs, batch) -> jax.Array:
     """The scalar training loss of the model's ``outputs`` on ``batch``."""
     raise NotImplementedError
 
-  def train_metrics(self, outputs, batch) -> dict[str, jax.Array]:
+  def train_metrics(self, config, outputs, batch) -> dict[str, jax.Array]:
     """Scalars recorded beside the loss at each logged step (default: none)."""
-    del outputs, batch
+    del config, outputs, batch
     return {}
 
-  def eval_sums(self, outputs, batch, weights) -> dict[str, jax.Array]:
+  def eval_sums(self, config, outputs, batch, weights) -> dict[str, jax.Array]:
     """Sums over the batch, each example weighted by ``weights`` (0 for padding)."""
     raise NotImplementedError
 
-  def eval_metrics(self, sums: dict[str, float], n: int) -> dict[str, float]:
-    """The test record's metrics from the sums over the ``n`` test examples."""
+  def eval_metrics(self, config, sums: dict[str, float], n: int) -> dict[str, float]:
+    """The test record's metrics from the sums over the ``n`` test examples; they must
+    hold :attr:`headline`."""
     raise NotImplementedError
 
 
@@ -163,7 +177,12 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: Optional[str]) -> Task:
-  """The entry of ``name`` (``None``: the default task); ``KeyError`` if there is none."""
+  """The entry of ``name`` (``None``: the default task); ``errors.InputError`` naming
+  ``--task`` if there is none."""
+  if (name or DEFAULT) not in REGISTRY:
+    raise errors.InputError(
+        f"--task={name!r} is not one of {', '.join(REGISTRY)}; a task of your own is "
+        "registered by its module: name it with --task_module=MODULE.")
   return REGISTRY[name or DEFAULT]
 
 
@@ -177,6 +196,8 @@ def register(task: Task) -> Task:
   """Adds ``task`` to :data:`REGISTRY` (its name must be new); returns it."""
   if task.name in REGISTRY:
     raise ValueError(f"--task={task.name} is already registered.")
+  for name, option in task.options.items():
+    option.kind  # pylint: disable=pointless-statement  (raises for a type flags cannot hold)
   for other in REGISTRY.values():
     for name in task.options:
       if name in other.options and other.options[name] != task.options[name]:

@@ -67,6 +67,10 @@ class ImageClassification(tasks.Task):
     if config.dataset == "folder" and not config.data_dir:
       raise errors.InputError("--dataset=folder needs --data_dir=DIR (a folder with "
                               "train/<class>/ and test/<class>/ image subfolders).")
+    for name in ("train_size", "test_size", "width"):
+      value = getattr(config, name)
+      if value is not None and not value > 0:
+        raise errors.InputError(f"--{name} must be > 0, got {value}.")
 
   def load(self, config) -> data_lib.Dataset:
     return data_lib.load(config.dataset, data_dir=config.data_dir,
@@ -98,19 +102,19 @@ class ImageClassification(tasks.Task):
       x = data_lib.augment(key, x, **data_lib.augment_options(config.dataset))
     return data_lib.normalize(x, stats["mean"], stats["std"])
 
-  def loss(self, outputs, batch) -> jax.Array:
+  def loss(self, config, outputs, batch) -> jax.Array:
     return cross_entropy(outputs, batch["labels"])
 
-  def train_metrics(self, outputs, batch) -> dict[str, jax.Array]:
+  def train_metrics(self, config, outputs, batch) -> dict[str, jax.Array]:
     return {"accuracy": jnp.mean(jnp.argmax(outputs, -1) == batch["labels"])}
 
-  def eval_sums(self, outputs, batch, weights) -> dict[str, jax.Array]:
+  def eval_sums(self, config, outputs, batch, weights) -> dict[str, jax.Array]:
     losses = optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32),
                                                              batch["labels"])
     correct = (jnp.argmax(outputs, -1) == batch["labels"]).astype(jnp.float32)
     return {"loss": jnp.sum(losses * weights), "correct": jnp.sum(correct * weights)}
 
-  def eval_metrics(self, sums: dict[str, float], n: int) -> dict[str, float]:
+  def eval_metrics(self, config, sums: dict[str, float], n: int) -> dict[str, float]:
     return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n}
 
 
@@ -155,9 +159,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mean, std, *,
   of this task with ``images``/``labels`` for the training set, ``mean``/``std`` for its
   statistics, and :func:`data.augment` with ``pad`` and ``flip`` if ``augment``."""
   from experiments import steps  # pylint: disable=g-import-not-at-top
-  step = steps.make_task_train_step(graphdef, tx, TASK, _image_prepare(augment, pad, flip),
-                               {"mean": mean, "std": std}, key=key,
-                               batch_sharding=batch_sharding)
+  step = steps.make_task_train_step(graphdef, tx, TASK, None, {"mean": mean, "std": std},
+                                    key=key, batch_sharding=batch_sharding,
+                                    prepare=_image_prepare(augment, pad, flip))
   return lambda state, images, labels, idx: step(state, {"images": images, "labels": labels},
                                                  idx)
 
@@ -165,8 +169,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mean, std, *,
 def make_eval_step(eval_graphdef, mean, std) -> Callable:
   """``eval_step(params, rest, images, labels, weights) -> (sum loss, sum correct)``."""
   from experiments import steps  # pylint: disable=g-import-not-at-top
-  step = steps.make_task_eval_step(eval_graphdef, TASK, _image_prepare(False, 0, False),
-                              {"mean": mean, "std": std})
+  step = steps.make_task_eval_step(eval_graphdef, TASK, None, {"mean": mean, "std": std},
+                                   prepare=_image_prepare(False, 0, False))
 
   def eval_step(params, rest, images, labels, weights):
     sums = step(params, rest, {"images": images, "labels": labels}, weights)
