@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 import signal
 import sys
@@ -132,6 +133,8 @@ def make_step_optimizer(config: Config, groups, total_steps: int,
 
 
 changed_settings = workdir_lib.changed_settings
+# What a task records about its data (Task.describe), beside config.json.
+DATA_FILE = "data.json"
 
 
 def write_config(workdir: Any, config: Config) -> None:
@@ -355,6 +358,9 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
     if writer:
       folder.mkdir(parents=True, exist_ok=True)
       write_config(folder, config)
+      described = task.describe(ds)
+      if described:
+        workdir_lib.write_atomic(folder / DATA_FILE, json.dumps(described, indent=2))
 
   def after_step(at: int, state) -> bool:
     last["state"] = state

@@ -59,7 +59,7 @@ FAULTS = "faults.log"  # what libraries printed around a fault (experiments.faul
 # What a run writes into its folder (``--restart`` removes these, and nothing else).
 # (checkpoints_unrestorable/: those experiments.checkpoint moved aside on resume.)
 RUN_FILES = (CONFIG, "metrics.jsonl", "tensorboard", CHECKPOINTS, CHECKPOINTS + "_unrestorable",
-             "figures", FAULTS)
+             "figures", FAULTS, "data.json")
 CLOUD_SCHEMES = ("gs",)
 # Settings a resumed run may change: they say when to save, not what is trained.
 FREE_SETTINGS = ("checkpoint_every", "eval_every")

@@ -132,6 +132,12 @@ class Task:
     """:attr:`headline` of a model that learned nothing (a diverged run's score)."""
     raise NotImplementedError
 
+  def describe(self, data) -> dict[str, Any]:
+    """What the run's folder records about its data (``data.json``; default: nothing,
+    and no file)."""
+    del data
+    return {}
+
   def units(self, config) -> int:
     """How many :attr:`unit` one example holds (default 1; a sequence's tokens)."""
     del config
@@ -242,4 +248,4 @@ def num_examples(tree: Any) -> int:
 
 
 # The built-in tasks register themselves.
-from experiments.tasks import classification  # pylint: disable=wrong-import-position,unused-import
+from experiments.tasks import classification, lm  # pylint: disable=wrong-import-position,unused-import

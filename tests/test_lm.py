@@ -1,0 +1,138 @@
+"""The language-model task (``--task=lm``) and its data (``experiments.text``).
+
+The data's split is held to the SHA-256 rule written out here; bad folders give
+one line naming the file; a tiny model trains through the launcher (library and
+command line) from the standard library's sources, starts at the uniform
+distribution's 8 bits per byte, and its validation bits per byte match a
+recomputation from its final weights with numpy's log-softmax.
+"""
+
+import hashlib
+import json
+import math
+import os
+import platform
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import tasks
+from experiments import text
+from experiments import trainer
+from experiments.config import Config
+
+import runs
+
+TINY_LM = dict(task="lm", seq_len=32, n_layers=1, d_model=32, n_heads=2, batch_size=8,
+               train_sequences=64, test_sequences=20, log_every=2)
+
+
+def _by_hand_in_test(relative: str) -> bool:
+  value = int(hashlib.sha256(relative.encode()).hexdigest()[:16], 16)
+  return value < text.TEST_FRACTION * 16 ** 16
+
+
+def test_a_folder_is_split_by_the_hash_of_each_path(tmp_path):
+  names = [f"d{i % 3}/f{i}.txt" for i in range(60)]
+  for i, name in enumerate(names):
+    os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+    (tmp_path / name).write_text(f"file {i} " * 40)
+  (tmp_path / ".hidden").write_bytes(b"\0binary, but hidden: skipped")
+  data = text.load(str(tmp_path), seq_len=16)
+  test = sorted(n for n in names if _by_hand_in_test(n))
+  assert test and data.test_files == len(test) and data.train_files == len(names) - len(test)
+  test_bytes = b"".join((tmp_path / n).read_bytes() for n in test)
+  assert data.test_bytes == len(test_bytes)
+  np.testing.assert_array_equal(data.test.reshape(-1),
+                                np.frombuffer(test_bytes[:data.test.size], np.uint8))
+  assert data.train.shape[1] == 17 and data.train.dtype == np.uint8
+
+
+def test_one_file_is_split_by_its_last_bytes(tmp_path):
+  (tmp_path / "a.txt").write_bytes(bytes(range(32, 127)) * 20)
+  data = text.load(str(tmp_path / "a.txt"), seq_len=9)
+  cut = int(1900 * (1 - text.TEST_FRACTION))
+  assert (data.train_bytes, data.test_bytes) == (cut, 1900 - cut)
+  assert data.test[0, 0] == (bytes(range(32, 127)) * 20)[cut]
+
+
+def test_the_standard_library_is_the_offline_default():
+  data = text.load(None, seq_len=64)
+  assert platform.python_version() in data.source and data.test_files > 0
+  root = text.stdlib_root()
+  assert data.train_bytes + data.test_bytes == sum(
+      os.path.getsize(os.path.join(root, f)) for f in text._files(root, True))  # pylint: disable=protected-access
+  assert 0.01 < data.test_bytes / (data.train_bytes + data.test_bytes) < 0.15
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "holds no text"),
+    (lambda p: (p / "x.bin").write_bytes(b"ab\0cd"),
+     r"x.bin is not text \(a NUL byte at offset 2\)"),
+    (lambda p: os.symlink(p / "gone", p / "link.txt"), "cannot read"),
+])
+def test_a_bad_folder_is_one_line_naming_the_file(tmp_path, make, message):
+  make(tmp_path)
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    text.load(str(tmp_path), seq_len=8)
+  with pytest.raises(FileNotFoundError, match="--data_dir=.*missing does not exist"):
+    text.load(str(tmp_path / "missing"), seq_len=8)
+
+
+def test_bad_lm_settings_name_the_flag():
+  with pytest.raises(ValueError, match="--d_model=30 must be divisible by --n_heads=4"):
+    Config(task="lm", d_model=30).validate()
+  with pytest.raises(ValueError, match="--seq_len must be > 0"):
+    Config(task="lm", seq_len=0).validate()
+  with pytest.raises(ValueError, match="--dataset belongs to --task=classification"):
+    Config(task="lm", dataset="cifar10").validate()
+
+
+@pytest.mark.slow
+def test_a_tiny_language_model_trains_from_the_standard_library(tmp_path):
+  config = Config(**{**TINY_LM, "log_every": 1}, method="decoupled", optimizer="adam",
+                  lr=3e-3, lam=0.1, steps=8, eval_every=4).validate()
+  task = tasks.get("lm")
+  data = task.load(config)
+  state = trainer.train_and_evaluate(config, str(tmp_path), dataset=data, progress=False,
+                                     tensorboard=False)
+  records = runs.read_metrics(str(tmp_path))
+  trains = [r for r in records if r["kind"] == "train"]
+  tests = [r for r in records if r["kind"] == "test"]
+  # A step's record holds the loss before its update: the first is the model at init,
+  # close to uniform over 256 bytes (kernels of std 0.02): 8 bits.
+  assert trains[0]["step"] == 1 and abs(trains[0]["bits_per_byte"] - 8.0) < 0.05
+  assert trains[0]["loss"] == pytest.approx(trains[0]["bits_per_byte"] * math.log(2), rel=1e-5)
+  assert [r["step"] for r in tests] == [4, 8] and tests[-1]["bits_per_byte"] < 8.0
+  assert tests[-1]["tokens_per_sec"] > 0 and "images_per_sec" not in tests[-1]
+  # The validation's sums against the final weights and numpy's log-softmax.
+  model = nnx.merge(trainer.initial_state(config, data)[0].eval_graphdef, state.params,
+                    state.rest)
+  tokens = data.test.astype(np.int32)
+  logits = np.asarray(jax.jit(lambda x: model(x))(tokens[:, :-1]), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  nats = -np.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+  assert tests[-1]["bits_per_byte"] == pytest.approx(nats / math.log(2), rel=1e-5)
+  # The scale-invariant weights of the sandwich block were found and are measured.
+  layers = trains[-1]["layers"]
+  for name in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/up", "mlp/down"):
+    assert any(name in layer for layer in layers), (name, sorted(layers))
+  assert not any("gate" in layer or "embed" in layer for layer in layers)
+  with open(tmp_path / "data.json") as f:
+    described = json.load(f)
+  assert described["train_sequences"] == 64 and platform.python_version() in (
+      described["source"])
+
+
+@pytest.mark.slow
+def test_the_launcher_trains_a_language_model_offline(tmp_path):
+  result = runs.command("experiments.train", f"--workdir={tmp_path}", "--task=lm",
+                        "--seq_len=32", "--n_layers=1", "--d_model=32", "--n_heads=2",
+                        "--batch_size=8", "--train_sequences=48", "--test_sequences=16",
+                        "--steps=4", "--method=spherical", "--lr=0.05", "--nofigures")
+  assert result.returncode == 0, result.stderr[-3000:]
+  last = result.stdout.strip().splitlines()[-1]
+  assert last.startswith("test bits_per_byte "), last
