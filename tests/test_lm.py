@@ -136,3 +136,28 @@ def test_the_launcher_trains_a_language_model_offline(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   last = result.stdout.strip().splitlines()[-1]
   assert last.startswith("test bits_per_byte "), last
+
+
+@pytest.mark.slow
+def test_every_launcher_method_trains_the_language_model(tmp_path):
+  """Each ``--method`` of the registry, on its own base optimizer and schedule where it
+  needs one, takes finite steps on the LM's groups and measures every grouped weight."""
+  from experiments import methods  # pylint: disable=g-import-not-at-top
+  base = dict(TINY_LM, seq_len=16, d_model=16, steps=3, log_every=1, test_sequences=8)
+  data = tasks.get("lm").load(Config(**base))
+  names = set()
+  for name in methods.names():
+    method = methods.get(name)
+    optimizer = method.optimizer or ("adam" if name in ("decoupled", "adamp") else "sgd")
+    config = Config(**base, method=name, optimizer=optimizer,
+                    lr=3e-3 if optimizer == "adam" else 0.05,
+                    **({"schedule": method.schedule} if method.schedule else {})).validate()
+    trainer.train_and_evaluate(config, str(tmp_path / name), dataset=data, progress=False,
+                               tensorboard=False)
+    records = runs.read_metrics(str(tmp_path / name))
+    test = [r for r in records if r["kind"] == "test"][-1]
+    assert math.isfinite(test["bits_per_byte"]) and test["bits_per_byte"] < 8.1, name
+    layers = [r for r in records if r["kind"] == "train"][-1]["layers"]
+    assert all(math.isfinite(v) for layer in layers.values() for v in layer.values()), name
+    names.add(tuple(sorted(layers)))
+  assert len(names) == 1  # every method measures the same grouped weights
