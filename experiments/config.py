@@ -20,7 +20,7 @@ from experiments import errors
 from experiments import methods as methods_lib
 from experiments import tasks as tasks_lib
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "muon")
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "bfloat16")
 # The default of --lam, for the methods that take it (experiments.methods: Method.lam).
@@ -138,6 +138,12 @@ class Config:
         if getattr(self, flag) and self.method != owner.name:
           raise errors.InputError(f"--{flag} {what}; it needs --method={owner.name}, "
                                   f"got --method={self.method}.")
+    if self.optimizer == "muon" and not method.muon:
+      raise errors.InputError(f"--method={self.method} has no Muon form yet; use "
+                              "--optimizer=sgd or adam, or a method that takes Muon's "
+                              "direction as it is: " + ", ".join(
+                                  m.name for m in methods_lib.REGISTRY.values() if m.muon)
+                              + ".")
     if method.optimizer is not None and self.optimizer != method.optimizer:
       raise errors.InputError(f"--method={self.method} {method.optimizer_reason}; it needs "
                               f"--optimizer={method.optimizer}, got --optimizer={self.optimizer}.")
@@ -207,7 +213,9 @@ _HELP = {
                    "your own register there (experiments.tasks), and their options become "
                    "flags.",
     "method": methods_lib.help_text(),
-    "optimizer": f"Base optimizer: one of {', '.join(OPTIMIZERS)}.",
+    "optimizer": f"Base optimizer: one of {', '.join(OPTIMIZERS)} (optax.contrib.muon: "
+                 "orthogonalized Nesterov momentum, beta 0.95, on the matrices, Adam on the "
+                 "rest; --momentum is SGD's).",
     "lr": "Peak learning rate (> 0).",
     "momentum": "Heavy-ball momentum for SGD (Adam uses its own b1).",
     "lam": f"L2 coefficient (lam*||w||^2) for --method=l2, exp_lr and rotational (whose "

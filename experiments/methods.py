@@ -84,10 +84,19 @@ class Parts:
     return self.config.optimizer == "sgd"
 
   def direction(self) -> optax.GradientTransformation:
-    """The base optimizer without its learning rate: momentum (SGD) or Adam's scaling."""
+    """The base optimizer without its learning rate: momentum (SGD), Adam's scaling, or
+    Muon's (``optax.contrib.muon`` at rate -1, which is its update with the sign of a
+    direction: orthogonalized Nesterov momentum on the matrices the task names,
+    ``Task.matrix_axes``, Adam with Nesterov momentum on the rest)."""
     if self.sgd:
       mu = self.config.momentum
       return optax.trace(decay=mu) if mu else optax.identity()
+    if self.config.optimizer == "muon":
+      from experiments import tasks  # pylint: disable=g-import-not-at-top
+      task, config = tasks.of(self.config), self.config
+      return optax.contrib.muon(
+          learning_rate=-1.0,
+          muon_weight_dimension_numbers=lambda params: task.matrix_axes(config, params))
     return optax.scale_by_adam()
 
   def rates(self) -> optax.GradientTransformation:
@@ -138,6 +147,8 @@ class Method:
     time_constant: steps of the norm's approach to equilibrium, ``None``
       without one; may raise ``ValueError`` where theory has no closed form.
     angle: angle per step at equilibrium, or the one it sets; ``None`` without.
+    muon: takes ``--optimizer=muon`` (the methods that use the base direction as it
+      is; the others have no Muon form yet).
     folded: the settings (``"lr"``, ``"lam"``) its chain multiplies by another
       number when it is built (AdamP's ``lam * wd_ratio``): they stay constants of
       the compiled step (:func:`step_hyperparameters`), where that product is
@@ -158,6 +169,7 @@ class Method:
   grouped_rate: Optional[Callable[["Config", optax.Schedule], optax.Schedule]] = None
   time_constant: Optional[Theory] = None
   angle: Optional[Theory] = None
+  muon: bool = False
   folded: tuple[str, ...] = ()
 
   @property
@@ -295,8 +307,8 @@ def _exp_lr_rate(config: "Config", schedule: optax.Schedule) -> optax.Schedule:
 
 def _l2_time_constant(c: "Config", lr: float) -> float:
   if c.optimizer != "sgd":
-    raise ValueError("Adam with coupled L2 has no closed-form time constant in "
-                     "normreg.theory")
+    raise ValueError(f"{'Adam' if c.optimizer == 'adam' else 'Muon'} with coupled L2 has no "
+                     "closed-form time constant in normreg.theory")
   return _closed("time_constant_sgd", lr, 2 * c.lam_value, c.momentum)
 
 
@@ -311,13 +323,17 @@ def _decay(c: "Config", lr: float) -> float:
   return c.lam_value * lr / c.lr if c.corrected_decay else c.lam_value
 
 
-def _decoupled_time_constant(c: "Config", lr: float) -> float:
+def _decoupled_time_constant(c: "Config", lr: float) -> Optional[float]:
+  if c.optimizer == "muon":
+    return None  # Muon's equilibrium is not derived in normreg.theory yet
   if c.optimizer == "sgd":
     return _closed("time_constant_sgdw", lr, _decay(c, lr))
   return _closed("time_constant_adamw", lr, _decay(c, lr))
 
 
-def _decoupled_angle(c: "Config", lr: float) -> float:
+def _decoupled_angle(c: "Config", lr: float) -> Optional[float]:
+  if c.optimizer == "muon":
+    return None  # Muon's equilibrium is not derived in normreg.theory yet
   if c.optimizer == "sgd":
     return _closed("equilibrium_angle_sgdw", lr, _decay(c, lr), c.momentum)
   return _closed("equilibrium_angle_adamw", lr, _decay(c, lr), 0.9)
@@ -346,14 +362,15 @@ def _rotational_angle(c: "Config", lr: float) -> float:
 # ----------------------------------------------------------------------- the registry
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("l2", _l2, help="coupled, loss + lam*||w||^2", lam=True,
+    Method("l2", _l2, help="coupled, loss + lam*||w||^2", lam=True, muon=True,
            time_constant=_l2_time_constant, angle=_l2_angle),
     Method("decoupled", _decoupled, help="optax add_decayed_weights, +lam*w", lam=True,
+           muon=True,
            options=(("corrected_decay", "corrects decoupled weight decay"),),
            time_constant=_decoupled_time_constant, angle=_decoupled_angle),
     Method("spherical", _spherical, help="unit norm, no lam", sets_angle=True),
-    Method("elr_rescale", _elr_rescale, help="update * ||w||^p", sets_angle=True),
-    Method("tangent", _tangent, help="radial part of the update removed"),
+    Method("elr_rescale", _elr_rescale, help="update * ||w||^p", sets_angle=True, muon=True),
+    Method("tangent", _tangent, help="radial part of the update removed", muon=True),
     Method("exp_lr", _exp_lr, lam=True, grouped_rate=_exp_lr_rate,
            help="no L2; their learning rate grows as lr*rho^(-2t-1), the exact twin of l2 "
                 "with the same --lam: Li & Arora 2019",
@@ -376,7 +393,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            help="AdamH: normalized Adam step on a fixed-norm sphere; --optimizer=adam",
            optimizer="adam", optimizer_reason="is Hyperball Adam (AdamH)",
            angle=lambda c, lr: _closed("angle_adamh", lr)),
-    Method("none", _none),
+    Method("none", _none, muon=True),
 )}
 
 

@@ -38,7 +38,8 @@ class TrainState(NamedTuple):
 
 
 def elr_power(config: "Config") -> int:
-  """Exponent of ``eta/||w||^p``: 2 for SGD, 1 for Adam."""
+  """Exponent of ``eta/||w||^p``: 2 for SGD, 1 for Adam and Muon (whose steps' sizes do not
+  follow the gradient's scale)."""
   return 2 if config.optimizer == "sgd" else 1
 
 

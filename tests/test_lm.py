@@ -161,3 +161,40 @@ def test_every_launcher_method_trains_the_language_model(tmp_path):
     assert all(math.isfinite(v) for layer in layers.values() for v in layer.values()), name
     names.add(tuple(sorted(layers)))
   assert len(names) == 1  # every method measures the same grouped weights
+  # Muon (orthogonalized momentum on each head's q, k, v, on o and the MLP; Adam on the
+  # rest) with decoupled decay on the invariant weights: it learns within the 3 steps.
+  config = Config(**base, method="decoupled", optimizer="muon", lr=0.02, lam=0.1).validate()
+  trainer.train_and_evaluate(config, str(tmp_path / "muon"), dataset=data, progress=False,
+                             tensorboard=False)
+  records = runs.read_metrics(str(tmp_path / "muon"))
+  assert [r for r in records if r["kind"] == "test"][-1]["bits_per_byte"] < 7.5
+
+
+def test_muon_is_optax_muon_on_the_matrices_and_adam_on_the_rest():
+  """``--optimizer=muon`` with ``--method=none`` steps as ``optax.contrib.muon`` itself
+  (the default task's matrices are optax's: the 2-D leaves)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  import normreg  # pylint: disable=g-import-not-at-top
+  from experiments import methods  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  params = {"w": rng.standard_normal((8, 6)), "v": rng.standard_normal((6, 5)),
+            "b": rng.standard_normal(6)}
+  params = jax.tree.map(lambda a: a.astype(np.float32), params)
+  groups = normreg.groups_from_rules(params, [(".*", None)])
+  config = Config(method="none", optimizer="muon", lr=0.02).validate()
+  ours = methods.make_optimizer(config, groups, optax.constant_schedule(0.02))
+  reference = optax.contrib.muon(0.02)
+  states = [ours.init(params), reference.init(params)]
+  for step in range(3):
+    grads = jax.tree.map(lambda a, s=step: np.sin(a * (s + 1)).astype(np.float32), params)
+    (u, states[0]), (r, states[1]) = (tx.update(grads, s, params)
+                                      for tx, s in zip((ours, reference), states))
+    for name in params:
+      np.testing.assert_allclose(u[name], r[name], rtol=1e-5, atol=1e-7)
+  # The matrices' steps are orthogonalized: 5 Newton-Schulz steps with Muon's coefficients
+  # leave the singular values within about [0.7, 1.2] of one scale, where the gradient's
+  # spread over more than that.
+  spread = lambda a: (lambda s: s.max() / s.min())(np.linalg.svd(np.asarray(a), compute_uv=False))
+  assert spread(u["w"]) < 2.0 < spread(grads["w"])
+  with pytest.raises(ValueError, match="--method=spherical has no Muon form yet"):
+    Config(method="spherical", optimizer="muon").validate()

@@ -138,6 +138,24 @@ class Task:
     del data
     return {}
 
+  def matrix_axes(self, config, params) -> Any:
+    """Per parameter, how ``--optimizer=muon`` sees it as matrices: an
+    ``optax.contrib.MuonDimensionNumbers`` (reduction and output axes; the others are
+    batch axes), or ``None`` for Adam. Default: every 2-D leaf a matrix (optax's own
+    rule), a 4-D convolution kernel ``(h, w, in, out)`` one ``(h*w*in, out)`` matrix,
+    the rest Adam."""
+    del config
+    from optax import contrib  # pylint: disable=g-import-not-at-top
+
+    def axes(x):
+      if x.ndim == 2:
+        return contrib.MuonDimensionNumbers(0, 1)
+      if x.ndim == 4:
+        return contrib.MuonDimensionNumbers((0, 1, 2), 3)
+      return None
+
+    return jax.tree.map(axes, params)
+
   def units(self, config) -> int:
     """How many :attr:`unit` one example holds (default 1; a sequence's tokens)."""
     del config

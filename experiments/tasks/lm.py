@@ -100,6 +100,24 @@ class LanguageModel(tasks.Task):
                               heads=config.n_heads, qk_norm="head", post_norm=True,
                               epsilon=config.norm_eps or 1e-6, rngs=nnx.Rngs(config.seed))
 
+  def matrix_axes(self, config, params) -> Any:
+    """Muon's matrices: each head's q, k, v ``(d, d_h)``, the output projection ``(heads
+    * d_h, d)`` and the MLP's; the embeddings, the head and the norms' scales go to Adam
+    (as in Muon's practice)."""
+    from optax import contrib  # pylint: disable=g-import-not-at-top
+    from normreg import groups  # pylint: disable=g-import-not-at-top
+
+    def axes(path, x):
+      name = groups.path_str(path)
+      if name.startswith(("embed", "head")) or x.ndim < 2:
+        return None
+      if x.ndim == 3:  # attention: (heads, d, d_h), or o: (heads, d_h, d)
+        return contrib.MuonDimensionNumbers((0, 1), 2) if name.endswith("/o") else (
+            contrib.MuonDimensionNumbers(1, 2))
+      return contrib.MuonDimensionNumbers(0, 1)
+
+    return jax.tree_util.tree_map_with_path(axes, params)
+
   def prepare(self, config, batch, stats, key: Optional[jax.Array]) -> jax.Array:
     return batch["tokens"][:, :-1].astype(jnp.int32)
 
