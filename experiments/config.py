@@ -73,6 +73,7 @@ class Config:
   ungrouped_lr: Optional[float] = None
   norm_eps: Optional[float] = None
   corrected_decay: bool = False
+  decay_all_matrices: bool = False
   adamp_cosine: bool = False
 
   @property
@@ -138,6 +139,9 @@ class Config:
         if getattr(self, flag) and self.method != owner.name:
           raise errors.InputError(f"--{flag} {what}; it needs --method={owner.name}, "
                                   f"got --method={self.method}.")
+    if self.corrected_decay and self.decay_all_matrices:
+      raise errors.InputError("--corrected_decay decays the scale-invariant weights only; "
+                              "drop --decay_all_matrices with it.")
     if self.optimizer == "muon" and not method.muon:
       raise errors.InputError(f"--method={self.method} has no Muon form yet; use "
                               "--optimizer=sgd or adam, or a method that takes Muon's "
@@ -236,6 +240,10 @@ _HELP = {
                         "evaluation). A run resumes from its last checkpoint, mid-epoch "
                         "included, exactly; it may change between launches of one run.",
     "dtype": "Compute dtype of the network (params and optimizer state stay float32).",
+    "decay_all_matrices": "With --method=decoupled: decay every parameter of two or more "
+                          "dimensions (every matrix and kernel, the embeddings included), "
+                          "as AdamW is usually run, instead of exactly the scale-invariant "
+                          "weights.",
     "corrected_decay": "With --method=decoupled: decay scaled by lr_t/lr_max (Defazio 2025), "
                        "so that the equilibrium follows a decaying --schedule.",
     "adamp_cosine": "With --method=adamp: AdamP's cosine heuristic decides, at every step, "

@@ -212,8 +212,12 @@ def _decoupled(p: Parts):
         c.lam_value, p.schedule, p.groups, peak_learning_rate=c.lr), p.rates())
   # SGDW / AdamW: the direction (momentum or Adam) of the gradient only, then + lam*w,
   # then the learning rate (so the decay is multiplied by it, as in optax.adamw).
-  return optax.chain(p.direction(), normreg.add_decayed_weights(c.lam_value, p.groups),
-                     p.rates())
+  if c.decay_all_matrices:  # the usual practice: every parameter with ndim >= 2
+    decay = optax.add_decayed_weights(
+        c.lam_value, mask=lambda params: jax.tree.map(lambda w: w.ndim >= 2, params))
+  else:
+    decay = normreg.add_decayed_weights(c.lam_value, p.groups)
+  return optax.chain(p.direction(), decay, p.rates())
 
 
 def _spherical(p: Parts):
@@ -366,7 +370,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            time_constant=_l2_time_constant, angle=_l2_angle),
     Method("decoupled", _decoupled, help="optax add_decayed_weights, +lam*w", lam=True,
            muon=True,
-           options=(("corrected_decay", "corrects decoupled weight decay"),),
+           options=(("corrected_decay", "corrects decoupled weight decay"),
+                    ("decay_all_matrices", "decays every matrix")),
            time_constant=_decoupled_time_constant, angle=_decoupled_angle),
     Method("spherical", _spherical, help="unit norm, no lam", sets_angle=True),
     Method("elr_rescale", _elr_rescale, help="update * ||w||^p", sets_angle=True, muon=True),

@@ -198,3 +198,38 @@ def test_muon_is_optax_muon_on_the_matrices_and_adam_on_the_rest():
   assert spread(u["w"]) < 2.0 < spread(grads["w"])
   with pytest.raises(ValueError, match="--method=spherical has no Muon form yet"):
     Config(method="spherical", optimizer="muon").validate()
+
+
+def test_decay_on_every_matrix_against_decay_on_the_invariant_weights():
+  """``--decay_all_matrices`` (AdamW as usually run) adds ``lr * lam * w`` to the step of
+  every parameter of two or more dimensions; without it, of the grouped weights only
+  (which include a 1-D norm scale here: the attention pre-norm's, whose every output
+  is normalized again)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from experiments import methods, network  # pylint: disable=g-import-not-at-top
+  base = Config(**TINY_LM, method="decoupled", optimizer="adam", lr=0.01, lam=0.5)
+  data = tasks.get("lm").load(base)
+  model = network.init_model(base, data)
+  params = model.params
+  grads = jax.tree.map(lambda w: np.cos(np.asarray(w)).astype(np.float32), params)
+  steps = {}
+  for every in (False, True):
+    config = Config(**{**TINY_LM, "method": "decoupled", "optimizer": "adam", "lr": 0.01,
+                       "lam": 0.5, "decay_all_matrices": every}).validate()
+    tx = methods.make_optimizer(config, model.groups, optax.constant_schedule(0.01))
+    steps[every] = tx.update(grads, tx.init(params), params)[0]
+  flat = lambda tree: dict((trainer.normreg.groups.path_str(p), np.asarray(x)) for p, x in
+                           jax.tree_util.tree_leaves_with_path(tree))
+  grouped = {name for name, g in trainer.normreg.groups.groups_by_path(
+      model.groups, "test").items() if g is not None}
+  w, only, every = flat(params), flat(steps[False]), flat(steps[True])
+  for name in w:
+    decayed = (w[name].ndim >= 2) - (name in grouped)  # with the flag, less without it
+    np.testing.assert_allclose(every[name] - only[name], -0.01 * 0.5 * decayed * w[name],
+                               rtol=1e-4, atol=1e-8, err_msg=name)
+  # Each case is there: embed, head and gate (matrices, not invariant); the pre-norm's
+  # scale (invariant, a vector); q, k, v, o, up, down (both).
+  kinds = {((w[n].ndim >= 2), n in grouped) for n in w}
+  assert kinds >= {(True, False), (False, True), (True, True)}, kinds
+  with pytest.raises(ValueError, match="--decay_all_matrices .*needs --method=decoupled"):
+    Config(method="l2", decay_all_matrices=True).validate()
