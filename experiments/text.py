@@ -5,7 +5,7 @@ host memory as uint8, put it on the device once, and gather each batch inside th
 jitted step. A corpus of tens of megabytes (the default's 31 MB) is a few
 thousand batches of 128 sequences of 256 bytes.
 
-Sources (:func:`load`):
+Sources (:func:`load`, by ``--corpus``):
 
 * ``stdlib`` (the default): the source files (``*.py``) of the running Python's
   standard library, which every machine with Python has, so a run needs no network
@@ -13,14 +13,17 @@ Sources (:func:`load`):
   library's root (:func:`in_test_split`), so it is the same on every machine with
   the same Python version; the data's description names that version and the byte
   counts.
-* a text file or a folder of them (``--data_dir``): every file below the folder
-  (hidden ones and ``__pycache__`` skipped), split by the same hash; one file is
-  split by bytes (its last :data:`TEST_FRACTION`). A folder with no text, a binary
-  file (one with a NUL byte) or an unreadable file stops the load with one line
-  naming it.
-
-The tensorflow-datasets text catalog (``lm1b``, ``tiny_shakespeare``, ...) is not
-read here yet.
+* ``files``: a text file or a folder of them (``--data_dir``): every file below
+  the folder (hidden ones and ``__pycache__`` skipped), split by the same hash; one
+  file is split by bytes (its last :data:`TEST_FRACTION`). A folder with no text, a
+  binary file (one with a NUL byte) or an unreadable file stops the load with one
+  line naming it.
+* any other name is a text data set of the tensorflow-datasets catalog
+  (``tiny_shakespeare``, ``lm1b``, ...; its ``text`` feature), read with
+  ``tfds.data_source`` as ``experiments.data`` reads the image catalog: from
+  ``--data_dir`` (tfds' data folder) once prepared, downloaded and prepared on first
+  use where the network and the ``tfds`` extra allow, one line otherwise. Its own
+  ``train`` and ``test`` splits are used, each example followed by a newline.
 
 Each split's files are concatenated (sorted by path) and cut into non-overlapping
 windows of ``seq_len + 1`` bytes (:func:`sequences`): the model reads the first
@@ -119,21 +122,31 @@ def sequences(corpus: bytes, seq_len: int) -> np.ndarray:
   return np.frombuffer(corpus, np.uint8, count=n * (seq_len + 1)).reshape(n, seq_len + 1)
 
 
-def load(data_dir: Optional[str], seq_len: int) -> TextData:
-  """The corpus of ``data_dir`` (``None``: the standard library's sources), cut.
+STDLIB, FILES = "stdlib", "files"
+
+
+def load(data_dir: Optional[str], seq_len: int, corpus: Optional[str] = None) -> TextData:
+  """The ``corpus`` (``stdlib``, ``files`` from ``data_dir``, or a tfds catalog name;
+  default ``files`` with a ``data_dir``, else ``stdlib``), cut into sequences.
 
   Raises:
-    MissingInputError: a ``data_dir`` that does not exist, or a file that cannot be
-      read.
+    MissingInputError: a ``data_dir`` that does not exist, a file that cannot be
+      read, or a catalog data set that cannot be downloaded or read.
     InputError: a binary file, a corpus with no text, or one too short for a single
       sequence in either split.
   """
+  corpus = corpus or (FILES if data_dir else STDLIB)
+  if corpus not in (STDLIB, FILES):
+    return _checked(_load_catalog(corpus, data_dir, seq_len), seq_len, corpus)
   flag = "--data_dir"
-  if data_dir is None:
+  if corpus == STDLIB:
     root = stdlib_root()
     source = f"python {platform.python_version()} standard library ({root})"
     names = _files(root, python_only=True)
   else:
+    if data_dir is None:
+      raise errors.InputError("--corpus=files needs --data_dir=PATH (a text file or a folder "
+                              "of them).")
     root = os.path.abspath(os.path.expanduser(data_dir))
     if not os.path.exists(root):
       raise errors.MissingInputError(f"{flag}={data_dir} does not exist.")
@@ -154,10 +167,53 @@ def load(data_dir: Optional[str], seq_len: int) -> TextData:
     train_names, test_names = names, names
   out = TextData(sequences(train, seq_len), sequences(test, seq_len), source, len(train),
                  len(test), len(train_names), len(test_names))
-  for split, array, size in (("training", out.train, len(train)),
-                             ("validation", out.test, len(test))):
+  return _checked(out, seq_len, root)
+
+
+def _checked(data: TextData, seq_len: int, where: str) -> TextData:
+  for split, array, size in (("training", data.train, data.train_bytes),
+                             ("validation", data.test, data.test_bytes)):
     if not array.shape[0]:
-      raise errors.InputError(f"{flag}: the {split} split of {root} holds {size} bytes, "
-                              f"fewer than one sequence of --seq_len={seq_len} + 1; give more "
-                              "text or a shorter --seq_len.")
-  return out
+      raise errors.InputError(f"the {split} split of {where} holds {size} bytes, fewer than "
+                              f"one sequence of --seq_len={seq_len} + 1; give more text or a "
+                              "shorter --seq_len.")
+  return data
+
+
+def _load_catalog(name: str, data_dir: Optional[str], seq_len: int) -> TextData:
+  """A text data set of the tensorflow-datasets catalog (its ``text`` feature)."""
+  from experiments import data as data_lib  # pylint: disable=g-import-not-at-top
+  flag = f"--corpus={name}"
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise errors.MissingExtraError(
+        f"{flag} is read with tensorflow-datasets, which is not installed; pip install -e "
+        "'.[experiments]', or use --corpus=stdlib or --corpus=files --data_dir=DIR.") from e
+  try:
+    sources = data_lib._data_source(tfds, name, data_dir)  # pylint: disable=protected-access
+  except ImportError as e:
+    raise errors.MissingExtraError(
+        f"{flag}: downloading and preparing it needs {e.name or 'a module'} ({e}); pip "
+        "install -e '.[tfds]', or use --corpus=stdlib.") from e
+  except (OSError, ConnectionError, tfds.download.DownloadError) as e:
+    raise errors.MissingInputError(
+        f"{flag}: could not download or read it ({type(e).__name__}: {e}); check the "
+        "network and --data_dir, or use --corpus=stdlib.") from e
+  except Exception as e:  # pylint: disable=broad-except  (tfds: an unknown name, ...)
+    raise errors.InputError(f"{flag}: tensorflow-datasets cannot read it "
+                            f"({type(e).__name__}: {e}).") from None
+  texts = []
+  for source in sources:
+    if "text" not in source.dataset_info.features:
+      raise errors.InputError(f"{flag} has no 'text' feature (it has "
+                              f"{', '.join(source.dataset_info.features)}); give a text data "
+                              "set.")
+    texts.append(b"".join(_as_bytes(source[i]["text"]) + b"\n" for i in range(len(source))))
+  train, test = texts
+  return TextData(sequences(train, seq_len), sequences(test, seq_len),
+                  f"tensorflow-datasets {name} (train, test)", len(train), len(test), 1, 1)
+
+
+def _as_bytes(value) -> bytes:
+  return value.encode() if isinstance(value, str) else bytes(value)

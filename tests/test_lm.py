@@ -233,3 +233,28 @@ def test_decay_on_every_matrix_against_decay_on_the_invariant_weights():
   assert kinds >= {(True, False), (False, True), (True, True)}, kinds
   with pytest.raises(ValueError, match="--decay_all_matrices .*needs --method=decoupled"):
     Config(method="l2", decay_all_matrices=True).validate()
+
+
+@pytest.mark.slow
+def test_a_catalog_text_data_set_is_read_with_tfds(tmp_path):
+  """``--corpus=tiny_shakespeare`` under ``tfds.testing.mock_data`` (no download): its
+  train and test splits, each example's text and a newline."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=3):
+    source = tfds.data_source("tiny_shakespeare", split="test")
+    texts = [source[i]["text"] for i in range(len(source))]  # str or bytes, as tfds gives
+    expected = b"".join((t.encode() if isinstance(t, str) else bytes(t)) + b"\n"
+                        for t in texts)
+    data = text.load(None, seq_len=8, corpus="tiny_shakespeare")
+    config = Config(task="lm", corpus="tiny_shakespeare", seq_len=8, n_layers=1, d_model=16,
+                    n_heads=2, batch_size=2, steps=2, test_sequences=0,
+                    method="none").validate()
+    trainer.train_and_evaluate(config, str(tmp_path), progress=False, tensorboard=False)
+  assert data.test_bytes == len(expected) and "tiny_shakespeare" in data.source
+  np.testing.assert_array_equal(data.test.reshape(-1),
+                                np.frombuffer(expected[:data.test.size], np.uint8))
+  assert [r["kind"] for r in runs.read_metrics(str(tmp_path))][-1] == "test"
+  with pytest.raises(ValueError, match="--corpus=files needs --data_dir"):
+    text.load(None, seq_len=8, corpus="files")
+  with pytest.raises(ValueError, match="give --corpus=files to read it"):
+    Config(task="lm", data_dir=str(tmp_path)).validate()

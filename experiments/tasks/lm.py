@@ -41,6 +41,11 @@ class LanguageModel(tasks.Task):
   unit = "tokens"
   help = "a byte-level transformer language model; bits per byte"
   options = {
+      "corpus": tasks.Option(
+          "stdlib", "Text of the language model (--task=lm): stdlib (the running Python's "
+          "standard library sources, offline), files (the text file or folder --data_dir), "
+          "or a tensorflow-datasets text data set (tiny_shakespeare, lm1b, ...; --data_dir "
+          "is then tfds' data folder)."),
       "seq_len": tasks.Option(128, "Bytes the language model reads per sequence (--task=lm)."),
       "n_layers": tasks.Option(2, "Transformer blocks of the language model (--task=lm)."),
       "d_model": tasks.Option(64, "Width of the language model (--task=lm)."),
@@ -61,17 +66,21 @@ class LanguageModel(tasks.Task):
                               f"--n_heads={config.n_heads}.")
     if config.train_sequences is not None and not config.train_sequences > 0:
       raise errors.InputError(f"--train_sequences must be > 0, got {config.train_sequences}.")
+    if config.corpus == text.STDLIB and config.data_dir:
+      raise errors.InputError(f"--data_dir={config.data_dir} with --corpus=stdlib: give "
+                              "--corpus=files to read it (or a catalog name, whose tfds data "
+                              "folder it is).")
     if not config.test_sequences >= 0:
       raise errors.InputError(f"--test_sequences must be >= 0 (0: all), got "
                               f"{config.test_sequences}.")
 
   def data_key(self, config) -> Any:
     subset = config.train_sequences is not None or config.test_sequences
-    return (config.data_dir, config.seq_len, config.train_sequences, config.test_sequences,
-            config.seed if subset else None)  # the seed draws the subsets only
+    return (config.corpus, config.data_dir, config.seq_len, config.train_sequences,
+            config.test_sequences, config.seed if subset else None)  # (subsets: the seed)
 
   def load(self, config) -> text.TextData:
-    data = text.load(config.data_dir, config.seq_len)
+    data = text.load(config.data_dir, config.seq_len, config.corpus)
     rng = np.random.default_rng(config.seed)
     train, test = data.train, data.test
     if config.train_sequences is not None:
