@@ -89,6 +89,18 @@ def budget(config: Config, data) -> Budget:
   return Budget.of(config, tasks_lib.num_examples(tasks_lib.of(config).arrays(data)[0]))
 
 
+def check_batch_size(config: Config, data) -> int:
+  """The training examples of the task's ``data``; ``errors.InputError`` naming
+  ``--batch_size`` if one batch needs more."""
+  task = tasks_lib.of(config)
+  n_train = tasks_lib.num_examples(task.arrays(data)[0])
+  if config.batch_size > n_train:
+    raise errors.InputError(f"--batch_size={config.batch_size} is larger than the training set "
+                            f"({n_train} examples); lower --batch_size or give more data"
+                            + (" (--train_size)." if "train_size" in task.flags else "."))
+  return n_train
+
+
 def initial_state(config: Config, dataset) -> tuple[Model, optax.Schedule,
                                                   optax.GradientTransformation, "TrainState"]:
   """A run's model, schedule, optimizer and initial ``TrainState`` (on this host).
@@ -262,11 +274,7 @@ def _train(config: Config, folder: epath.Path, *, dataset, interrupt_after_step,
 
   ds = dataset if dataset is not None else task.load(config)
   host_train, host_test = task.arrays(ds)
-  n_train = tasks_lib.num_examples(host_train)
-  if config.batch_size > n_train:
-    raise errors.InputError(f"--batch_size={config.batch_size} is larger than the training set "
-                            f"({n_train} examples); lower --batch_size or give more data"
-                            + (" (--train_size)." if "train_size" in task.flags else "."))
+  n_train = check_batch_size(config, ds)
   devices = list(jax.devices() if devices is None else devices)
   if config.batch_size % len(devices):
     raise errors.InputError(f"--batch_size={config.batch_size} must be divisible by the number "

@@ -82,7 +82,6 @@ import jax
 from absl import logging
 
 from experiments import errors
-from experiments import tasks as tasks_lib
 from experiments import trainer
 from experiments.config import Config
 from experiments.sweep.grid import (  # pylint: disable=unused-import
@@ -232,13 +231,7 @@ def train_grid(configs: Sequence[Config], workdir: str, *,
   datasets = _load_datasets([configs[i] for i in todo], dataset)
   datasets = dict(zip(todo, datasets))
   for i in todo:
-    task = tasks_lib.of(configs[i])
-    n_train = tasks_lib.num_examples(task.arrays(datasets[i])[0])
-    if configs[i].batch_size > n_train:
-      raise errors.InputError(f"--batch_size={configs[i].batch_size} is larger than the "
-                              f"training set ({n_train} examples); lower --batch_size or give "
-                              "more data"
-                              + (" (--train_size)." if "train_size" in task.flags else "."))
+    trainer.check_batch_size(configs[i], datasets[i])
   # Checked: now write (each process its own runs). An unfinished run starts over.
   for i, run_dir in enumerate(run_dirs):
     if i not in mine:
