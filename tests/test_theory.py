@@ -302,18 +302,22 @@ def test_weight_decay_timescale_is_the_ema_horizon_of_adamw():
 
 _VALID = dict(lr=0.1, lam_wd=0.01, wd=0.01, momentum=0.9, b1=0.9, b2=0.99, grad_norm=1.0,
               init_norm=1.0, rtol=0.01, step=10, wd_ratio=0.1, target_angle=0.01, tau=10.0,
-              steps_per_epoch=100, terms=1000)
+              steps_per_epoch=100, terms=1000, correlation=20.0, update_sq_norm=10.0)
 _BAD = {"lr": [0.0, -0.1], "grad_norm": [0.0, -1.0], "init_norm": [0.0, -1.0],
         "rtol": [0.0, -0.1], "lam_wd": [-0.01], "wd": [-0.01], "momentum": [1.0, -0.1],
-        "b1": [1.0, -0.1], "b2": [1.0, -0.1], "tau": [0.0, -1.0]}
+        "b1": [1.0, -0.1], "b2": [1.0, -0.1], "tau": [0.0, -1.0], "correlation": [0.0, -1.0],
+        "update_sq_norm": [0.0, -1.0]}
 # theory.__all__, not vars(theory): a mutation tool adds module-level copies of each function.
 _CHECKED = [(name, arg) for name in theory.__all__
             for arg in inspect.signature(getattr(theory, name)).parameters if arg in _BAD]
 
 
 def test_all_lists_every_public_function():
-  public = {name for name, fn in vars(theory).items() if inspect.isfunction(fn)
-            and fn.__module__ == theory.__name__ and not name.startswith(("_", "x_"))}
+  # (a function under functools.lru_cache is its __wrapped__)
+  public = {name for name, fn in vars(theory).items()
+            if inspect.isfunction(getattr(fn, "__wrapped__", fn))
+            and getattr(fn, "__module__", None) == theory.__name__
+            and not name.startswith(("_", "x_"))}
   assert public == set(theory.__all__)
 
 
