@@ -20,6 +20,7 @@ from experiments import errors
 from experiments import methods as methods_lib
 from experiments import tasks as tasks_lib
 
+ADAM_EPS = 1e-8  # optax's default
 OPTIMIZERS = ("sgd", "adam", "muon")
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "bfloat16")
@@ -75,6 +76,7 @@ class Config:
   corrected_decay: bool = False
   decay_all_matrices: bool = False
   adamp_cosine: bool = False
+  adam_eps: float = ADAM_EPS
 
   @property
   def lam_value(self) -> float:
@@ -148,6 +150,14 @@ class Config:
                               "direction as it is: " + ", ".join(
                                   m.name for m in methods_lib.REGISTRY.values() if m.muon)
                               + ".")
+    if not self.adam_eps > 0:
+      raise errors.InputError(f"--adam_eps must be > 0, got {self.adam_eps}.")
+    if self.adam_eps != ADAM_EPS and (self.optimizer == "sgd" or not method.muon):
+      raise errors.InputError(
+          f"--adam_eps={self.adam_eps} is the epsilon of --optimizer=adam's or muon's own "
+          f"direction; --optimizer={self.optimizer} --method={self.method} does not use it "
+          "(methods that do: " + ", ".join(m.name for m in methods_lib.REGISTRY.values()
+                                          if m.muon) + ").")
     if method.optimizer is not None and self.optimizer != method.optimizer:
       raise errors.InputError(f"--method={self.method} {method.optimizer_reason}; it needs "
                               f"--optimizer={method.optimizer}, got --optimizer={self.optimizer}.")
@@ -245,6 +255,11 @@ _HELP = {
                           "weights.",
     "corrected_decay": "With --method=decoupled: decay scaled by lr_t/lr_max (Defazio 2025), "
                        "so that the equilibrium follows a decaying --schedule.",
+    "adam_eps": "Epsilon of --optimizer=adam's direction (optax.scale_by_adam) and of "
+                "--optimizer=muon's (its orthogonalization and its Adam), for the methods "
+                "that take that direction as it is; default 1e-8. It breaks the "
+                "c-rescaling equivalence where gradients are near it (experiments."
+                "reproduce_lm).",
     "adamp_cosine": "With --method=adamp: AdamP's cosine heuristic decides, at every step, "
                     "which weights to project (instead of the exact groups).",
     "norm_eps": "Epsilon of the normalization layers (default 1e-5). It breaks their scale "
@@ -322,14 +337,26 @@ def flag_values(exclude: Sequence[str] = ()) -> dict[str, Any]:
   ``exclude``. A task option given with another task is refused."""
   if _IMPORT_ERRORS:
     raise errors.InputError(_IMPORT_ERRORS[0])
-  task = flags.FLAGS.task
+  task = model_task()
   tasks_lib.get(task)  # an unknown --task: one line naming it
   mine = {f.name: f for f in dataclasses.fields(config_class(task))}
+  given = {"model": mine["model"].default} if task != flags.FLAGS.task else {}
   for name, field in _flag_fields().items():
     if name not in mine and name in flags.FLAGS and getattr(flags.FLAGS, name) != field.default:
       owner = next(t for t in tasks_lib.names() if name in tasks_lib.get(t).options)
       raise errors.InputError(f"--{name} belongs to --task={owner}; drop it with "
                               f"--task={task}.")
   # A task registered after the flags were defined has no flags: its defaults hold.
-  return {name: getattr(flags.FLAGS, name) if name in flags.FLAGS else field.default
-          for name, field in mine.items() if name not in exclude}
+  values = {name: getattr(flags.FLAGS, name) if name in flags.FLAGS else field.default
+            for name, field in mine.items() if name not in exclude}
+  values.update({k: v for k, v in given.items() if k in values})
+  return values | ({"task": task} if "task" in values else {})
+
+
+def model_task() -> str:
+  """``--task``, or the task ``--model`` names: ``--model=lm`` is ``--task=lm`` (a model
+  name that is a task's, given with the default ``--task``)."""
+  task, model = flags.FLAGS.task, flags.FLAGS.model
+  if (task == tasks_lib.DEFAULT and model != tasks_lib.DEFAULT and model in tasks_lib.names()):
+    return model
+  return task

@@ -95,9 +95,9 @@ class Parts:
       from experiments import tasks  # pylint: disable=g-import-not-at-top
       task, config = tasks.of(self.config), self.config
       return optax.contrib.muon(
-          learning_rate=-1.0,
+          learning_rate=-1.0, eps=config.adam_eps,
           muon_weight_dimension_numbers=lambda params: task.matrix_axes(config, params))
-    return optax.scale_by_adam()
+    return optax.scale_by_adam(eps=self.config.adam_eps)
 
   def rates(self) -> optax.GradientTransformation:
     """The learning rates: ``grouped`` on the groups, ``ungrouped`` (or it) elsewhere."""
@@ -286,11 +286,21 @@ def _hyperball(p: Parts):
 # ---------------------------------------------------------------- the grouped rates
 
 
+def muon_correlation() -> float:
+  """``S`` of Muon's equilibrium (``normreg.theory.muon_update_statistics``: the summed
+  autocorrelation of optax.contrib.muon's orthogonalized Nesterov momentum, beta 0.95, at
+  its default shape; cached)."""
+  return theory.muon_update_statistics()[1]
+
+
 def rotational_target(config: "Config") -> float:
   """The angle per step ``--method=rotational`` targets: the equilibrium angle of the same
-  recipe with its decay, SGD + coupled L2 (``lam_wd = 2 lam``) or AdamW (``b1 = 0.9``)."""
+  recipe with its decay, SGD + coupled L2 (``lam_wd = 2 lam``), AdamW (``b1 = 0.9``) or
+  Muon with decoupled decay (``normreg.theory.equilibrium_angle_muon``)."""
   if config.optimizer == "sgd":
     return theory.equilibrium_angle_sgd(config.lr, 2 * config.lam_value, config.momentum)
+  if config.optimizer == "muon":
+    return theory.equilibrium_angle_muon(config.lr, config.lam_value, muon_correlation())
   return theory.equilibrium_angle_adamw(config.lr, config.lam_value, 0.9)
 
 
@@ -329,15 +339,15 @@ def _decay(c: "Config", lr: float) -> float:
 
 def _decoupled_time_constant(c: "Config", lr: float) -> Optional[float]:
   if c.optimizer == "muon":
-    return None  # Muon's equilibrium is not derived in normreg.theory yet
+    return _closed("time_constant_muon", lr, _decay(c, lr))
   if c.optimizer == "sgd":
     return _closed("time_constant_sgdw", lr, _decay(c, lr))
   return _closed("time_constant_adamw", lr, _decay(c, lr))
 
 
 def _decoupled_angle(c: "Config", lr: float) -> Optional[float]:
-  if c.optimizer == "muon":
-    return None  # Muon's equilibrium is not derived in normreg.theory yet
+  if c.optimizer == "muon":  # (its orthogonalized matrices; the others are Adam's)
+    return _closed("equilibrium_angle_muon", lr, _decay(c, lr), muon_correlation())
   if c.optimizer == "sgd":
     return _closed("equilibrium_angle_sgdw", lr, _decay(c, lr), c.momentum)
   return _closed("equilibrium_angle_adamw", lr, _decay(c, lr), 0.9)
@@ -383,8 +393,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            schedule="constant", schedule_reason="replaces a constant learning rate with its "
                                                 "exponentially growing equivalent"),
     Method("rotational", _rotational, lam=True, sets_angle=True, grouped_rate=_rotational_rate,
+           muon=True,
            help="Kosson et al. 2024: norm kept, each unit turned by the equilibrium angle of "
-                "l2 (sgd) or AdamW (adam) with this --lam",
+                "l2 (sgd), AdamW (adam) or Muon with decoupled decay (muon) with this --lam",
            angle=_rotational_angle),
     Method("adamp", _adamp, lam=True, ungrouped_lr=False,
            help="AdamP/SGDP: radial part removed, decay --lam x 0.1",

@@ -95,6 +95,8 @@ THEORY_FORMULAS = {
     "time_constant_sgd": r"(1-\mu)/(4\eta\lambda_{wd})",
     "time_constant_sgdw": r"1/(4\eta\,wd)",
     "time_constant_adamw": r"1/(2\eta\,wd)",
+    "equilibrium_angle_muon": r"\sqrt{2\eta\,wd/S}",
+    "time_constant_muon": r"1/(2\eta\,wd)",
 }
 # Record key of a layer figure -> the theory drawn on it.
 THEORY_OF_KEY = {"angle": "angle", "norm": "time_constant", "elr": "time_constant"}

@@ -22,6 +22,7 @@ from experiments import tasks
 from experiments import text
 from experiments import trainer
 from experiments.config import Config
+from normreg import theory
 
 import runs
 
@@ -129,13 +130,17 @@ def test_a_tiny_language_model_trains_from_the_standard_library(tmp_path):
 
 @pytest.mark.slow
 def test_the_launcher_trains_a_language_model_offline(tmp_path):
-  result = runs.command("experiments.train", f"--workdir={tmp_path}", "--task=lm",
+  """``--model=lm`` is ``--task=lm`` (the issue's command)."""
+  result = runs.command("experiments.train", f"--workdir={tmp_path}", "--model=lm",
                         "--seq_len=32", "--n_layers=1", "--d_model=32", "--n_heads=2",
                         "--batch_size=8", "--train_sequences=48", "--test_sequences=16",
                         "--steps=4", "--method=spherical", "--lr=0.05", "--nofigures")
   assert result.returncode == 0, result.stderr[-3000:]
   last = result.stdout.strip().splitlines()[-1]
   assert last.startswith("test bits_per_byte "), last
+  with open(tmp_path / "config.json") as f:
+    saved = json.load(f)
+  assert saved["task"] == "lm" and saved["model"] == "cnn"  # (the classifier's own default)
 
 
 @pytest.mark.slow
@@ -168,6 +173,17 @@ def test_every_launcher_method_trains_the_language_model(tmp_path):
                              tensorboard=False)
   records = runs.read_metrics(str(tmp_path / "muon"))
   assert [r for r in records if r["kind"] == "test"][-1]["bits_per_byte"] < 7.5
+  # Rotational on Muon: each grouped weight turns by arctan of the target, Muon's
+  # equilibrium angle with this lr and lam, sqrt(2 lr lam / S), from its first step.
+  config = Config(**base, method="rotational", optimizer="muon", lr=0.02, lam=0.1).validate()
+  trainer.train_and_evaluate(config, str(tmp_path / "rotational_muon"), dataset=data,
+                             progress=False, tensorboard=False)
+  first = [r for r in runs.read_metrics(str(tmp_path / "rotational_muon"))
+           if r["kind"] == "train"][0]
+  target = math.atan(math.sqrt(2 * 0.02 * 0.1 / theory.muon_update_statistics()[1]))
+  assert first["step"] == 1
+  for name, layer in first["layers"].items():
+    assert layer["angle"] == pytest.approx(target, rel=1e-3), name
 
 
 def test_muon_is_optax_muon_on_the_matrices_and_adam_on_the_rest():

@@ -52,7 +52,8 @@ class ImageClassification(tasks.Task):
                  "come through tensorflow-datasets; 'folder' reads --data_dir.",
       "train_size": "Use a random subset of this many training images.",
       "test_size": "Use a random subset of this many test images.",
-      "model": f"Network: one of {', '.join(MODELS)}.",
+      "model": f"Network: one of {', '.join(MODELS)}; or another task's name (lm), which is "
+               "that --task.",
       "norm": f"Normalization: one of {', '.join(NORMS)}.",
       "width": "Base width (channels of the first stage); default: the model's own.",
       "augment": "Random crop and flip inside the jitted step (CIFAR-style; digits: shifts "
