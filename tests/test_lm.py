@@ -89,6 +89,13 @@ def test_bad_lm_settings_name_the_flag():
     Config(task="lm", seq_len=0).validate()
   with pytest.raises(ValueError, match="--dataset belongs to --task=classification"):
     Config(task="lm", dataset="cifar10").validate()
+  with pytest.raises(ValueError, match="--adam_eps must be > 0, got 0"):
+    Config(task="lm", optimizer="adam", adam_eps=0.0).validate()
+  with pytest.raises(ValueError, match="--adam_eps=1e-30 is the epsilon of .* does not use"):
+    Config(task="lm", optimizer="sgd", adam_eps=1e-30).validate()
+  with pytest.raises(ValueError, match="--adam_eps=1e-30 .*--method=spherical does not use"):
+    Config(task="lm", optimizer="adam", method="spherical", adam_eps=1e-30).validate()
+  Config(task="lm", optimizer="muon", method="decoupled", adam_eps=1e-30).validate()
 
 
 @pytest.mark.slow
