@@ -3,7 +3,7 @@
 ::
 
   python -m benchmarks.accelerator --out=DIR [--budget_s=480] [--size=full|tiny]
-      [--data_dir=CIFAR10_DIR] [--workdir=RUNS_DIR]
+      [--data_dir=CIFAR10_DIR] [--workdir=RUNS_DIR] [--parts=a,b,c,d,e,f,g]
 
 measures, on the default JAX device, and writes ``DIR/results.json`` and
 ``DIR/results.md`` (the same figures as markdown tables):
@@ -37,22 +37,46 @@ e. *Claims 2 and 3 of the reproduction at full size* (50,000 CIFAR-10 images,
    (claim 2's accuracy comparison). Verdicts by ``experiments.reproduce``'s own
    criteria. Needs ``--data_dir`` (the extracted CIFAR-10 JPEG copy, read with
    pillow); ``--size=tiny`` uses the reproduction's smoke size on random images.
+f. *The LM*: the launcher's byte-level language model (``--task=lm``,
+   ``experiments.tasks.lm``: 6 blocks of width 512, 8 heads, QK-norm and
+   post-norms, sequences of 256 bytes, batch 64, float32), the trainer's step
+   (``experiments.steps.make_task_train_step``) on random bytes: the training
+   throughput (tokens/s, ``batch * seq_len`` per step) of its base optimizers
+   (``--method=none``: SGD with momentum 0.9, Adam, Muon), and the step-time
+   ratio of every launcher method against its base, as in part a: each on the
+   optimizer it is defined for (SGD, or Adam for ``hyperball``) and on Muon
+   (against ``none:muon``) wherever ``Config.validate`` takes it; the
+   combinations it refuses are listed with its reason under ``skipped``.
+g. *The LM reproduction's larger size* (``experiments.reproduce_lm``, size
+   ``large``: its four claims, ``reproduce_lm.planned_steps`` train steps),
+   run only if its estimate fits the time left: part f's Adam step (or, without
+   it, a probe of the reproduction's own model), scaled by the models' FLOPs
+   where the reproduction's is the larger, times the planned steps (x1.2 for the
+   evaluations and logs), plus three of part f's first calls (train, eval and
+   metrics steps) per run. Its report (``RESULTS.md``, ``results.json``,
+   figures) goes to ``DIR/reproduce_lm``, its runs to ``--workdir``'s
+   ``reproduce_lm/SIZE``; the verdicts go to ``results.json`` and the table.
+   It takes far more than the default budget: give it a second call
+   (``--parts=g --budget_s=...``).
 
-Parts a-d run on random uint8 images and tokens. TensorFlow is never imported.
+Parts a-d and f run on random uint8 images and tokens (part g reads the Python
+standard library's sources, offline). TensorFlow is never imported.
 
 Budget: every part first builds and times the cheapest thing it needs (a
 probe: a model, its base step), estimates what the rest costs (compiles and
 timed steps, from the probe) and runs only what fits in the time left, less a
 reserve for the parts after it (what each needs at least, ``Size.least_s``); the
-claims get whatever is left. Whatever is skipped is listed, with the estimate and the time left, in
-``results.json["skipped"]`` and in the table. The budget counts from the start
-of the process (imports and JAX's start included).
+claims (e) and the LM reproduction (g) get whatever is left. The parts run in the
+order a (with d), b, c, f, e, g. Whatever is skipped is listed, with the estimate
+and the time left, in ``results.json["skipped"]`` and in the table. The budget
+counts from the start of the process (imports and JAX's start included).
 
 ``--size=tiny`` runs every part on small models (the CNN at width 4, a
-2-block transformer of width 16, a grid of 2 runs; every method on the
-unscanned transformer, a few elsewhere), with XLA's optimizations mostly off
-(``jax_disable_most_optimizations``, to compile faster): a test of the
-command, not a measurement.
+2-block transformer of width 16, a grid of 2 runs, a 1-block LM of width 16 on
+sequences of 16 bytes, batch 4, and the LM reproduction's ``tiny`` size; every
+method on the unscanned transformer, a few elsewhere), with XLA's optimizations
+mostly off (``jax_disable_most_optimizations``, to compile faster): a test of
+the command, not a measurement.
 """
 
 from __future__ import annotations
@@ -70,6 +94,7 @@ _START = time.perf_counter()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -80,8 +105,12 @@ from benchmarks import transformer as tf_lib  # pylint: disable=g-import-not-at-
 from experiments import cache as cache_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import methods as methods_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import network  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import reproduce  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import reproduce_lm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import tasks as tasks_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import text  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.config import Config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -89,6 +118,16 @@ from experiments.config import Config  # pylint: disable=g-import-not-at-top,wro
 # Method.optimizer: hyperball, AdamH, needs Adam).
 METHODS = tuple(m.name if m.optimizer in (None, "sgd") else f"{m.name}:{m.optimizer}"
                 for m in methods_lib.REGISTRY.values() if m.name != "none")
+# (f) The LM's candidates: METHODS, and every method on Muon; Config.validate keeps those it
+# takes (the methods with Method.muon) and refuses the rest, with its reason.
+LM_METHODS = METHODS + tuple(f"{m}:muon" for m in methods_lib.REGISTRY if m != "none")
+LM_BASES = ("none", "none:adam", "none:muon")
+# (f) Peak learning rate of each base optimizer on the LM (experiments.reproduce_lm's).
+LM_LR = {"sgd": 0.1, "adam": 3e-3, "muon": 0.02}
+# (g) The planned steps are multiplied by this for the evaluations and the logged steps (the
+# held-angle runs log every step); fixed seconds for reading the corpus, the figures, the report.
+LM_STEP_OVERHEAD = 1.2
+LM_FIXED_S = 15.0
 TARGET_RATIO = {"gpu": 1.02, "tpu": 1.02, "cpu": 1.05}
 # Estimates are multiplied by this before they are compared with the time left.
 SAFETY = 1.2
@@ -107,18 +146,23 @@ class Size:
   sweep: dict  # (b): width, batch, runs, rounds
   throughput: tuple  # (c): (model, width)
   claims: str  # (e): experiments.reproduce's size
+  lm: dict  # (f): the LM (layers, width, heads, seq_len, batch) and its methods (None: all)
+  lm_reproduction: str  # (g): experiments.reproduce_lm's size
   least_s: dict  # table or part -> the seconds it needs at least (kept for it by those before)
   fast_compile: bool = False  # jax_disable_most_optimizations: a check, not a measurement
 
 
 TABLES = ("a_float32", "a_bfloat16", "a_unscanned", "a_scanned")
-PARTS = ("a", "b", "c", "d", "e")
+PARTS = ("a", "b", "c", "d", "e", "f", "g")
 SIZES = {
     "full": Size("resnet20", 16, 512, 20, 2, dict.fromkeys(TABLES),
                  dict(layers=12, width=768, heads=12, seq_len=256, batch=16),
                  dict(width=16, batch=128, runs=(8, 32), rounds=5),
                  (("cnn", 64), ("resnet20", 16)), "full",
-                 dict(a_float32=60, a_bfloat16=50, a_unscanned=90, a_scanned=70, b=50, c=15)),
+                 dict(layers=6, width=512, heads=8, seq_len=256, batch=64, methods=None),
+                 "large",
+                 dict(a_float32=60, a_bfloat16=50, a_unscanned=90, a_scanned=70, b=50, c=15,
+                      f=60)),
     # Subsets of the methods where a table's compiles are slow on a CPU; the unscanned
     # transformer (joint groups, many leaves) takes every method.
     "tiny": Size("cnn", 4, 8, 2, 1, dict(a_float32=("spherical",), a_bfloat16=("l2",),
@@ -126,7 +170,12 @@ SIZES = {
                  dict(layers=2, width=16, heads=2, seq_len=8, batch=2),
                  dict(width=4, batch=8, runs=(2,), rounds=2),
                  (("cnn", 8), ("cnn", 4)), "smoke",
-                 dict(a_float32=10, a_bfloat16=5, a_unscanned=15, a_scanned=10, b=10, c=5),
+                 # hyperball:muon: a combination Config.validate refuses (listed, not run).
+                 dict(layers=1, width=16, heads=2, seq_len=16, batch=4,
+                      methods=("l2", "decoupled:muon", "hyperball:adam", "hyperball:muon")),
+                 "tiny",
+                 dict(a_float32=10, a_bfloat16=5, a_unscanned=15, a_scanned=10, b=10, c=5,
+                      f=10, g=120),
                  fast_compile=True),
 }
 
@@ -165,7 +214,10 @@ def how_many_fit(budget: Budget, each_s: float, n: int, fixed_s: float = 0.0,
 
 
 def base_of(method: str) -> str:
-  return "none:adam" if method.endswith(":adam") else "none"
+  """``none`` on the method's optimizer: ``l2`` -> ``none``, ``hyperball:adam`` ->
+  ``none:adam``, ``l2:muon`` -> ``none:muon``."""
+  optimizer = method.partition(":")[2]
+  return f"none:{optimizer}" if optimizer not in ("", "sgd") else "none"
 
 
 def first_call(t: timing.Timed, warmup: int) -> float:
@@ -179,21 +231,24 @@ def first_call(t: timing.Timed, warmup: int) -> float:
 
 
 def ratio_table(part: str, title: str, make, methods: Sequence[str], size: Size,
-                budget: Budget, reserve_s: float) -> tuple[dict, dict]:
+                budget: Budget, reserve_s: float, bases: Sequence[str] = ()
+                ) -> tuple[dict, dict]:
   """Builds the base step (the probe), as many methods as fit, then times them all in
-  interleaved rounds. ``make(method) -> Timed``. Returns the table and the timed steps."""
+  interleaved rounds. ``make(method) -> Timed``. The other bases (``bases``, and each
+  method's) are built first. Returns the table and the timed steps."""
   base = make("none")
   compile_s = first_call(base, size.warmup)
   timing.interleave([base], 1)
   each = compile_s + (size.warmup + size.rounds) * base.median
   timed = {"none": base}
+  first_s = {"none": compile_s}
   wanted = list(methods)
-  if any(m.endswith(":adam") for m in wanted):
-    wanted.insert(0, "none:adam")
+  wanted = [b for b in dict.fromkeys([*bases, *map(base_of, wanted)])
+            if b != "none" and b not in wanted] + wanted
   k = how_many_fit(budget, each, len(wanted), size.rounds * base.median, reserve_s)
   for method in wanted[:k]:
     timed[method] = make(method)
-    first_call(timed[method], size.warmup)
+    first_s[method] = first_call(timed[method], size.warmup)
   if wanted[k:]:
     budget.skip(part, f"{title}: {', '.join(wanted[k:])}",
                 budget.reason(each * (len(wanted) - k), reserve_s))
@@ -215,7 +270,7 @@ def ratio_table(part: str, title: str, make, methods: Sequence[str], size: Size,
                  "ok": ratio <= target})
   return {"table": part, "title": title, "rounds": size.rounds, "rows": rows,
           "base_ms": {m: 1e3 * t.median for m, t in timed.items() if m.startswith("none")},
-          "base_first_call_s": compile_s}, timed
+          "base_first_call_s": compile_s, "first_call_s": first_s}, timed
 
 
 # ---------------------------------------------------------------- (a) image models
@@ -405,7 +460,8 @@ def probe_run_step(runner: reproduce.Runner, runs: list[tuple[str, Config]]
   return compile_s, t.median
 
 
-def part_claims(size: Size, budget: Budget, data_dir: Optional[str], workdir: str) -> dict:
+def part_claims(size: Size, budget: Budget, data_dir: Optional[str], workdir: str,
+                reserve: float = 0.0) -> dict:
   rsize = size.claims
   s = reproduce.SIZES[rsize]
   if data_dir:
@@ -437,8 +493,8 @@ def part_claims(size: Size, budget: Budget, data_dir: Optional[str], workdir: st
     # eval of the test set and the logging add about 15% to the steps.
     estimate = programs * 3 * compile_s + 1.15 * steps * per_run_step * max(
         len(runs), 0.5 * len(units[0][1]) * programs)
-    if not budget.fits(estimate):
-      budget.skip("e_claims", what, budget.reason(estimate))
+    if not budget.fits(estimate, reserve):
+      budget.skip("e_claims", what, budget.reason(estimate, reserve))
       continue
     t0 = time.perf_counter()
     train_unit(runner, runs, scratch)
@@ -471,6 +527,174 @@ def claim_verdicts(runner: reproduce.Runner, units, done: list[str]) -> dict:
       verdicts.setdefault(claim, (None, f"refused by experiments.reproduce: {e}"))
   return {k: {"holds": v[0], "why": v[1], "criterion": reproduce.CRITERIA[k],
               "seeds": len(runner.seeds)} for k, v in verdicts.items()}
+
+
+# ---------------------------------------------------------------- (f), (g) the LM
+
+
+def lm_config(spec: dict, method: str) -> Config:
+  """The launcher's ``--task=lm`` run of ``spec`` (``Size.lm``'s keys) and ``method``
+  (``METHOD[:OPTIMIZER]``, SGD by default): momentum 0.9, the optimizer's rate
+  (:data:`LM_LR`), a constant schedule, float32; validated (``errors.InputError``)."""
+  method, _, optimizer = method.partition(":")
+  optimizer = optimizer or "sgd"
+  return Config(task="lm", seq_len=spec["seq_len"], d_model=spec["width"],
+                n_layers=spec["layers"], n_heads=spec["heads"], batch_size=spec["batch"],
+                method=method, optimizer=optimizer, momentum=0.9,
+                lr=LM_LR[optimizer]).validate()
+
+
+def lm_flops(spec: dict) -> float:
+  """Approximate FLOPs of one train step of the LM (forward and backward: 6 per parameter
+  and token for the blocks' 12 d^2 and the byte embedding and head, 12 seq d per token and
+  block for the attention), to scale a measured step from one LM to another."""
+  d, layers, seq, batch = spec["width"], spec["layers"], spec["seq_len"], spec["batch"]
+  vocab = 256
+  return batch * seq * (6 * (12 * layers * d * d + 2 * vocab * d) + 12 * layers * seq * d)
+
+
+def lm_maker(spec: dict):
+  """``make(method) -> Timed``: the trainer's step of the LM on random bytes (its groups
+  found once, on ``none``'s model, and shared), as ``image_maker``'s for the images."""
+  task = tasks_lib.get("lm")
+  n = max(spec["batch"], network.PROBE_SIZE)
+  tokens = np.random.default_rng(0).integers(0, 256, (n, spec["seq_len"] + 1), dtype=np.uint8)
+  data = text.TextData(tokens, tokens[:8], "random bytes", tokens.size, tokens[:8].size, 0, 0)
+  shared = network.init_model(lm_config(spec, "none"), data, task)
+  train, stats = jax.device_put((task.arrays(data)[0], task.stats(data)))
+  idx = jnp.arange(spec["batch"], dtype=jnp.int32)
+  donate = () if jax.default_backend() == "cpu" else 0
+
+  def make(method):
+    config = lm_config(spec, method)
+    tx = trainer.make_optimizer(config, shared.groups, trainer.make_schedule(config, 10_000))
+    step = jax.jit(trainer.make_task_train_step(shared.graphdef, tx, task, config, stats,
+                                                key=jax.random.key(1)),
+                   donate_argnums=donate)
+    # Copies: a donated state must not share a buffer with another step's, or with itself
+    # (an optimizer state that keeps the initial weights).
+    params, rest, opt_state = jax.tree.map(
+        jnp.copy, (shared.params, shared.rest, tx.init(shared.params)))
+    state = trainer.TrainState(jnp.int32(0), params, rest, opt_state, jnp.int32(-1))
+    return timing.Timed(method, step, state, (train, idx))
+
+  make.params = int(sum(x.size for x in jax.tree.leaves(shared.params)))
+  return make
+
+
+def lm_candidates(size: Size, budget: Budget) -> list[str]:
+  """Part f's methods that ``Config.validate`` takes; the others are listed as skipped."""
+  kept = []
+  for method in size.lm["methods"] or LM_METHODS:
+    try:
+      lm_config(size.lm, method)
+    except ValueError as e:  # errors.InputError: its one line
+      budget.skip("f_lm", method, f"Config.validate refuses it: {e}")
+      continue
+    kept.append(method)
+  return kept
+
+
+def part_lm(size: Size, budget: Budget, reserve: float) -> dict:
+  """(f): the LM's base optimizers' tokens/s, and every method's step-time ratio."""
+  spec = size.lm
+  methods = lm_candidates(size, budget)
+  make = lm_maker(spec)
+  params = f"{make.params / 1e6:.1f}M" if make.params >= 1e5 else f"{make.params:,}"
+  title = (f"LM {spec['layers']} x {spec['width']}, {spec['heads']} heads, {params} params, "
+           f"batch {spec['batch']} x {spec['seq_len']} bytes, float32")
+  table, timed = ratio_table("f_lm", title, make, methods, size, budget, reserve,
+                             bases=LM_BASES)
+  tokens = spec["batch"] * spec["seq_len"]
+  throughput = [{"optimizer": (base.partition(":")[2] or "sgd"), "base": base,
+                 "rounds": len(timed[base].times), "median_ms": 1e3 * timed[base].median,
+                 "iqr_ms": 1e3 * timed[base].iqr, "tokens_per_step": tokens,
+                 "tokens_per_s": tokens / timed[base].median,
+                 "first_call_s": table["first_call_s"][base]}
+                for base in LM_BASES if base in timed]
+  model = {k: v for k, v in spec.items() if k != "methods"}
+  return {"model": {**model, "params": make.params, "dtype": "float32"}, "title": title,
+          "throughput": throughput, "ratios": table}
+
+
+def lm_reproduction_runs(size: str) -> int:
+  """Runs of ``experiments.reproduce_lm`` at ``size`` (claim 4's first grids, as
+  ``planned_steps`` counts them: three rates on seed 0, then the other seeds)."""
+  s = reproduce_lm.SIZES[size]
+  return (len(reproduce_lm.EQUILIBRIUM) + 3 * len(reproduce_lm.RESCALE)
+          + len(reproduce_lm.HOLD)
+          + len(s["methods"] or reproduce_lm.COMPARED) * (3 + s["seeds"] - 1))
+
+
+def lm_reproduction_spec(size: str) -> dict:
+  s = reproduce_lm.SIZES[size]
+  return dict(layers=s["n_layers"], width=s["d_model"], heads=s["n_heads"],
+              seq_len=s["seq_len"], batch=s["batch_size"])
+
+
+def lm_reproduction_estimate(size: str, adam: dict) -> dict:
+  """Seconds ``experiments.reproduce_lm.run(size)`` should take, from ``adam``: the
+  median step (``median_ms``) and first call (``first_call_s``) of Adam's step on the LM
+  ``adam["model"]``. Where the reproduction's model takes more FLOPs the step is scaled
+  up by their ratio; where it takes fewer, the measured step stands (a bound: a small
+  model's step is not faster in proportion). Each run compiles a train, an eval and a
+  metrics step: three first calls (scaled by the blocks where the reproduction has more)."""
+  spec = lm_reproduction_spec(size)
+  steps, runs = reproduce_lm.planned_steps(size), lm_reproduction_runs(size)
+  scale = max(1.0, lm_flops(spec) / lm_flops(adam["model"]))
+  step_s = adam["median_ms"] / 1e3 * scale
+  compile_s = 3 * adam["first_call_s"] * max(1.0, spec["layers"] / adam["model"]["layers"])
+  seconds = LM_FIXED_S + LM_STEP_OVERHEAD * steps * step_s + runs * compile_s
+  return {"planned_steps": steps, "runs": runs, "model": spec, "from": adam["from"],
+          "flops_scale": scale, "step_ms": 1e3 * step_s, "compile_s_per_run": compile_s,
+          "estimated_s": seconds}
+
+
+def adam_figures(size: str, lm: Optional[dict]) -> dict:
+  """Part f's Adam step, or, without it, a probe of Adam's step on the reproduction's own
+  model (its first call and 3 timed steps)."""
+  for row in (lm or {}).get("throughput", []):
+    if row["optimizer"] == "adam":
+      return {"model": lm["model"], "median_ms": row["median_ms"],
+              "first_call_s": row["first_call_s"], "from": "part f"}
+  spec = lm_reproduction_spec(size)
+  t = lm_maker(spec)("none:adam")
+  first = first_call(t, 1)
+  timing.interleave([t], 3)
+  return {"model": spec, "median_ms": 1e3 * t.median, "first_call_s": first,
+          "from": "a probe of its own model"}
+
+
+def part_lm_reproduction(size: Size, budget: Budget, reserve: float, lm: Optional[dict],
+                         workdir: str, out: str, keep_runs: bool = True) -> dict:
+  """(g): ``experiments.reproduce_lm.run`` at the size's reproduction size, if its estimate
+  fits; its verdicts and where its report went (its runs: ``keep_runs``, or removed with a
+  temporary ``workdir``)."""
+  rsize = size.lm_reproduction
+  estimate = lm_reproduction_estimate(rsize, adam_figures(rsize, lm))
+  result = {"size": rsize, "estimate": estimate}
+  if not budget.fits(estimate["estimated_s"], reserve):
+    budget.skip("g_reproduce_lm", f"the LM reproduction, size {rsize} "
+                f"({estimate['planned_steps']} steps, {estimate['runs']} runs)",
+                budget.reason(estimate["estimated_s"], reserve))
+    return result
+  runs = os.path.join(workdir, "reproduce_lm", rsize)
+  report = os.path.join(out, "reproduce_lm")
+  t0 = time.perf_counter()
+  try:
+    r = reproduce_lm.run(rsize, runs, report,
+                         command=f"experiments.reproduce_lm.run({rsize!r}) (accelerator g)")
+  except Exception as e:  # pylint: disable=broad-except  (recorded: the other parts stand)
+    logging.exception("part g: experiments.reproduce_lm.run failed")
+    result["error"] = f"{type(e).__name__}: {e}"
+    r = {}
+  result.update(seconds=time.perf_counter() - t0,
+                runs_dir=runs if keep_runs else "removed (a temporary --workdir)")
+  if r:
+    result["report"] = os.path.join(report, "RESULTS.md")
+    result["verdicts"] = {k: {**v, "criterion": reproduce_lm.CRITERIA[k]}
+                          for k, v in r["verdicts"].items()}
+  return result
 
 
 # ---------------------------------------------------------------- report
@@ -518,6 +742,36 @@ def markdown(results: dict) -> str:
   rows = [[k, {True: "holds", False: "fails", None: "no verdict"}[v["holds"]], v["why"],
            v["criterion"]] for k, v in claims.get("verdicts", {}).items()]
   out += [timing.markdown_table(["claim", "verdict", "why", "criterion"], rows), ""]
+  lm = parts.get("f_lm", {})
+  out += [f"## f. The byte-level LM: {lm.get('title', '-')}", "",
+          "Training throughput (base optimizers, the trainer's step):", ""]
+  rows = [[r["optimizer"], _f(r["median_ms"]), _f(r["iqr_ms"]), r["tokens_per_step"],
+           f"{r['tokens_per_s']:.0f}", _f(r["first_call_s"], 1)]
+          for r in lm.get("throughput", [])]
+  out += [timing.markdown_table(["base optimizer", "median ms", "IQR ms", "tokens per step",
+                                 "tokens/s", "first call s"], rows), "",
+          "Step-time ratio against the base optimizer (median of interleaved steps):", ""]
+  rows = [[r["method"], r["base"], _f(r["median_ms"]), _f(r["iqr_ms"]),
+           _f(r["base_median_ms"]), _f(r["ratio"], 3),
+           ("ok" if r["ok"] else "over") + f" (<= {r['target']})"]
+          for r in lm.get("ratios", {}).get("rows", [])]
+  out += [timing.markdown_table(["method", "base", "median ms", "IQR ms", "base ms", "ratio",
+                                 "target"], rows), ""]
+  g = parts.get("g_reproduce_lm", {})
+  est = g.get("estimate", {})
+  out += [f"## g. The LM reproduction ({g.get('size', '-')} size)", ""]
+  if est:
+    out += [f"Estimated {est['estimated_s']:.0f} s: {est['planned_steps']} steps of "
+            f"{est['step_ms']:.1f} ms (Adam, from {est['from']}, x{est['flops_scale']:.2f} "
+            f"FLOPs, x{LM_STEP_OVERHEAD} for evaluations and logs) and {est['runs']} runs of "
+            f"{est['compile_s_per_run']:.1f} s of compiles."
+            + (f" Ran in {g['seconds']:.0f} s." if "seconds" in g else "")
+            + (f" Report: `{g['report']}`." if "report" in g else ""), ""]
+  if "error" in g:
+    out += [f"Failed: {g['error']}", ""]
+  rows = [[k, "holds" if v["holds"] else "does not hold", v["summary"], v["criterion"]]
+          for k, v in g.get("verdicts", {}).items()]
+  out += [timing.markdown_table(["claim", "verdict", "summary", "criterion"], rows), ""]
   out += ["## Skipped", ""]
   rows = [[s["part"], s["what"], s["why"]] for s in results["skipped"]]
   out += [timing.markdown_table(["part", "what", "why"], rows or [["-", "nothing", "-"]]), ""]
@@ -539,11 +793,12 @@ def define_flags() -> None:
   flags.DEFINE_string("data_dir", os.environ.get("NORMREG_CIFAR10_DIR"),
                       "The extracted CIFAR-10 JPEG copy, for part e (default "
                       "$NORMREG_CIFAR10_DIR).")
-  flags.DEFINE_string("workdir", None, "Folder for part e's runs (default: a temporary one, "
-                      "removed at the end).")
+  flags.DEFINE_string("workdir", None, "Folder for part e's and part g's runs (default: a "
+                      "temporary one, removed at the end).")
   flags.DEFINE_list("parts", list(PARTS), "Parts to run (a: step-time ratios, b: sweep, c: "
-                    "throughput, d: detection, e: claims 2 and 3), e.g. --parts=e for a "
-                    "second call with the device time left.")
+                    "throughput, d: detection, e: claims 2 and 3, f: the LM, g: the LM "
+                    "reproduction), e.g. --parts=e for a second call with the device time "
+                    "left.")
   flags.mark_flag_as_required("out")
 
 
@@ -566,7 +821,8 @@ def run(size_key: str, budget_s: float, out: str, data_dir: Optional[str] = None
     # JAX's persistent cache: the claims' sweep then loads the program its probe compiled.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   parts: dict[str, Any] = {"a_step_overhead": [], "b_sweep": [], "c_throughput": [],
-                           "d_detection": [], "e_claims": {}}
+                           "d_detection": [], "e_claims": {}, "f_lm": {},
+                           "g_reproduce_lm": {}}
   tables = parts["a_step_overhead"]
   reuse, first_s = {}, 0.0
 
@@ -592,8 +848,12 @@ def run(size_key: str, budget_s: float, out: str, data_dir: Optional[str] = None
       ("b", "b", "b: sweep", lambda r: parts.update(b_sweep=part_sweep(size, budget, r))),
       ("c", "c", "c: throughput", lambda r: parts.update(
           c_throughput=part_throughput(size, budget, r, reuse, first_s))),
+      ("f", "f", "f: the LM", lambda r: parts.update(f_lm=part_lm(size, budget, r))),
       ("e", "e", "e: claims 2 and 3", lambda r: parts.update(
-          e_claims=part_claims(size, budget, data_dir, workdir))),
+          e_claims=part_claims(size, budget, data_dir, workdir, r))),
+      ("g", "g", "g: the LM reproduction", lambda r: parts.update(
+          g_reproduce_lm=part_lm_reproduction(size, budget, r, parts["f_lm"], workdir, out,
+                                              keep_runs=not own_workdir))),
   ]
   steps = [st for st in steps if set(st[1]) & set(selected)]
   for i, (name, _, what, fn) in enumerate(steps):

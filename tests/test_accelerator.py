@@ -1,10 +1,12 @@
 """benchmarks.accelerator and benchmarks.scaling run, and write sane, complete results.
 
-The accelerator command at ``--size=tiny`` (every part, small models, on the
-CPU) checks the command that an accelerator will run, not its figures; so do
+The accelerator command at ``--size=tiny`` (every part but g, small models, on
+the CPU) checks the command that an accelerator will run, not its figures; so do
 the scaling script's small size and the transformer's groups. No timing is
 asserted: the figures are measured by running the commands (README,
-"Performance").
+"Performance"). Part g (the LM reproduction, about a minute more on a CPU; its
+tiny size is ``tests/test_reproduce_lm.py``'s) is tested in this process: its
+estimate, its skip, and what it records of a run.
 """
 
 import json
@@ -41,12 +43,16 @@ def _positive(x):
 def test_tiny_run_measures_every_part(tmp_path):
   # A generous budget: on a loaded CI machine nothing may be skipped for time.
   result = _run("benchmarks.accelerator", "--size=tiny", f"--out={tmp_path}",
-                "--budget_s=1000")
+                "--budget_s=1000", "--parts=a,b,c,d,e,f")
   assert result.returncode == 0, result.stderr[-3000:]
   r = json.loads((tmp_path / "results.json").read_text())
-  assert r["skipped"] == [] and not r["tensorflow_imported"]
-  parts = r["parts"]
   tiny = accelerator.SIZES["tiny"]
+  # Nothing skipped but the LM's combination that Config.validate refuses, with its reason.
+  assert [(s["part"], s["what"]) for s in r["skipped"]] == [("f_lm", "hyperball:muon")]
+  assert r["skipped"][0]["why"].startswith("Config.validate refuses it: --method=hyperball "
+                                           "has no Muon form yet")
+  assert not r["tensorflow_imported"]
+  parts = r["parts"]
   tables = {t["table"]: t for t in parts["a_step_overhead"]}
   wanted = {name: methods or accelerator.METHODS for name, methods in tiny.methods.items()}
   assert wanted["a_unscanned"] == accelerator.METHODS  # every method, on one table at least
@@ -99,21 +105,117 @@ def test_tiny_run_measures_every_part(tmp_path):
   measured, predicted = map(float, re.fullmatch(
       r"eta/\|\|w\|\| ratio ([\d.]+) against ([\d.]+)", claims["verdicts"]["3b"]["why"]).groups())
   assert claims["verdicts"]["3b"]["holds"] == (abs(measured / predicted - 1) <= 0.15)
+  # f: each base optimizer's tokens/s (batch * seq_len per step), each method against its
+  # base (Muon's against none:muon).
+  lm = parts["f_lm"]
+  tokens = tiny.lm["batch"] * tiny.lm["seq_len"]
+  assert [t["optimizer"] for t in lm["throughput"]] == ["sgd", "adam", "muon"]
+  for t in lm["throughput"]:
+    assert t["tokens_per_step"] == tokens and _positive(t["tokens_per_s"])
+    assert t["tokens_per_s"] == pytest.approx(tokens / (t["median_ms"] / 1e3))
+    assert _positive(t["first_call_s"])
+  rows = lm["ratios"]["rows"]
+  assert [row["method"] for row in rows] == ["l2", "decoupled:muon", "hyperball:adam"]
+  assert [row["base"] for row in rows] == ["none", "none:muon", "none:adam"]
+  for row in rows:
+    assert _positive(row["ratio"]) and _positive(row["median_ms"])
+    assert row["ratio"] == pytest.approx(row["median_ms"] / row["base_median_ms"])
+  assert parts["g_reproduce_lm"] == {}  # not selected
   text = (tmp_path / "results.md").read_text()
-  for section in ("## a.", "## b.", "## c.", "## d.", "## e.", "## Skipped"):
+  for section in ("## a.", "## b.", "## c.", "## d.", "## e.", "## f.", "## g.", "## Skipped"):
     assert section in text
+  assert "| muon |" in text and "| decoupled:muon | none:muon |" in text
 
 
 def test_what_the_budget_cannot_hold_is_skipped_and_says_why(tmp_path):
   result = _run("benchmarks.accelerator", "--size=tiny", f"--out={tmp_path}",
-                "--budget_s=0.01", "--parts=a,e")
+                "--budget_s=0.01", "--parts=a,e,g")
   assert result.returncode == 0, result.stderr[-3000:]
   r = json.loads((tmp_path / "results.json").read_text())
   assert [s["part"] for s in r["skipped"]] == ["a_float32", "a_bfloat16", "a_unscanned",
-                                               "a_scanned", "e"]
+                                               "a_scanned", "e", "g"]
   assert all("s left" in s["why"] for s in r["skipped"])
   assert r["parts"]["a_step_overhead"] == [] and r["parts"]["e_claims"] == {}
-  assert "| e | the whole part |" in (tmp_path / "results.md").read_text()
+  assert r["parts"]["g_reproduce_lm"] == {}
+  text = (tmp_path / "results.md").read_text()
+  assert "| e | the whole part |" in text and "| g | the whole part |" in text
+
+
+def _part_f_adam(median_ms=2.0, first_call_s=1.5):
+  """Part f's result as the command records it, for part g's estimate: the tiny LM,
+  Adam's median step and first call."""
+  model = {k: v for k, v in accelerator.SIZES["tiny"].lm.items() if k != "methods"}
+  return {"model": model, "throughput": [
+      {"optimizer": "sgd", "median_ms": 1.0, "first_call_s": 1.0},
+      {"optimizer": "adam", "median_ms": median_ms, "first_call_s": first_call_s}]}
+
+
+def _budget_with(seconds_left):
+  budget = accelerator.Budget(1e9)
+  budget.end = accelerator.time.perf_counter() + seconds_left
+  return budget
+
+
+def test_the_lm_reproduction_is_estimated_from_part_f_and_skipped_if_it_does_not_fit(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(accelerator.reproduce_lm, "run", lambda *a, **k: pytest.fail("ran"))
+  budget = _budget_with(60.0)
+  g = accelerator.part_lm_reproduction(accelerator.SIZES["tiny"], budget, 10.0,
+                                       _part_f_adam(), str(tmp_path), str(tmp_path))
+  est = g["estimate"]
+  # reproduce_lm's tiny size: 3 equilibrium runs (96 steps), 5 x 3 rescaling (5 steps),
+  # 4 held-angle (24 steps), and claim 4's one method on 3 rates and 1 more seed (40
+  # steps); its model (seq 32, batch 8) takes more FLOPs than part f's (seq 16, batch 4):
+  # the step is scaled up, the blocks (1) are not.
+  assert g["size"] == "tiny" and est["runs"] == 3 + 15 + 4 + 4
+  steps = 3 * 96 + 15 * 5 + 4 * 24 + 4 * 40
+  assert est["planned_steps"] == accelerator.reproduce_lm.planned_steps("tiny") == steps
+  assert est["from"] == "part f" and est["flops_scale"] > 2
+  assert est["step_ms"] == pytest.approx(2.0 * est["flops_scale"])
+  assert est["compile_s_per_run"] == pytest.approx(3 * 1.5)
+  assert est["estimated_s"] == pytest.approx(
+      accelerator.LM_FIXED_S + accelerator.LM_STEP_OVERHEAD * steps * est["step_ms"] / 1e3
+      + 26 * 4.5)
+  assert "verdicts" not in g and not (tmp_path / "reproduce_lm").exists()
+  skip, = budget.skipped
+  assert skip["part"] == "g_reproduce_lm" and f"size tiny ({steps} steps, 26 runs)" in skip["what"]
+  assert re.search(r"estimated \d+ s .* \d+ s left, 10 s of them kept", skip["why"])
+
+
+def test_the_lm_reproduction_records_its_verdicts_and_report(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_run(size, workdir, report_dir, command=""):
+    calls.append((size, workdir, report_dir))
+    os.makedirs(report_dir)
+    (tmp_path / "out" / "reproduce_lm" / "RESULTS.md").write_text("report")
+    return {"verdicts": {k: {"holds": k != "4", "summary": f"claim {k}"}
+                         for k in ("1", "2", "3", "4")}}
+
+  monkeypatch.setattr(accelerator.reproduce_lm, "run", fake_run)
+  budget = _budget_with(1e4)
+  out, runs = tmp_path / "out", tmp_path / "runs"
+  g = accelerator.part_lm_reproduction(accelerator.SIZES["tiny"], budget, 0.0,
+                                       _part_f_adam(), str(runs), str(out))
+  assert calls == [("tiny", str(runs / "reproduce_lm" / "tiny"), str(out / "reproduce_lm"))]
+  assert budget.skipped == [] and "error" not in g
+  assert g["report"] == str(out / "reproduce_lm" / "RESULTS.md")
+  assert g["runs_dir"] == str(runs / "reproduce_lm" / "tiny")
+  assert set(g["verdicts"]) == {"1", "2", "3", "4"}
+  for key, verdict in g["verdicts"].items():
+    assert verdict["criterion"] == accelerator.reproduce_lm.CRITERIA[key]
+    assert verdict["holds"] == (key != "4") and verdict["summary"] == f"claim {key}"
+  text = accelerator.markdown({
+      "size": "tiny", "command": "-", "machine": "-", "versions": {"jax": "-"},
+      "seconds": 1.0, "budget_s": 2.0, "parts": {"g_reproduce_lm": g}, "skipped": []})
+  assert "| 4 | does not hold | claim 4 |" in text and "RESULTS.md" in text
+
+  # A run that fails is recorded, not raised: the parts before it keep their figures.
+  monkeypatch.setattr(accelerator.reproduce_lm, "run",
+                      lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+  g = accelerator.part_lm_reproduction(accelerator.SIZES["tiny"], budget, 0.0,
+                                       _part_f_adam(), str(runs), str(out))
+  assert g["error"] == "RuntimeError: boom" and "verdicts" not in g and "report" not in g
 
 
 @pytest.mark.parametrize("flag, message", [
