@@ -28,7 +28,8 @@ from mkdocs.structure.files import File
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "repository/"
 # Repository files (globs) that the pages may link to.
-REPOSITORY_FILES = ("experiments/*.md", "experiments/digits/README.md",
+REPOSITORY_FILES = ("experiments/*.md", "experiments/digits/README.md", "experiments/lm/*.md",
+                    "experiments/lm/figures/*.png",
                     "experiments/figures/**/*.png", "benchmarks/*.md",
                     "benchmarks/scaling/*")
 _LINK = re.compile(r"(\]\()((?:\.\./)+)([^)#\s]+)")
