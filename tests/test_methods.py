@@ -318,3 +318,18 @@ def test_no_module_of_experiments_branches_on_a_method_name():
 ])
 def test_the_method_name_scan_catches_branches_and_name_loops(source, caught):
   assert bool(_method_name_branches(source, set(methods.names()))) == caught
+
+
+def test_the_registries_stand_below_the_config():
+  """``experiments.methods`` and ``experiments.tasks`` import nothing of
+  ``experiments.config`` (which imports them): no import cycle."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  result = subprocess.run(
+      [sys.executable, "-c", "import sys, experiments.methods, experiments.tasks; "
+       "print(sorted(m for m in sys.modules if m.startswith('experiments.')))"],
+      capture_output=True, text=True, timeout=120, cwd=runs.REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  loaded = result.stdout.strip()
+  assert "experiments.methods" in loaded and "experiments.tasks" in loaded
+  assert "experiments.config" not in loaded, loaded
