@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import sys
 from typing import Any, Optional, Sequence
 
@@ -150,8 +151,8 @@ class Config:
                               "direction as it is: " + ", ".join(
                                   m.name for m in methods_lib.REGISTRY.values() if m.muon)
                               + ".")
-    if not self.adam_eps > 0:
-      raise errors.InputError(f"--adam_eps must be > 0, got {self.adam_eps}.")
+    if not (self.adam_eps > 0 and math.isfinite(self.adam_eps)):
+      raise errors.InputError(f"--adam_eps must be > 0 and finite, got {self.adam_eps}.")
     if self.adam_eps != ADAM_EPS and (self.optimizer == "sgd" or not method.muon):
       raise errors.InputError(
           f"--adam_eps={self.adam_eps} is the epsilon of --optimizer=adam's or muon's own "
@@ -340,7 +341,7 @@ def flag_values(exclude: Sequence[str] = ()) -> dict[str, Any]:
   task = model_task()
   tasks_lib.get(task)  # an unknown --task: one line naming it
   mine = {f.name: f for f in dataclasses.fields(config_class(task))}
-  given = {"model": mine["model"].default} if task != flags.FLAGS.task else {}
+  given = {"model": mine["model"].default} if flags.FLAGS.model == task else {}
   for name, field in _flag_fields().items():
     if name not in mine and name in flags.FLAGS and getattr(flags.FLAGS, name) != field.default:
       owner = next(t for t in tasks_lib.names() if name in tasks_lib.get(t).options)
@@ -355,8 +356,11 @@ def flag_values(exclude: Sequence[str] = ()) -> dict[str, Any]:
 
 def model_task() -> str:
   """``--task``, or the task ``--model`` names: ``--model=lm`` is ``--task=lm`` (a model
-  name that is a task's, given with the default ``--task``)."""
+  name that is another task's). Given with a different ``--task``, it is refused."""
   task, model = flags.FLAGS.task, flags.FLAGS.model
-  if (task == tasks_lib.DEFAULT and model != tasks_lib.DEFAULT and model in tasks_lib.names()):
+  if model != tasks_lib.DEFAULT and model in tasks_lib.names():
+    if flags.FLAGS["task"].present and task != model:
+      raise errors.InputError(f"--model={model} is --task={model}; it cannot go with "
+                              f"--task={task}.")
     return model
   return task

@@ -89,8 +89,10 @@ def test_bad_lm_settings_name_the_flag():
     Config(task="lm", seq_len=0).validate()
   with pytest.raises(ValueError, match="--dataset belongs to --task=classification"):
     Config(task="lm", dataset="cifar10").validate()
-  with pytest.raises(ValueError, match="--adam_eps must be > 0, got 0"):
+  with pytest.raises(ValueError, match="--adam_eps must be > 0 and finite, got 0"):
     Config(task="lm", optimizer="adam", adam_eps=0.0).validate()
+  with pytest.raises(ValueError, match="--adam_eps must be > 0 and finite, got inf"):
+    Config(task="lm", optimizer="adam", adam_eps=math.inf).validate()
   with pytest.raises(ValueError, match="--adam_eps=1e-30 is the epsilon of .* does not use"):
     Config(task="lm", optimizer="sgd", adam_eps=1e-30).validate()
   with pytest.raises(ValueError, match="--adam_eps=1e-30 .*--method=spherical does not use"):
@@ -148,6 +150,15 @@ def test_the_launcher_trains_a_language_model_offline(tmp_path):
   with open(tmp_path / "config.json") as f:
     saved = json.load(f)
   assert saved["task"] == "lm" and saved["model"] == "cnn"  # (the classifier's own default)
+
+
+def test_model_lm_with_another_task_is_one_line(tmp_path):
+  result = runs.command("experiments.train", f"--workdir={tmp_path}", "--model=lm",
+                        "--task=classification")
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      "experiments.train: error: --model=lm is --task=lm; it cannot go with "
+      "--task=classification.")
 
 
 @pytest.mark.slow
