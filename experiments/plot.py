@@ -368,7 +368,9 @@ def layer_figure(runs: Sequence[Run], layers: Sequence[str], key: str, title: st
   """One panel per layer (the last one a median over the rest if there are too many).
 
   ``theories`` (per run, :func:`theory_lines`): the theory of ``key``
-  (``THEORY_OF_KEY``) dashed in each panel, with its formula in the legend.
+  (``THEORY_OF_KEY``) dashed in each panel, with its formula in the legend. A run's
+  entry ``(kind, layer)`` is that layer's own line (``None``: none), drawn in its panel
+  instead of the run's.
   """
   panels = [([n], n) for n in layers]
   if len(panels) > MAX_PANELS:
@@ -383,7 +385,9 @@ def layer_figure(runs: Sequence[Run], layers: Sequence[str], key: str, title: st
       if steps:
         drawn[i] = ax.plot(steps, values, color=colors[i], lw=1.2)[0]
         has_data |= not all(map(math.isnan, values))
-        line = (theories[i] if theories else {}).get(THEORY_OF_KEY.get(key))
+        lines, kind = (theories[i] if theories else {}), THEORY_OF_KEY.get(key)
+        line = lines[(kind, names[0])] if (kind, names[0]) in lines and len(names) == 1 else (
+            lines.get(kind))
         if line is not None and line.kind == "angle":
           theory_drawn[i] = (ax.plot(line.steps, line.values, color=colors[i], lw=1.2,
                                      ls="--")[0], line.label)

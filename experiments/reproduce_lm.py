@@ -6,7 +6,9 @@
 writes ``RESULTS.md``, ``results.json`` and figures into ``--report_dir`` (default
 ``WORKDIR/SIZE/report``; the committed report is written with
 ``--report_dir=experiments/lm``), and returns the numbers (:func:`run`). Runs are
-cached (``experiments.cache.RunCache``): the report regenerates from them, identically.
+cached (``experiments.cache.RunCache``): the report regenerates from them, identically
+on the same machine and versions (Muon's ``S`` is measured again when the report is
+written, and a cached run is matched by its settings, not by the library's version).
 
 The claims, pre-registered: each criterion is fixed in :data:`CRITERIA` and printed in the
 report before its numbers.
@@ -18,7 +20,8 @@ report before its numbers.
    coupled L2 ``sqrt(2 eta lam_wd/(1+mu))``, Muon ``sqrt(2 eta wd/S)`` (the matrices
    Muon orthogonalizes; the norms' scales go to Muon's Adam and are listed apart).
    Each recipe's decay is set from the size's steps so that it trains
-   ``SETTLE`` time constants before that window (``experiments.reproduce``'s rule).
+   ``1.25 * SETTLE`` (5) time constants before that window (``experiments.reproduce``
+   requires ``SETTLE``).
 2. **c-rescaling.** The invariant weights scaled by ``c = 2`` at init, SGD's rate and
    decay by ``(c^2, 1/c^2)``, AdamW's and Muon's by ``(c, 1/c)``, the other parameters
    at their own rate (``--ungrouped_lr``), normalizations' eps ``1e-30``: the same
@@ -64,17 +67,21 @@ from normreg import theory
 
 # The model, data and lengths of each size. ``equilibrium``: claim 1's steps; ``rescale``:
 # claim 2's; ``hold``: claim 3's (every step logged); ``compare``: claim 4's, validated
-# every ``eval_every``; ``methods``: claim 4's rows (tiny: a test of the code).
+# every ``eval_every``; ``methods``: claim 4's rows (tiny: a test of the code); ``stat_steps``:
+# the steps of normreg.theory.muon_update_statistics behind Muon's S (16,000: ~0.5%).
 SIZES = {
     "tiny": dict(seq_len=32, d_model=16, n_layers=1, n_heads=2, batch_size=8,
                  train_sequences=1024, test_sequences=32, equilibrium=96, rescale=5,
-                 hold=24, compare=40, eval_every=20, seeds=2, methods=("adamw",)),
+                 hold=24, compare=40, eval_every=20, seeds=2, methods=("adamw",),
+                 stat_steps=4000),
     "cpu": dict(seq_len=64, d_model=64, n_layers=2, n_heads=4, batch_size=16,
                 train_sequences=None, test_sequences=256, equilibrium=800, rescale=50,
-                hold=200, compare=800, eval_every=100, seeds=3, methods=None),
+                hold=200, compare=800, eval_every=100, seeds=3, methods=None,
+                stat_steps=16000),
     "large": dict(seq_len=256, d_model=256, n_layers=4, n_heads=4, batch_size=64,
                   train_sequences=None, test_sequences=1024, equilibrium=3000, rescale=100,
-                  hold=500, compare=3000, eval_every=250, seeds=3, methods=None),
+                  hold=500, compare=3000, eval_every=250, seeds=3, methods=None,
+                  stat_steps=16000),
 }
 SETTLE, WINDOW_START = reproduce_lib.SETTLE, reproduce_lib.WINDOW_START
 EXACT_EPS = reproduce_lib.EXACT_EPS
@@ -238,8 +245,9 @@ def _muon_predictions(runner: Runner, names, lr: float, lam: float) -> dict[str,
   for name in names:
     shape = shapes.get(name) or shapes.get(name.rsplit("/", 1)[0])
     if shape is not None and muon_layer(name):
+      steps = SIZES[runner.size]["stat_steps"]
       out[name] = theory.equilibrium_angle_muon(
-          lr, lam, theory.muon_update_statistics(tuple(shape))[1])
+          lr, lam, theory.muon_update_statistics(tuple(shape), steps=steps)[1])
   return out
 
 
@@ -307,13 +315,14 @@ def claim_held_angle(runner: Runner) -> dict[str, Any]:
     config = runner.config(method=method, optimizer="adam", lr=lr, lam=lam, steps=steps,
                            eval_every=0, log_every=1, seed=0)
     run = runner.train(f"hold_{name}", config)
-    early, late = _mean_layers(run, 1, EARLY), _mean_layers(run, *_window(run))
+    diverged = cache_lib.diverged(run)
+    early, late = ({}, {}) if diverged else (_mean_layers(run, 1, EARLY),
+                                             _mean_layers(run, *_window(run)))
     target = predicted_angle(config) if methods_lib.get(method).sets_angle else None
     out[name] = {"method": method, "lr": lr, "lam": lam, "steps": steps,
                  "target": None if target is None else float(target),
                  "early": early, "late": late,
-                 "ratios": {k: early[k] / late[k] for k in early},
-                 "diverged": cache_lib.diverged(run)}
+                 "ratios": {k: early[k] / late[k] for k in early}, "diverged": diverged}
   return out
 
 
@@ -345,7 +354,10 @@ def compare_method(runner: Runner, name: str) -> dict[str, Any]:
   lrs, best = sorted(tuned), min(tuned, key=tuned.get)
   runs = [train(best, seed) for seed in runner.seeds]
   finals = [_bpb(r, runner) for r in runs]
-  curves = [[(t["step"], t["bits_per_byte"]) for t in r.test] for r in runs]
+  # The mean curve over the seeds that did not diverge, at the steps they all reached.
+  curves = [[(t["step"], t["bits_per_byte"]) for t in r.test] for r in runs
+            if not cache_lib.diverged(r)] or [[]]
+  curves = [c[:min(map(len, curves))] for c in curves]
   return {"grid": {f"{k:g}": v for k, v in sorted(tuned.items())}, "best_lr": best,
           "interior": lrs[0] < best < lrs[-1], "finals": finals,
           "mean": float(np.mean(finals)),
@@ -403,8 +415,8 @@ def verdicts(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
   out["3"] = (all(holds(hold[k]) for k in judged),
               "; ".join(f"{k}: {'holds' if holds(hold[k]) else 'does not hold'} (steps 1-"
-                        f"{EARLY} / last quarter {min(hold[k]['ratios'].values()):.2f}-"
-                        f"{max(hold[k]['ratios'].values()):.2f})" for k in hold))
+                        f"{EARLY} / last quarter {_span(hold[k]['ratios'].values())})"
+                        for k in hold))
   cmp = r["4_comparison"]
   edge = [k for k, v in cmp.items() if not v["interior"] or v["diverged"]]
   out["4"] = (not edge, "every best rate interior" if not edge else
@@ -413,6 +425,12 @@ def verdicts(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 # ------------------------------------------------------------------- the report
+
+
+def _span(values, sep: str = "-") -> str:
+  """``min-max`` of ``values`` to 2 decimals; ``diverged`` if there are none."""
+  values = list(values)
+  return f"{min(values):.2f}{sep}{max(values):.2f}" if values else "diverged"
 
 
 def _fmt(x: Optional[float], digits: int = 3) -> str:
@@ -488,11 +506,10 @@ def write_report(r: dict[str, Any], figures: list[str], path: str) -> None:
             f"| method | lr | set angle | steps 1-{EARLY} (mean over weights) | last quarter "
             "| early / late: min - max over weights |", "|---|---|---|---|---|---|"]
   for k, v in r["3_held_angle"].items():
-    ratios = list(v["ratios"].values())
+    mean = lambda d: _fmt(float(np.mean(list(d.values()))) if d else None)
     lines.append(f"| {k} ({v['method']}{', the contrast' if k == 'adamw' else ''}) | "
-                 f"{v['lr']:g} | {_fmt(v['target'])} | {np.mean(list(v['early'].values())):.3g}"
-                 f" | {np.mean(list(v['late'].values())):.3g} | {min(ratios):.2f} - "
-                 f"{max(ratios):.2f} |")
+                 f"{v['lr']:g} | {_fmt(v['target'])} | {mean(v['early'])} | {mean(v['late'])}"
+                 f" | {_span(v['ratios'].values(), ' - ')} |")
   adamw = r["4_comparison"]["adamw"]
   lines += ["", verdict("3"), "", "## 4. Comparison: validation bits per byte", "",
             f"Criterion: {CRITERIA['4']}.", "",
@@ -523,11 +540,21 @@ def make_figures(runner: Runner, r: dict[str, Any], out: str) -> list[str]:
           for v in r["1_equilibrium"].values()]
   labels = list(r["1_equilibrium"])
   colors = plot_lib._colors(len(runs))  # pylint: disable=protected-access
+  theories = [plot_lib.theory_lines(run) for run in runs]
+  for lines, v, run in zip(theories, r["1_equilibrium"].values(), runs):
+    if v["optimizer"] == "muon" and "angle" in lines:  # S at each matrix's own shape
+      each = v["predicted_each"]
+      label = (r"$\theta^* = \sqrt{2\eta\,wd/S}$, $S$ at each matrix's shape: "
+               f"{min(each.values()):.3g}-{max(each.values()):.3g} rad")
+      steps = lines.pop("angle").steps
+      lines.update({("angle", n): plot_lib.TheoryLine("angle", steps, [each[n]] * len(steps),
+                                                      label) if n in each else None
+                    for n in run.layer_names()})
   for key, title in (("angle", "angle per step (rad)"), ("norm", "weight norm"),
                      ("elr", "effective learning rate")):
     fig = plot_lib.layer_figure(runs, plot_lib.select_layers(runs), key,
                                 f"Claim 1: {title} of each invariant weight", True, labels,
-                                colors, [plot_lib.theory_lines(run) for run in runs])
+                                colors, theories)
     paths.append(os.path.join(out, f"equilibrium_{key}.png"))
     FigureCanvasAgg(fig)
     fig.savefig(paths[-1], dpi=70)

@@ -354,3 +354,19 @@ def test_command_line(tmp_path, workdirs):
   assert result.stderr.strip().splitlines() == [
       "experiments.plot: error: --layers='bn' selects no layer; the layers are: "
       "convs/0/kernel, convs/1/kernel, dense/kernel"]
+
+
+def test_a_layer_of_its_own_theory_replaces_the_runs_line_in_its_panel(tmp_path):
+  """``(kind, layer)`` entries: that layer's own dashed value (or none, for ``None``); the
+  other panels keep the run's line."""
+  run = plot.read_run(_write_workdir(tmp_path / "run", None))
+  steps = [r["step"] for r in run.train]
+  theories = [{"angle": plot.TheoryLine("angle", steps, [0.5] * len(steps), "run's"),
+               ("angle", LAYERS[0]): plot.TheoryLine("angle", steps, [0.25] * len(steps),
+                                                     "own"),
+               ("angle", LAYERS[1]): None}]
+  fig = plot.layer_figure([run], list(LAYERS), "angle", "angle", True, [run.label],
+                          ["C0"], theories)
+  drawn = {ax.get_title(): [set(line.get_ydata()) for line in _dashed(ax)]
+           for ax in fig.axes if ax.get_visible()}
+  assert drawn == {LAYERS[0]: [{0.25}], LAYERS[1]: [], LAYERS[2]: [{0.5}]}

@@ -13,6 +13,7 @@ import os
 import pytest
 
 from experiments import reproduce_lm
+from normreg import theory
 
 import runs
 
@@ -48,6 +49,17 @@ def test_the_tiny_reproduction_judges_every_claim_and_regenerates_identically(tm
       math.sqrt(2 * adamw["lr"] * adamw["lam"] * 0.1 / 1.9), rel=1e-6)
   assert sgd["predicted"] == pytest.approx(math.sqrt(4 * sgd["lr"] * sgd["lam"] / 1.9), rel=1e-6)
   assert adamw["time_constant"] == pytest.approx(1 / (2 * adamw["lr"] * adamw["lam"]), rel=1e-6)
+  # Muon's: sqrt(2 lr wd / S), S at each matrix as Muon orthogonalizes it, written out for
+  # width 16 and 2 heads of 8: a head of q, k or v (16, 8), o (2*8, 16), up (16, 64),
+  # down (64, 16).
+  muon = eq["muon"]
+  shapes = {"q": (16, 8), "k": (16, 8), "v": (16, 8), "o": (16, 16), "up": (16, 64),
+            "down": (64, 16)}
+  for name, value in muon["predicted_each"].items():
+    part = next(p for p in reversed(name.split("/")) if not p.isdigit())
+    s = theory.muon_update_statistics(shapes[part], steps=4000)[1]
+    assert value == pytest.approx(math.sqrt(2 * muon["lr"] * muon["lam"] / s), rel=1e-9), name
+  assert len(muon["predicted_each"]) == 2 + 2 + 4  # q, k per head; v, o, up, down
   # Muon's norm scales are Adam's, listed apart; every other grouped weight is judged.
   assert eq["muon"]["apart"] and all(n.endswith("scale") for n in eq["muon"]["apart"])
   assert set(eq["muon"]["ratios"]) | set(eq["muon"]["apart"]) == set(eq["adamw"]["ratios"])
