@@ -240,12 +240,11 @@ def muon_shapes(runner: Runner) -> dict[str, tuple[int, int]]:
 def _muon_predictions(runner: Runner, names, lr: float, lam: float) -> dict[str, float]:
   """``normreg.theory.equilibrium_angle_muon`` of each weight Muon steps, with ``S`` at its
   own matrix shape (a head of q, k or v is the parameter's slice ``.../q/HEAD``)."""
-  shapes = muon_shapes(runner)
+  shapes, steps = muon_shapes(runner), SIZES[runner.size]["stat_steps"]
   out = {}
   for name in names:
     shape = shapes.get(name) or shapes.get(name.rsplit("/", 1)[0])
     if shape is not None and muon_layer(name):
-      steps = SIZES[runner.size]["stat_steps"]
       out[name] = theory.equilibrium_angle_muon(
           lr, lam, theory.muon_update_statistics(tuple(shape), steps=steps)[1])
   return out
@@ -329,10 +328,6 @@ def claim_held_angle(runner: Runner) -> dict[str, Any]:
 # -------------------------------------------------------------------- 4. comparison
 
 
-def _bpb(run: plot_lib.Run, runner: Runner) -> float:
-  return runner.final_score(run)
-
-
 def compare_method(runner: Runner, name: str) -> dict[str, Any]:
   """Seed 0 over the grid (extended until its best is interior), then every seed."""
   overrides, middle = COMPARED[name]
@@ -341,7 +336,7 @@ def compare_method(runner: Runner, name: str) -> dict[str, Any]:
     config = runner.config(**overrides, lr=float(f"{lr:.3g}"), seed=seed)
     return runner.train(f"compare_{name}_lr{config.lr:g}_s{seed}", config)
 
-  tuned = {float(f"{lr:.3g}"): _bpb(train(lr, 0), runner)
+  tuned = {float(f"{lr:.3g}"): runner.final_score(train(lr, 0))
            for lr in (middle / GRID_RATIO, middle, middle * GRID_RATIO)}
   for _ in range(MAX_EXTENSIONS):
     lrs, best = sorted(tuned), min(tuned, key=tuned.get)
@@ -350,10 +345,10 @@ def compare_method(runner: Runner, name: str) -> dict[str, Any]:
     lr = best * GRID_RATIO if best == lrs[-1] else best / GRID_RATIO
     logging.info("reproduce_lm: %s's best lr %g is at the edge of %s; trying %g", name,
                  best, lrs, lr)
-    tuned[float(f"{lr:.3g}")] = _bpb(train(lr, 0), runner)
+    tuned[float(f"{lr:.3g}")] = runner.final_score(train(lr, 0))
   lrs, best = sorted(tuned), min(tuned, key=tuned.get)
   runs = [train(best, seed) for seed in runner.seeds]
-  finals = [_bpb(r, runner) for r in runs]
+  finals = [runner.final_score(r) for r in runs]
   # The mean curve over the seeds that did not diverge, at the steps they all reached.
   curves = [[(t["step"], t["bits_per_byte"]) for t in r.test] for r in runs
             if not cache_lib.diverged(r)] or [[]]
